@@ -1,0 +1,1 @@
+"""sea_jax kernels."""
