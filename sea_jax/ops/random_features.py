@@ -74,8 +74,7 @@ def favor_features(
 ):
     """FAVOR+ positive features of ``x * scale**0.5`` (so phi(q).phi(k) ~ exp(scale q.k)).
 
-    x: [..., S, D] (the second-to-last axis is the sequence axis used for the key stabiliser);
-    projection: [M, D] -> [..., S, M] float32. ``stabilise_keys=False`` (decoding, where keys
+    x: [..., D]; projection: [M, D] -> [..., S, M] float32. ``stabilise_keys=False`` (decoding, where keys
     arrive one at a time) skips the shared key stabiliser; the ratio S / z is unchanged.
     """
     x = x.astype(jnp.float32) * math.sqrt(scale)
@@ -87,9 +86,14 @@ def favor_features(
     elif not stabilise_keys:
         stab = 0.0
     else:
-        # one constant for all keys of a sequence keeps the ratio S / z exact
-        stab = jax.lax.stop_gradient(jnp.max(wx, axis=(-1, -2), keepdims=True))
-    return (jnp.exp(wx - sq - stab) + 1e-6) / math.sqrt(m)
+        # one constant for all keys keeps the ratio S / z exact (it cancels)
+        stab = jax.lax.stop_gradient(jnp.max(wx))
+    feats = jnp.exp(wx - sq - stab)
+    if is_query:
+        # keeps a query's normaliser positive; keys get no floor, so that the cancelling
+        # key stabiliser stays exact whichever value it takes
+        feats = feats + 1e-6
+    return feats / math.sqrt(m)
 
 
 def feature_map(
