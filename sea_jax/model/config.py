@@ -77,6 +77,10 @@ class LMConfig:
         for name in self.attention_options:
             make_options(name, self.attention_options[name])
 
+    def __hash__(self):
+        # attention_options is a dict; the config is still used as a static jit argument
+        return hash(repr(self))
+
     def layer_names(self) -> tuple[str, ...]:
         return self.layer_attention or (self.attention,) * self.num_layers
 
