@@ -55,6 +55,9 @@ from sea_jax.kernels.layout import BlockLayout
 
 __all__ = [
     "block_sparse_attention_tpu",
+    "online_softmax_step",
+    "softmax_grad_terms",
+    "token_mask",
     "check_tpu_tiling",
     "compact_table",
     "NUM_LANES",
@@ -444,24 +447,32 @@ def _fwd_call(cfg: _Cfg, q, k, v, w, kv_idx, kv_cnt, qseg, kseg):
 
 
 # ---------------------------------------------------------------------------------- dQ
-def _grad_tile(cfg: _Cfg, q, k, v, do, lse, di, w, allowed):
-    """P, the weighted ds, and the per-key weight-gradient terms of one (bq, bk) tile.
+def softmax_grad_terms(s, allowed, lse, di, dp, w, weight_mode):
+    """Backward terms of one (R, C) tile of the weighted softmax.
 
-    Returns (p, ds, dw_terms): p = exp(s - lse) (0 where masked); ds = P (w dp - c D);
-    dw_terms = P (dp - [log] D) or None without weights.
+    s: float32 scaled scores; allowed: bool or None; lse, di: (R, 128) lane-replicated
+    log-normaliser and D = rowsum(dO * o); dp = dO v^T (R, C); w: float32 broadcastable to
+    (R, C) or None. Returns (p, ds, dw_terms): p = exp(s - lse) (0 where masked),
+    ds = P (w dp - c D) (the score gradient, before the softmax scale), dw_terms =
+    P (dp - [log] D) (sum it over queries for the weight gradient; None without weights).
     """
-    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
     if allowed is not None:
         s = jnp.where(allowed, s, _NEG_INF)
     p = jnp.exp(s - expand_lanes(lse, s.shape[1]))
-    dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
     d = expand_lanes(di, s.shape[1])
     if w is None:
         return p, p * (dp - d), None
-    if cfg.weight_mode == "log":
+    if weight_mode == "log":
         dw_terms = p * (dp - d)
         return p, w * dw_terms, dw_terms
     return p, p * (w * dp - d), p * dp
+
+
+def _grad_tile(cfg: _Cfg, q, k, v, do, lse, di, w, allowed):
+    """(p, ds, dw_terms) of one (block_q, block_k) tile (see :func:`softmax_grad_terms`)."""
+    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
+    dp = lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
+    return softmax_grad_terms(s, allowed, lse, di, dp, w, cfg.weight_mode)
 
 
 def _dq_kernel(kv_idx_ref, kv_cnt_ref, *refs, cfg: _Cfg):
