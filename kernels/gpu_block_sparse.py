@@ -1,0 +1,575 @@
+"""Block-sparse attention on GPU: Pallas kernels with the Triton lowering.
+
+Three kernels, FlashAttention-2 style, all driven by a :class:`BlockLayout`:
+
+* forward: one program per (query tile, head, batch) walks the key blocks
+  ``kv_index[b, g, i, :kv_count]`` with an fp32 online softmax (base 2) and writes the output
+  and the log-sum-exp (base 2, +inf for rows with nothing visible, so that the backward
+  recomputes p = 0 for them - no NaN);
+* dQ: same grid and walk, recomputing p from the saved log-sum-exp;
+* dK/dV (and the key-weight gradient): one program per (key tile, KV head, batch) walks the
+  *transposed* lists ``q_index[b, g, j, :q_count]`` for every query head of its GQA group, so
+  every output tile has a single writer (no atomics).
+
+There is no scalar prefetch on the Triton backend: the index tables are plain refs read
+inside the kernel, and K/V tiles are sliced with ``pl.ds`` at the loaded block index.
+Kernel tiles may be smaller than the layout blocks (``tq | block_q``, ``tk | block_k``); a
+layout block is then walked in sub-tiles. ``compiler_params`` is always given explicitly
+(``pallas.triton.CompilerParams``) so that ``pallas_call`` lowers to Triton on jax 0.10.2
+(where the default GPU lowering is Mosaic GPU) as well as on 0.11+.
+
+Semantics (weights, masking, empty rows) are those of :mod:`sea_jax.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+with warnings.catch_warnings():  # the Triton backend is deprecated (not removed) in jax 0.11+
+    warnings.simplefilter("ignore")
+    from jax.experimental.pallas import triton as pltriton
+
+from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
+
+__all__ = ["block_sparse_attention_gpu", "BlockSparseGpuConfig"]
+
+LOG2E = math.log2(math.e)
+
+
+def _pad_to(x, axis, length, value=0):
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _next_pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Explicit Triton compiler params (forces the Triton lowering on every jax version)."""
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseGpuConfig:
+    """Static description of one call (hashable: it is a custom_vjp nondiff argument)."""
+
+    seq_q: int
+    seq_k: int
+    num_heads: int
+    num_kv_heads: int
+    num_groups: int
+    block_q: int
+    block_k: int
+    causal: bool
+    window: int | None
+    weight_mode: str
+    has_weights: bool
+    has_segments: bool
+    scale: float
+    interpret: bool
+    # tiles and launch parameters per kernel
+    fwd_tq: int
+    fwd_tk: int
+    fwd_warps: int
+    fwd_stages: int
+    dq_tq: int
+    dq_tk: int
+    dq_warps: int
+    dq_stages: int
+    dkv_tq: int
+    dkv_tk: int
+    dkv_warps: int
+    dkv_stages: int
+    always_mask: bool  # True: mask every tile with jnp.where; False: branch per tile
+
+
+# --------------------------------------------------------------------------- masking
+def _tile_mode(cfg: BlockSparseGpuConfig, q0, tq, k0, tk):
+    """0: tile fully invisible (skip); 1: needs the element mask; 2: fully visible."""
+    q_last, k_last = q0 + tq - 1, k0 + tk - 1
+    skip = k0 >= cfg.seq_k
+    need = jnp.asarray(cfg.has_segments) | (k_last >= cfg.seq_k)
+    if cfg.causal:
+        skip = skip | (k0 > q_last)
+        need = need | (k_last > q0)
+    if cfg.window is not None:
+        skip = skip | (k_last <= q0 - cfg.window)
+        need = need | (k0 <= q_last - cfg.window)
+    return jnp.where(skip, 0, jnp.where(need, 1, 2)).astype(jnp.int32)
+
+
+def _element_mask(cfg, qpos, kpos, segq, segk):
+    """Visibility of key kpos for query qpos; qpos/kpos broadcast to the tile shape."""
+    ok = kpos < cfg.seq_k
+    if cfg.causal:
+        ok = ok & (kpos <= qpos)
+    if cfg.window is not None:
+        ok = ok & (kpos > qpos - cfg.window)
+    if cfg.has_segments:
+        ok = ok & (segq == segk) & (segk != 0)
+    return ok
+
+
+def _split(t, n: int):
+    """(t // n, t % n) for a traced int32 t >= 0 and a static n."""
+    if n == 1:
+        return t, 0
+    # lax.div/rem (t >= 0): jnp's floor-division helpers emit bool selects the lowering rejects
+    n = jnp.int32(n)
+    return lax.div(t, n), lax.rem(t, n)
+
+
+def _dot(a, b, contract_a=1, contract_b=0):
+    return lax.dot_general(
+        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def _run_tile(cfg, mode, masked_fn, plain_fn, carry):
+    """Dispatch one tile: skip / masked / plain (or always masked)."""
+    if cfg.always_mask:
+        return masked_fn(carry)
+    return lax.switch(mode, [lambda c: c, masked_fn, plain_fn], carry)
+
+
+# --------------------------------------------------------------------------- forward
+def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
+    it = iter(refs)
+    kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
+    w_ref = next(it) if cfg.has_weights else None
+    seg_ref = next(it) if cfg.has_segments else None
+    o_ref, lse_ref = next(it), next(it)
+
+    tq, tk = cfg.fwd_tq, cfg.fwd_tk
+    sub_q, sub_k = cfg.block_q // tq, cfg.block_k // tk
+    n_tiles = pl.num_programs(0)
+    tile = n_tiles - 1 - pl.program_id(0)  # heavy (late, causal) tiles first
+    h, b = pl.program_id(1), pl.program_id(2)
+    g = _split(h, cfg.num_heads // cfg.num_groups)[0]
+    i = _split(tile, sub_q)[0]
+    q0 = tile * tq
+    qk_scale = cfg.scale * LOG2E
+
+    q = q_ref[...]
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 0)
+    segq = seg_ref[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+    count = kv_count_ref[b, g, i]
+
+    def step(t, carry):
+        blk, sub = _split(t, sub_k)
+        j = kv_index_ref[b, g, i, blk]
+        k0 = pl.multiple_of(j * cfg.block_k + sub * tk, tk)
+
+        def compute(carry, masked):
+            acc, m, l = carry
+            k = k_ref[pl.ds(k0, tk), :]
+            v = v_ref[pl.ds(k0, tk), :]
+            s = _dot(q, k, 1, 1) * qk_scale
+            if masked:
+                kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
+                segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
+                s = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m - m_use)
+            p = jnp.exp2(s - m_use[:, None])
+            if cfg.has_weights:
+                w = w_ref[pl.ds(k0, tk)].astype(jnp.float32)[None, :]
+                pw = p * w
+                l_new = l * alpha + jnp.sum(pw if cfg.weight_mode == "log" else p, axis=1)
+            else:
+                pw = p
+                l_new = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(pw.astype(v.dtype), v)
+            return acc, m_new, l_new
+
+        mode = _tile_mode(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+
+    d = q_ref.shape[-1]
+    init = (
+        jnp.zeros((tq, d), jnp.float32),
+        jnp.full((tq,), -jnp.inf, jnp.float32),
+        jnp.zeros((tq,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, count * sub_k, step, init)
+    ok = l > 0
+    safe_l = jnp.where(ok, l, 1.0)
+    o_ref[...] = jnp.where(ok[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(ok, m + jnp.log2(safe_l), jnp.inf)
+
+
+def _full_spec(x):
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _forward(cfg, q, k, v, w, seg, kv_index, kv_count):
+    """q: [B, Sq_pad, H, Dp]; k, v: [B, Skv_pad, K, Dp]; w: [B, K, Skv_pad] f32 or None;
+    seg: [B, S_pad] int32 or None. Returns o [B, Sq_pad, H, Dp], lse2 [B, H, Sq_pad]."""
+    B, Sq_pad, H, Dp = q.shape
+    Skv_pad, K = k.shape[1], k.shape[2]
+    rep = H // K
+    tq = cfg.fwd_tq
+    n_tiles = Sq_pad // tq
+    rev = lambda t: n_tiles - 1 - t
+    in_specs = [
+        _full_spec(kv_index),
+        _full_spec(kv_count),
+        pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, rev(t), h, 0)),
+        pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h // rep, 0)),
+    ]
+    args = [kv_index, kv_count, q, k, v]
+    if cfg.has_weights:
+        in_specs.append(pl.BlockSpec((None, None, Skv_pad), lambda t, h, b: (b, h // rep, 0)))
+        args.append(w)
+    if cfg.has_segments:
+        in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
+        args.append(seg)
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((B, H, Sq_pad), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, rev(t), h, 0)),
+        pl.BlockSpec((None, None, tq), lambda t, h, b: (b, h, rev(t))),
+    ]
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(n_tiles, H, B),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(cfg.fwd_warps, cfg.fwd_stages),
+        interpret=cfg.interpret,
+        name="block_sparse_fwd",
+    )(*args)
+    return o, lse
+
+
+# ------------------------------------------------------------------------------- dQ
+def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
+    it = iter(refs)
+    kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
+    w_ref = next(it) if cfg.has_weights else None
+    seg_ref = next(it) if cfg.has_segments else None
+    do_ref, lse_ref, delta_ref, dq_ref = next(it), next(it), next(it), next(it)
+
+    tq, tk = cfg.dq_tq, cfg.dq_tk
+    sub_q, sub_k = cfg.block_q // tq, cfg.block_k // tk
+    tile = pl.num_programs(0) - 1 - pl.program_id(0)
+    h, b = pl.program_id(1), pl.program_id(2)
+    g = _split(h, cfg.num_heads // cfg.num_groups)[0]
+    i = _split(tile, sub_q)[0]
+    q0 = tile * tq
+    qk_scale = cfg.scale * LOG2E
+
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 0)
+    segq = seg_ref[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+    count = kv_count_ref[b, g, i]
+
+    def step(t, dq):
+        blk, sub = _split(t, sub_k)
+        j = kv_index_ref[b, g, i, blk]
+        k0 = pl.multiple_of(j * cfg.block_k + sub * tk, tk)
+
+        def compute(dq, masked):
+            k = k_ref[pl.ds(k0, tk), :]
+            v = v_ref[pl.ds(k0, tk), :]
+            s = _dot(q, k, 1, 1) * qk_scale
+            if masked:
+                kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
+                segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
+                s = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), s, -jnp.inf)
+            p = jnp.exp2(s - lse)
+            dp = _dot(do, v, 1, 1)
+            if cfg.has_weights:
+                w = w_ref[pl.ds(k0, tk)].astype(jnp.float32)[None, :]
+                if cfg.weight_mode == "gate":
+                    ds = p * (w * dp - delta)
+                else:
+                    ds = p * w * (dp - delta)
+            else:
+                ds = p * (dp - delta)
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        mode = _tile_mode(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), dq)
+
+    dq = lax.fori_loop(0, count * sub_k, step, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dq(cfg, q, k, v, w, seg, do, lse, delta, kv_index, kv_count):
+    B, Sq_pad, H, Dp = q.shape
+    Skv_pad, K = k.shape[1], k.shape[2]
+    rep = H // K
+    tq = cfg.dq_tq
+    n_tiles = Sq_pad // tq
+    rev = lambda t: n_tiles - 1 - t
+    qspec = pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, rev(t), h, 0))
+    kvspec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h // rep, 0))
+    rowspec = pl.BlockSpec((None, None, tq), lambda t, h, b: (b, h, rev(t)))
+    in_specs = [_full_spec(kv_index), _full_spec(kv_count), qspec, kvspec, kvspec]
+    args = [kv_index, kv_count, q, k, v]
+    if cfg.has_weights:
+        in_specs.append(pl.BlockSpec((None, None, Skv_pad), lambda t, h, b: (b, h // rep, 0)))
+        args.append(w)
+    if cfg.has_segments:
+        in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
+        args.append(seg)
+    in_specs += [qspec, rowspec, rowspec]
+    args += [do, lse, delta]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(n_tiles, H, B),
+        in_specs=in_specs,
+        out_specs=qspec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=compiler_params(cfg.dq_warps, cfg.dq_stages),
+        interpret=cfg.interpret,
+        name="block_sparse_dq",
+    )(*args)
+
+
+# ---------------------------------------------------------------------------- dK/dV
+def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
+    it = iter(refs)
+    q_index_ref, q_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
+    w_ref = next(it) if cfg.has_weights else None
+    seg_ref = next(it) if cfg.has_segments else None
+    do_ref, lse_ref, delta_ref = next(it), next(it), next(it)
+    dk_ref, dv_ref = next(it), next(it)
+    dw_ref = next(it) if cfg.has_weights else None
+
+    tq, tk = cfg.dkv_tq, cfg.dkv_tk
+    sub_q, sub_k = cfg.block_q // tq, cfg.block_k // tk
+    tile = pl.program_id(0)
+    kh, b = pl.program_id(1), pl.program_id(2)
+    rep = cfg.num_heads // cfg.num_kv_heads
+    gsize = cfg.num_heads // cfg.num_groups
+    j = _split(tile, sub_k)[0]
+    k0 = tile * tk
+    qk_scale = cfg.scale * LOG2E
+
+    k = k_ref[...]
+    v = v_ref[...]
+    w = w_ref[...].astype(jnp.float32)[:, None] if cfg.has_weights else None
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 0)
+    segk = seg_ref[pl.ds(k0, tk)][:, None] if cfg.has_segments else None
+    d = k.shape[-1]
+
+    def head(r, carry):
+        h = kh * rep + r
+        g = _split(h, gsize)[0]
+        count = q_count_ref[b, g, j]
+
+        def step(t, carry):
+            blk, sub = _split(t, sub_q)
+            i = q_index_ref[b, g, j, blk]
+            q0 = pl.multiple_of(i * cfg.block_q + sub * tq, tq)
+
+            def compute(carry, masked):
+                dk, dv, dw = carry
+                q = q_ref[pl.ds(q0, tq), r, :]
+                do = do_ref[pl.ds(q0, tq), r, :]
+                lse = lse_ref[r, pl.ds(q0, tq)][None, :]
+                delta = delta_ref[r, pl.ds(q0, tq)][None, :]
+                st = _dot(k, q, 1, 1) * qk_scale  # [tk, tq]
+                if masked:
+                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
+                    segq = seg_ref[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
+                    st = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
+                pt = jnp.exp2(st - lse)
+                dpt = _dot(v, do, 1, 1)  # [tk, tq]
+                if cfg.has_weights:
+                    dv = dv + _dot((pt * w).astype(do.dtype), do)
+                    if cfg.weight_mode == "gate":
+                        dst = pt * (w * dpt - delta)
+                        dw = dw + jnp.sum(pt * dpt, axis=1)
+                    else:
+                        dst = pt * w * (dpt - delta)
+                        dw = dw + jnp.sum(pt * (dpt - delta), axis=1)
+                else:
+                    dv = dv + _dot(pt.astype(do.dtype), do)
+                    dst = pt * (dpt - delta)
+                dk = dk + _dot(dst.astype(q.dtype), q)
+                return dk, dv, dw
+
+            mode = _tile_mode(cfg, q0, tq, k0, tk)
+            return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+
+        return lax.fori_loop(0, count * sub_q, step, carry)
+
+    init = (
+        jnp.zeros((tk, d), jnp.float32),
+        jnp.zeros((tk, d), jnp.float32),
+        jnp.zeros((tk,), jnp.float32),
+    )
+    dk, dv, dw = lax.fori_loop(0, rep, head, init)
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    if cfg.has_weights:
+        dw_ref[...] = dw
+
+
+def _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count):
+    B, Sq_pad, H, Dp = q.shape
+    Skv_pad, K = k.shape[1], k.shape[2]
+    rep = H // K
+    tk = cfg.dkv_tk
+    n_tiles = Skv_pad // tk
+    kspec = pl.BlockSpec((None, tk, None, Dp), lambda t, kh, b: (b, t, kh, 0))
+    qspec = pl.BlockSpec((None, Sq_pad, rep, Dp), lambda t, kh, b: (b, 0, kh, 0))
+    rowspec = pl.BlockSpec((None, rep, Sq_pad), lambda t, kh, b: (b, kh, 0))
+    in_specs = [_full_spec(q_index), _full_spec(q_count), qspec, kspec, kspec]
+    args = [q_index, q_count, q, k, v]
+    if cfg.has_weights:
+        in_specs.append(pl.BlockSpec((None, None, tk), lambda t, kh, b: (b, kh, t)))
+        args.append(w)
+    if cfg.has_segments:
+        in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, kh, b: (b, 0)))
+        args.append(seg)
+    in_specs += [qspec, rowspec, rowspec]
+    args += [do, lse, delta]
+    out_specs = [kspec, kspec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if cfg.has_weights:
+        out_specs.append(pl.BlockSpec((None, None, tk), lambda t, kh, b: (b, kh, t)))
+        out_shape.append(jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid=(n_tiles, K, B),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(cfg.dkv_warps, cfg.dkv_stages),
+        interpret=cfg.interpret,
+        name="block_sparse_dkv",
+    )(*args)
+    return outs if cfg.has_weights else (outs[0], outs[1], None)
+
+
+# ------------------------------------------------------------------------- custom vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, w, seg, kv_index, kv_count, q_index, q_count):
+    o, _ = _forward(cfg, q, k, v, w, seg, kv_index, kv_count)
+    return o
+
+
+def _attention_fwd(cfg, q, k, v, w, seg, kv_index, kv_count, q_index, q_count):
+    o, lse = _forward(cfg, q, k, v, w, seg, kv_index, kv_count)
+    return o, (q, k, v, w, seg, kv_index, kv_count, q_index, q_count, o, lse)
+
+
+def _attention_bwd(cfg, res, do):
+    q, k, v, w, seg, kv_index, kv_count, q_index, q_count, o, lse = res
+    # delta_i = sum_j p_ij dP_ij = dO_i . o_i (weights included in o), fp32: [B, H, Sq_pad]
+    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    do = do.astype(q.dtype)
+    dq = _dq(cfg, q, k, v, w, seg, do, lse, delta, kv_index, kv_count)
+    dk, dv, dw = _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count)
+    if w is not None:
+        dw = dw.astype(w.dtype)
+    return dq, dk, dv, dw, None, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------- public
+def _tile(name, value, block):
+    value = validate_block_size(name, value)
+    if block % value:
+        raise ValueError(f"{name}={value} must divide the layout block ({block})")
+    return value
+
+
+def block_sparse_attention_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layout: BlockLayout,
+    *,
+    key_weights: jax.Array | None = None,
+    weight_mode: str = "gate",
+    causal: bool = True,
+    window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    interpret: bool = False,
+    fwd_tiles: tuple[int, int] | None = None,
+    dq_tiles: tuple[int, int] | None = None,
+    dkv_tiles: tuple[int, int] | None = None,
+    num_warps: tuple[int, int, int] | None = None,
+    num_stages: tuple[int, int, int] | None = None,
+    always_mask: bool = False,
+) -> jax.Array:
+    """Block-sparse attention with the Pallas Triton kernels (forward and backward).
+
+    Arguments as :func:`sea_jax.kernels.block_sparse_attention` (validated there), plus the
+    tuning knobs (``kernel_options``):
+      fwd_tiles / dq_tiles / dkv_tiles: (tq, tk) kernel tiles of the forward, dQ and dK/dV
+        kernels; powers of two >= 16 dividing the layout's (block_q, block_k). Defaults:
+        (min(128, block_q), min(64, block_k)) forward, (min(64, block_q), min(64, block_k))
+        backward.
+      num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
+      always_mask: mask every tile elementwise instead of branching per tile (lets Triton
+        pipeline the loop without control flow; measured in benchmarks/bench_block_sparse.py).
+
+    q: [B, Sq, H, D]; k, v: [B, Skv, K, D]; key_weights: [B, Skv, K] or None.
+    Returns [B, Sq, H, D] in q.dtype.
+    """
+    B, Sq, H, D = q.shape
+    Skv, K = k.shape[1], k.shape[2]
+    layout = layout.broadcast_batch(B)
+    bq, bk = layout.block_q, layout.block_k
+    fq, fk = fwd_tiles or (min(128, bq), min(64, bk))
+    dqq, dqk = dq_tiles or (min(64, bq), min(64, bk))
+    kq, kk = dkv_tiles or (min(64, bq), min(64, bk))
+    fq, dqq, kq = (_tile(n, x, bq) for n, x in (("fwd tq", fq), ("dq tq", dqq), ("dkv tq", kq)))
+    fk, dqk, kk = (_tile(n, x, bk) for n, x in (("fwd tk", fk), ("dq tk", dqk), ("dkv tk", kk)))
+    warps = num_warps or (8 if fq >= 128 else 4, 4, 4)
+    stages = num_stages or (3, 2, 2)
+    scale = D**-0.5 if scale is None else float(scale)
+    cfg = BlockSparseGpuConfig(
+        seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, num_groups=layout.num_groups,
+        block_q=bq, block_k=bk, causal=bool(causal), window=window, weight_mode=weight_mode,
+        has_weights=key_weights is not None, has_segments=segment_ids is not None,
+        scale=scale, interpret=bool(interpret),
+        fwd_tq=fq, fwd_tk=fk, fwd_warps=warps[0], fwd_stages=stages[0],
+        dq_tq=dqq, dq_tk=dqk, dq_warps=warps[1], dq_stages=stages[1],
+        dkv_tq=kq, dkv_tk=kk, dkv_warps=warps[2], dkv_stages=stages[2],
+        always_mask=bool(always_mask),
+    )
+    nq, nk = num_blocks(Sq, bq), num_blocks(Skv, bk)
+    Dp = _next_pow2(D)
+    qp = _pad_to(_pad_to(q, 1, nq * bq), 3, Dp)
+    kp = _pad_to(_pad_to(k, 1, nk * bk), 3, Dp)
+    vp = _pad_to(_pad_to(v, 1, nk * bk), 3, Dp)
+    w = None
+    if key_weights is not None:
+        w = jnp.moveaxis(_pad_to(key_weights, 1, nk * bk), 1, 2)  # [B, K, Skv_pad]
+    seg = None
+    if segment_ids is not None:
+        seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(nq * bq, nk * bk))
+    o = _attention(cfg, qp, kp, vp, w, seg, layout.kv_index, layout.kv_count,
+                   layout.q_index, layout.q_count)
+    return o[:, :Sq, :, :D]

@@ -1,0 +1,714 @@
+"""Gathered (token-level) attention on GPU: Pallas kernels with the Triton lowering.
+
+For query tile [q0, q0 + tq) of query block i, head h, the forward runs one fp32 online
+softmax over two phases:
+
+1. the contiguous sliding-window span of keys [q0 - window + 1, q0 + tq) in key tiles of
+   ``tk`` (masked elementwise where needed), and
+2. the selected slots ``union_index[b, kh, i, :]`` in slot tiles of ``tu``: the key/value
+   rows are **gathered by index inside the kernel** (``gather="kernel"``, default) or read
+   from a copy gathered beforehand by XLA (``gather="xla"``: [B, K, nQ, U, D], contiguous
+   loads, ~(U / block_q) x the K/V memory), with the per-(query, slot) selection mask and
+   weights.
+
+Slot tiles past the last non-empty slot of a row are not visited.
+
+Backward (``jax.custom_vjp``), four pieces:
+
+* dQ: per (query tile, head), both phases again, from the saved log-sum-exp;
+* window dK/dV: per (key tile, KV head), the query tiles whose window covers it, for every
+  query head of the GQA group (single writer, no atomics);
+* slot dK/dV and the selection-weight gradient: per (query tile, KV head), each slot tile
+  summed over the group's query heads; the weight gradient tile is stored directly, the
+  dK/dV rows are added into the window result with fp32 atomics at the slot's key index
+  (``gather="kernel"``) or written per slot and summed by an XLA scatter-add
+  (``gather="xla"``).
+
+Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sea_jax.kernels.gpu_block_sparse import (
+    LOG2E,
+    _dot,
+    _element_mask,
+    _next_pow2,
+    _pad_to,
+    _split,
+    _tile_mode,
+    compiler_params,
+    pltriton,
+)
+from sea_jax.kernels.layout import num_blocks, validate_block_size
+
+__all__ = ["gathered_attention_gpu", "GatheredGpuConfig"]
+
+GATHER_MODES = ("kernel", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredGpuConfig:
+    seq_q: int
+    seq_k: int
+    num_heads: int
+    num_kv_heads: int
+    block_q: int
+    window: int | None  # None when 0: no window span (attributes shared with _element_mask)
+    causal: bool
+    weight_mode: str
+    has_mask: bool
+    has_weights: bool
+    has_segments: bool
+    scale: float
+    interpret: bool
+    gather: str
+    tq: int
+    tk: int
+    tu: int
+    warps: tuple[int, int, int, int]  # fwd, dq, window dkv, slot dkv
+    stages: tuple[int, int, int, int]
+
+    @property
+    def w(self) -> int:
+        return self.window or 0
+
+
+def _window_tiles(cfg, q0, tq, tk):
+    """First key tile and number of key tiles of the window span of queries [q0, q0+tq)."""
+    if cfg.window is None:
+        return jnp.int32(0), jnp.int32(0)
+    lo = jnp.maximum(q0 - (cfg.w - 1), 0)
+    hi = jnp.minimum(q0 + tq, cfg.seq_k)  # exclusive
+    first = lax.div(lo, jnp.int32(tk))
+    n = jnp.where(hi > lo, lax.div(hi - 1, jnp.int32(tk)) - first + 1, 0)
+    return first, n
+
+
+def _slot_allowed(cfg, idx, qpos, sel, segq, segk):
+    """[tq, tu] visibility of slots idx (row vector) for queries qpos (column)."""
+    kp = idx[None, :]
+    ok = (kp >= 0) & (kp < cfg.seq_k)
+    if cfg.causal:
+        ok = ok & (kp <= qpos - cfg.w if cfg.w > 0 else kp <= qpos)
+    if cfg.has_mask:
+        ok = ok & (sel != 0)
+    if cfg.has_segments:
+        ok = ok & (segq == segk) & (segk != 0)
+    return ok
+
+
+class _Refs:
+    """Named access to the kernel's positional refs."""
+
+    def __init__(self, refs, names):
+        refs = list(refs)
+        assert len(refs) == len(names), (len(refs), names)
+        self.__dict__.update(zip(names, refs))
+
+
+def _in_names(cfg, *extra):
+    names = ["union", "slot_tiles", "q", "k", "v"]
+    if cfg.gather == "xla":
+        names += ["kg", "vg"]
+    if cfg.has_mask:
+        names.append("sel")
+    if cfg.has_weights:
+        names.append("wsel")
+    if cfg.has_segments:
+        names.append("seg")
+    return names + list(extra)
+
+
+def _load_slots(cfg, r, u0, idx_safe):
+    """K and V rows of slot tile [u0, u0 + tu): [tu, Dp] each."""
+    if cfg.gather == "xla":
+        return r.kg[pl.ds(u0, cfg.tu), :], r.vg[pl.ds(u0, cfg.tu), :]
+    return r.k[idx_safe, :], r.v[idx_safe, :]
+
+
+# --------------------------------------------------------------------------- forward
+def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
+    r = _Refs(refs, _in_names(cfg, "o", "lse"))
+    tq, tk, tu = cfg.tq, cfg.tk, cfg.tu
+    tile = pl.num_programs(0) - 1 - pl.program_id(0)
+    h, b = pl.program_id(1), pl.program_id(2)
+    kh = _split(h, cfg.num_heads // cfg.num_kv_heads)[0]
+    i = _split(tile, cfg.block_q // tq)[0]
+    q0 = tile * tq
+    qk_scale = cfg.scale * LOG2E
+    q = r.q[...]
+    d = q.shape[-1]
+    segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+
+    def update(carry, s, pw_factor, v):
+        acc, m, l = carry
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        if pw_factor is None:
+            pw = p
+            l_new = l * alpha + jnp.sum(p, axis=1)
+        else:
+            pw = p * pw_factor
+            l_new = l * alpha + jnp.sum(pw if cfg.weight_mode == "log" else p, axis=1)
+        acc = acc * alpha[:, None] + _dot(pw.astype(v.dtype), v)
+        return acc, m_new, l_new
+
+    # phase 1: the window span
+    first, n_win = _window_tiles(cfg, q0, tq, tk)
+    qpos_w = q0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 0)
+
+    def win_step(t, carry):
+        k0 = pl.multiple_of((first + t) * tk, tk)
+
+        def compute(carry, masked):
+            k = r.k[pl.ds(k0, tk), :]
+            v = r.v[pl.ds(k0, tk), :]
+            s = _dot(q, k, 1, 1) * qk_scale
+            if masked:
+                kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
+                segk = r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
+                s = jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
+            return update(carry, s, None, v)
+
+        mode = _tile_mode(cfg, q0, tq, k0, tk)
+        return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], carry)
+
+    init = (jnp.zeros((tq, d), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
+            jnp.zeros((tq,), jnp.float32))
+    carry = lax.fori_loop(0, n_win, win_step, init)
+
+    # phase 2: the selected slots
+    qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
+
+    def slot_step(t, carry):
+        u0 = pl.multiple_of(t * tu, tu)
+        idx = r.union[b, kh, i, pl.ds(u0, tu)]
+        idx_safe = jnp.maximum(idx, 0)
+        k, v = _load_slots(cfg, r, u0, idx_safe)
+        s = _dot(q, k, 1, 1) * qk_scale
+        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
+        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+        s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
+        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
+        return update(carry, s, wf, v)
+
+    acc, m, l = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, carry)
+    ok = l > 0
+    safe_l = jnp.where(ok, l, 1.0)
+    r.o[...] = jnp.where(ok[:, None], acc / safe_l[:, None], 0.0).astype(r.o.dtype)
+    r.lse[...] = jnp.where(ok, m + jnp.log2(safe_l), jnp.inf)
+
+
+def _specs(cfg, shapes, mode):
+    """BlockSpecs of the common inputs for a grid (tiles, heads-or-kv-heads, batch).
+
+    mode "q": programs are (query tile, query head h, batch); "kvq": (query tile, kv head,
+    batch) with all heads of the group in the q block; "kvk": (key tile, kv head, batch).
+    """
+    B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
+    rep = H // K
+    tq = cfg.tq
+    n_q_tiles = Sq_pad // tq
+    sub_q = cfg.block_q // tq
+    if mode == "q":
+        kvh = lambda h: h // rep
+        qt = lambda t: n_q_tiles - 1 - t
+    else:
+        kvh = lambda h: h
+        qt = lambda t: n_q_tiles - 1 - t
+    full = lambda x_shape: pl.BlockSpec(x_shape, lambda *_: (0,) * len(x_shape))
+    specs = {
+        "union": full((B, K, Sq_pad // cfg.block_q, U_pad)),
+        "slot_tiles": full((B, K, Sq_pad // cfg.block_q)),
+        "k": pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, kvh(h), 0)),
+    }
+    specs["v"] = specs["k"]
+    if mode == "q":
+        specs["q"] = pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, qt(t), h, 0))
+        specs["row"] = pl.BlockSpec((None, None, tq), lambda t, h, b: (b, h, qt(t)))
+    elif mode == "kvq":
+        specs["q"] = pl.BlockSpec((None, tq, rep, Dp), lambda t, h, b: (b, qt(t), h, 0))
+        specs["row"] = pl.BlockSpec((None, rep, tq), lambda t, h, b: (b, h, qt(t)))
+    else:
+        specs["q"] = pl.BlockSpec((None, Sq_pad, rep, Dp), lambda t, h, b: (b, 0, h, 0))
+        specs["row"] = pl.BlockSpec((None, rep, Sq_pad), lambda t, h, b: (b, h, 0))
+    if mode != "kvk":
+        specs["kg"] = pl.BlockSpec(
+            (None, None, None, U_pad, Dp), lambda t, h, b: (b, kvh(h), qt(t) // sub_q, 0, 0)
+        )
+        specs["sel"] = pl.BlockSpec((None, None, tq, U_pad), lambda t, h, b: (b, kvh(h), qt(t), 0))
+    specs["vg"] = specs.get("kg")
+    specs["wsel"] = specs.get("sel")
+    return specs
+
+
+def _common_args(cfg, names, specs, arrays):
+    in_specs, args = [], []
+    for n in names:
+        in_specs.append(specs[n])
+        args.append(arrays[n])
+    return in_specs, args
+
+
+def _forward(cfg, arrays, shapes):
+    B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
+    specs = _specs(cfg, shapes, "q")
+    specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
+    names = _in_names(cfg)
+    in_specs, args = _common_args(cfg, names, specs, arrays)
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(Sq_pad // cfg.tq, H, B),
+        in_specs=in_specs,
+        out_specs=[specs["q"], specs["row"]],
+        out_shape=[jax.ShapeDtypeStruct((B, Sq_pad, H, Dp), arrays["q"].dtype),
+                   jax.ShapeDtypeStruct((B, H, Sq_pad), jnp.float32)],
+        compiler_params=compiler_params(cfg.warps[0], cfg.stages[0]),
+        interpret=cfg.interpret,
+        name="gathered_fwd",
+    )(*args)
+    return o, lse
+
+
+# ------------------------------------------------------------------------------- dQ
+def _dq_kernel(*refs, cfg: GatheredGpuConfig):
+    r = _Refs(refs, _in_names(cfg, "do", "lse", "delta", "dq"))
+    tq, tk, tu = cfg.tq, cfg.tk, cfg.tu
+    tile = pl.num_programs(0) - 1 - pl.program_id(0)
+    h, b = pl.program_id(1), pl.program_id(2)
+    kh = _split(h, cfg.num_heads // cfg.num_kv_heads)[0]
+    i = _split(tile, cfg.block_q // tq)[0]
+    q0 = tile * tq
+    qk_scale = cfg.scale * LOG2E
+    q = r.q[...]
+    do = r.do[...]
+    lse = r.lse[...][:, None]
+    delta = r.delta[...][:, None]
+    segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+
+    def grad_s(s, dp, wf):
+        p = jnp.exp2(s - lse)
+        if wf is None:
+            return p * (dp - delta)
+        if cfg.weight_mode == "gate":
+            return p * (wf * dp - delta)
+        return p * wf * (dp - delta)
+
+    first, n_win = _window_tiles(cfg, q0, tq, tk)
+    qpos_w = q0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 0)
+
+    def win_step(t, dq):
+        k0 = pl.multiple_of((first + t) * tk, tk)
+
+        def compute(dq, masked):
+            k = r.k[pl.ds(k0, tk), :]
+            v = r.v[pl.ds(k0, tk), :]
+            s = _dot(q, k, 1, 1) * qk_scale
+            if masked:
+                kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
+                segk = r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
+                s = jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
+            ds = grad_s(s, _dot(do, v, 1, 1), None)
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        mode = _tile_mode(cfg, q0, tq, k0, tk)
+        return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], dq)
+
+    dq = lax.fori_loop(0, n_win, win_step, jnp.zeros(q.shape, jnp.float32))
+    qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
+
+    def slot_step(t, dq):
+        u0 = pl.multiple_of(t * tu, tu)
+        idx = r.union[b, kh, i, pl.ds(u0, tu)]
+        idx_safe = jnp.maximum(idx, 0)
+        k, v = _load_slots(cfg, r, u0, idx_safe)
+        s = _dot(q, k, 1, 1) * qk_scale
+        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
+        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+        s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
+        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
+        ds = grad_s(s, _dot(do, v, 1, 1), wf)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, dq)
+    r.dq[...] = (dq * cfg.scale).astype(r.dq.dtype)
+
+
+# --------------------------------------------------------------------- window dK/dV
+def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
+    names = ["q", "k", "v"] + (["seg"] if cfg.has_segments else []) + ["do", "lse", "delta", "dk", "dv"]
+    r = _Refs(refs, names)
+    tq, tk = cfg.tq, cfg.tk
+    tile = pl.program_id(0)
+    b = pl.program_id(2)
+    rep = cfg.num_heads // cfg.num_kv_heads
+    k0 = tile * tk
+    qk_scale = cfg.scale * LOG2E
+    k = r.k[...]
+    v = r.v[...]
+    d = k.shape[-1]
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 0)
+    segk = r.seg[pl.ds(k0, tk)][:, None] if cfg.has_segments else None
+    n_q_tiles = r.q.shape[0] // tq
+    first = lax.div(k0, jnp.int32(tq))
+    last = jnp.minimum(lax.div(k0 + tk - 1 + cfg.w - 1, jnp.int32(tq)), n_q_tiles - 1)
+    n = last - first + 1
+
+    def head(hr, carry):
+        def step(t, carry):
+            q0 = pl.multiple_of((first + t) * tq, tq)
+
+            def compute(carry, masked):
+                dk, dv = carry
+                q = r.q[pl.ds(q0, tq), hr, :]
+                do = r.do[pl.ds(q0, tq), hr, :]
+                lse = r.lse[hr, pl.ds(q0, tq)][None, :]
+                delta = r.delta[hr, pl.ds(q0, tq)][None, :]
+                st = _dot(k, q, 1, 1) * qk_scale
+                if masked:
+                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
+                    segq = r.seg[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
+                    st = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
+                pt = jnp.exp2(st - lse)
+                dpt = _dot(v, do, 1, 1)
+                dv = dv + _dot(pt.astype(do.dtype), do)
+                dk = dk + _dot((pt * (dpt - delta)).astype(q.dtype), q)
+                return dk, dv
+
+            mode = _tile_mode(cfg, q0, tq, k0, tk)
+            return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], carry)
+
+        return lax.fori_loop(0, n, step, carry)
+
+    init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32))
+    dk, dv = lax.fori_loop(0, rep, head, init)
+    r.dk[...] = dk * cfg.scale
+    r.dv[...] = dv
+
+
+def _dkv_window(cfg, arrays, shapes):
+    B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
+    rep = H // K
+    tk = cfg.tk
+    kspec = pl.BlockSpec((None, tk, None, Dp), lambda t, kh, b: (b, t, kh, 0))
+    qspec = pl.BlockSpec((None, Sq_pad, rep, Dp), lambda t, kh, b: (b, 0, kh, 0))
+    rowspec = pl.BlockSpec((None, rep, Sq_pad), lambda t, kh, b: (b, kh, 0))
+    in_specs = [qspec, kspec, kspec]
+    args = [arrays["q"], arrays["k"], arrays["v"]]
+    if cfg.has_segments:
+        in_specs.append(pl.BlockSpec((None, arrays["seg"].shape[1]), lambda t, kh, b: (b, 0)))
+        args.append(arrays["seg"])
+    in_specs += [qspec, rowspec, rowspec]
+    args += [arrays["do"], arrays["lse"], arrays["delta"]]
+    shape = jax.ShapeDtypeStruct((B, Skv_pad, K, Dp), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_dkv_window_kernel, cfg=cfg),
+        grid=(Skv_pad // tk, K, B),
+        in_specs=in_specs,
+        out_specs=[kspec, kspec],
+        out_shape=[shape, shape],
+        compiler_params=compiler_params(cfg.warps[2], cfg.stages[2]),
+        interpret=cfg.interpret,
+        name="gathered_dkv_window",
+    )(*args)
+
+
+# ---------------------------------------------------------- slot dK/dV and weights
+def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
+    outs = (["dw"] if cfg.has_weights else [])
+    if cfg.gather == "kernel":
+        ins = _in_names(cfg, "do", "lse", "delta", "dk_in", "dv_in")
+        outs += ["dk", "dv"]
+    else:
+        ins = _in_names(cfg, "do", "lse", "delta")
+        outs += ["dks", "dvs"]
+    r = _Refs(refs, ins + outs)
+    tq, tu = cfg.tq, cfg.tu
+    rep = cfg.num_heads // cfg.num_kv_heads
+    tile = pl.num_programs(0) - 1 - pl.program_id(0)
+    kh, b = pl.program_id(1), pl.program_id(2)
+    i = _split(tile, cfg.block_q // tq)[0]
+    q0 = tile * tq
+    qk_scale = cfg.scale * LOG2E
+    segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
+    d = r.q.shape[-1]
+    n_slot_tiles = r.slot_tiles[b, kh, i]
+
+    def slot_step(t, carry):
+        u0 = pl.multiple_of(t * tu, tu)
+        idx = r.union[b, kh, i, pl.ds(u0, tu)]
+        idx_safe = jnp.maximum(idx, 0)
+        k, v = _load_slots(cfg, r, u0, idx_safe)
+        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
+        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+        allowed = _slot_allowed(cfg, idx, qpos, sel, segq, segk)
+        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
+
+        def head(hr, carry):
+            dk, dv, dw = carry
+            q = r.q[:, hr, :]
+            do = r.do[:, hr, :]
+            lse = r.lse[hr, :][:, None]
+            delta = r.delta[hr, :][:, None]
+            s = jnp.where(allowed, _dot(q, k, 1, 1) * qk_scale, -jnp.inf)  # [tq, tu]
+            p = jnp.exp2(s - lse)
+            dp = _dot(do, v, 1, 1)
+            if wf is None:
+                pw = p
+                ds = p * (dp - delta)
+            elif cfg.weight_mode == "gate":
+                pw = p * wf
+                ds = p * (wf * dp - delta)
+                dw = dw + p * dp
+            else:
+                pw = p * wf
+                ds = pw * (dp - delta)
+                dw = dw + p * (dp - delta)
+            dv = dv + _dot(pw.astype(do.dtype), do, 0, 0)  # [tu, D]
+            dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+            return dk, dv, dw
+
+        init = (jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu, d), jnp.float32),
+                jnp.zeros((tq, tu), jnp.float32))
+        dk, dv, dw = lax.fori_loop(0, rep, head, init)
+        dk = dk * cfg.scale
+        if cfg.has_weights:
+            r.dw[:, pl.ds(u0, tu)] = dw
+        if cfg.gather == "kernel":
+            # Rows of empty slots are exactly zero. They go to the spare padding row (never a
+            # real key), and on the GPU the mask drops them altogether (interpret mode's
+            # discharge rule takes no mask). Valid slots of a row are distinct keys.
+            cols = lax.broadcasted_iota(jnp.int32, (1, d), 1)
+            rows = jnp.where(idx >= 0, idx, r.k.shape[0] - 1)[:, None]  # spare padding row
+            valid = None if cfg.interpret else (idx >= 0)[:, None] & (cols >= 0)
+            pltriton.atomic_add(r.dk, (rows, cols), dk, mask=valid)
+            pltriton.atomic_add(r.dv, (rows, cols), dv, mask=valid)
+        else:
+            r.dks[pl.ds(u0, tu), :] = dk
+            r.dvs[pl.ds(u0, tu), :] = dv
+        return carry  # (a literal would not lower: scf.yield needs a value)
+
+    lax.fori_loop(0, n_slot_tiles, slot_step, jnp.int32(0))
+    if cfg.has_weights:
+        # slot tiles never visited hold no selected key: zero gradient
+        def zero(t, carry):
+            r.dw[:, pl.ds(pl.multiple_of(t * tu, tu), tu)] = jnp.zeros((tq, tu), jnp.float32)
+            return carry
+
+        lax.fori_loop(n_slot_tiles, r.union.shape[-1] // tu, zero, jnp.int32(0))
+
+
+def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
+    B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
+    specs = _specs(cfg, shapes, "kvq")
+    specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
+    names = _in_names(cfg) + ["do", "lse", "delta"]
+    specs["do"], specs["lse"], specs["delta"] = specs["q"], specs["row"], specs["row"]
+    in_specs, args = _common_args(cfg, names, specs, arrays)
+    n_tiles = Sq_pad // cfg.tq
+    qt = lambda t: n_tiles - 1 - t
+    out_specs, out_shape = [], []
+    if cfg.has_weights:
+        out_specs.append(specs["sel"])
+        out_shape.append(jax.ShapeDtypeStruct((B, K, Sq_pad, U_pad), jnp.float32))
+    aliases = {}
+    if cfg.gather == "kernel":
+        acc_spec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h, 0))
+        aliases = {len(args): len(out_shape), len(args) + 1: len(out_shape) + 1}
+        in_specs += [acc_spec, acc_spec]
+        args += [dk_win, dv_win]
+        out_specs += [acc_spec, acc_spec]
+        out_shape += [jax.ShapeDtypeStruct(dk_win.shape, jnp.float32)] * 2
+    else:
+        sspec = pl.BlockSpec((None, None, None, U_pad, Dp), lambda t, h, b: (b, h, qt(t), 0, 0))
+        out_specs += [sspec, sspec]
+        out_shape += [jax.ShapeDtypeStruct((B, K, n_tiles, U_pad, Dp), jnp.float32)] * 2
+    outs = pl.pallas_call(
+        functools.partial(_dkv_slots_kernel, cfg=cfg),
+        grid=(n_tiles, K, B),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=compiler_params(cfg.warps[3], cfg.stages[3]),
+        interpret=cfg.interpret,
+        name="gathered_dkv_slots",
+    )(*args)
+    dw = outs[0] if cfg.has_weights else None
+    dk, dv = outs[-2], outs[-1]
+    if cfg.gather == "xla":
+        # scatter-add the per-slot gradients of tile t (block t // sub_q) into the keys
+        sub_q = cfg.block_q // cfg.tq
+        idx = jnp.repeat(arrays["union"], sub_q, axis=2)  # [B, K, n_tiles, U_pad]
+        safe = jnp.where(idx >= 0, idx, Skv_pad)  # out of range -> dropped
+
+        def scatter(acc, part):  # acc [B, Skv_pad, K, Dp]; part [B, K, n_tiles, U_pad, Dp]
+            bi = jnp.arange(B)[:, None, None, None]
+            ki = jnp.arange(K)[None, :, None, None]
+            return acc.at[bi, safe, ki].add(part, mode="drop")
+
+        dk, dv = scatter(dk_win, dk), scatter(dv_win, dv)
+    return dw, dk, dv
+
+
+def _dq(cfg, arrays, shapes):
+    B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
+    specs = _specs(cfg, shapes, "q")
+    specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
+    specs["do"], specs["lse"], specs["delta"] = specs["q"], specs["row"], specs["row"]
+    names = _in_names(cfg) + ["do", "lse", "delta"]
+    in_specs, args = _common_args(cfg, names, specs, arrays)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(Sq_pad // cfg.tq, H, B),
+        in_specs=in_specs,
+        out_specs=specs["q"],
+        out_shape=jax.ShapeDtypeStruct((B, Sq_pad, H, Dp), arrays["q"].dtype),
+        compiler_params=compiler_params(cfg.warps[1], cfg.stages[1]),
+        interpret=cfg.interpret,
+        name="gathered_dq",
+    )(*args)
+
+
+# ------------------------------------------------------------------------- custom vjp
+def _pregather(cfg, k, union):
+    """k: [B, Skv_pad, K, Dp], union [B, K, nQ, U_pad] -> [B, K, nQ, U_pad, Dp]."""
+    kt = jnp.moveaxis(k, 2, 1)  # [B, K, Skv_pad, Dp]
+    B, K, nq, U = union.shape
+    g = jnp.take_along_axis(kt, jnp.maximum(union, 0).reshape(B, K, nq * U)[..., None], axis=2)
+    return g.reshape(B, K, nq, U, -1)
+
+
+def _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles):
+    a = dict(q=q, k=k, v=v, sel=sel, wsel=wsel, seg=seg, union=union, slot_tiles=slot_tiles)
+    if cfg.gather == "xla":
+        a["kg"], a["vg"] = _pregather(cfg, k, union), _pregather(cfg, v, union)
+    return a
+
+
+def _shapes(q, k, union):
+    B, Sq_pad, H, Dp = q.shape
+    return (B, Sq_pad, H, Dp, k.shape[1], k.shape[2], union.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, wsel, sel, seg, union, slot_tiles):
+    o, _ = _forward(cfg, _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles), _shapes(q, k, union))
+    return o
+
+
+def _attention_fwd(cfg, q, k, v, wsel, sel, seg, union, slot_tiles):
+    o, lse = _forward(cfg, _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles), _shapes(q, k, union))
+    return o, (q, k, v, wsel, sel, seg, union, slot_tiles, o, lse)
+
+
+def _attention_bwd(cfg, res, do):
+    q, k, v, wsel, sel, seg, union, slot_tiles, o, lse = res
+    shapes = _shapes(q, k, union)
+    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    arrays = _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles)
+    arrays.update(do=do.astype(q.dtype), lse=lse, delta=delta)
+    dq = _dq(cfg, arrays, shapes)
+    if cfg.window is None:
+        dk_win = dv_win = jnp.zeros(k.shape, jnp.float32)
+    else:
+        dk_win, dv_win = _dkv_window(cfg, arrays, shapes)
+    dw, dk, dv = _dkv_slots(cfg, arrays, shapes, dk_win, dv_win)
+    if dw is not None:
+        dw = dw.astype(wsel.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dw, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------- public
+def gathered_attention_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    union_index: jax.Array,
+    *,
+    block_q: int,
+    window: int = 0,
+    selection_mask: jax.Array | None = None,
+    selection_weights: jax.Array | None = None,
+    weight_mode: str = "gate",
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    interpret: bool = False,
+    gather: str = "kernel",
+    tq: int | None = None,
+    tk: int = 64,
+    tu: int = 64,
+    num_warps: tuple[int, int, int, int] = (4, 4, 4, 4),
+    num_stages: tuple[int, int, int, int] = (2, 2, 2, 2),
+) -> jax.Array:
+    """Gathered attention with the Pallas Triton kernels (forward and backward).
+
+    Arguments as :func:`sea_jax.kernels.gathered_attention` (validated there), plus the
+    tuning knobs (``kernel_options``): ``gather`` "kernel" (index loads inside the kernel,
+    default: chosen by measurement, see benchmarks/bench_gathered.py) or "xla" (pre-gathered
+    [B, K, nQ, U, D] copies); ``tq`` (query tile, divides block_q, default block_q), ``tk``
+    (window key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd, dq,
+    window dkv, slot dkv).
+
+    Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
+    selection_mask bool / selection_weights float [B, K, Sq, U]. Returns [B, Sq, H, D].
+    """
+    if gather not in GATHER_MODES:
+        raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+    B, Sq, H, D = q.shape
+    Skv, K = k.shape[1], k.shape[2]
+    tq = validate_block_size("tq", tq if tq is not None else block_q)
+    if block_q % tq:
+        raise ValueError(f"tq={tq} must divide block_q={block_q}")
+    tk = validate_block_size("tk", tk)
+    tu = validate_block_size("tu", tu)
+    scale = D**-0.5 if scale is None else float(scale)
+    cfg = GatheredGpuConfig(
+        seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, block_q=block_q,
+        window=window if window > 0 else None, causal=bool(causal), weight_mode=weight_mode,
+        has_mask=selection_mask is not None, has_weights=selection_weights is not None,
+        has_segments=segment_ids is not None, scale=scale, interpret=bool(interpret),
+        gather=gather, tq=tq, tk=tk, tu=tu, warps=tuple(num_warps), stages=tuple(num_stages),
+    )
+    nq = num_blocks(Sq, block_q)
+    Dp = _next_pow2(D)
+    U = union_index.shape[-1]
+    U_pad = -(-U // tu) * tu
+    Sq_pad = nq * block_q
+    # keys padded so that every window / key tile lies inside the array, with at least one
+    # spare row past the real keys (the slot kernel's target for empty slots)
+    Skv_pad = -(-(max(Skv, Sq_pad) + 1) // tk) * tk
+    qp = _pad_to(_pad_to(q, 1, Sq_pad), 3, Dp)
+    kp = _pad_to(_pad_to(k, 1, Skv_pad), 3, Dp)
+    vp = _pad_to(_pad_to(v, 1, Skv_pad), 3, Dp)
+    union = _pad_to(union_index.astype(jnp.int32), 3, U_pad, -1)
+    # visit slot tiles up to the last non-empty slot of each row
+    last = jnp.max(jnp.where(union >= 0, jnp.arange(U_pad, dtype=jnp.int32) + 1, 0), axis=-1)
+    slot_tiles = (last + tu - 1) // tu
+    sel = None
+    if selection_mask is not None:
+        sel = _pad_to(_pad_to(selection_mask.astype(jnp.int8), 2, Sq_pad), 3, U_pad)
+    wsel = None
+    if selection_weights is not None:
+        wsel = _pad_to(_pad_to(selection_weights, 2, Sq_pad), 3, U_pad)
+    seg = None
+    if segment_ids is not None:
+        seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(Sq_pad, Skv_pad))
+    o = _attention(cfg, qp, kp, vp, wsel, sel, seg, union, slot_tiles)
+    return o[:, :Sq, :, :D]
