@@ -54,14 +54,15 @@ def _masked_softmax_attend(q, k, v, mask, scale):
 
     fp32 softmax; rows with no allowed key give zeros (never NaN).
     """
-    s = jnp.einsum("...kgqd,...kld->...kgql", q.astype(jnp.float32), k.astype(jnp.float32))
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64 (gradient tests)
+    s = jnp.einsum("...kgqd,...kld->...kgql", q.astype(acc), k.astype(acc))
     s = jnp.where(mask, s * scale, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     den = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(den > 0, den, 1.0)
-    return jnp.einsum("...kgql,...kld->...kgqd", p, v.astype(jnp.float32))
+    return jnp.einsum("...kgql,...kld->...kgqd", p, v.astype(acc))
 
 
 def sliding_window_attention(q, k, v, window: int, *, segment_ids=None, chunk: int = 256, scale=None):

@@ -28,10 +28,10 @@ class LinearAttentionState(NamedTuple):
     segment: jax.Array
 
     @classmethod
-    def zeros(cls, batch, num_kv_heads, num_features, value_dim):
+    def zeros(cls, batch, num_kv_heads, num_features, value_dim, dtype=jnp.float32):
         return cls(
-            jnp.zeros((batch, num_kv_heads, num_features, value_dim), jnp.float32),
-            jnp.zeros((batch, num_kv_heads, num_features), jnp.float32),
+            jnp.zeros((batch, num_kv_heads, num_features, value_dim), dtype),
+            jnp.zeros((batch, num_kv_heads, num_features), dtype),
             jnp.ones((batch,), jnp.int32),
         )
 
@@ -63,13 +63,15 @@ def causal_linear_attention(
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
     G, Dv = H // K, v.shape[-1]
+    # float32 accumulation; float64 inputs stay float64 (finite-difference tests)
+    acc = jnp.promote_types(jnp.promote_types(fq.dtype, v.dtype), jnp.float32)
     if state is None:
-        state = LinearAttentionState.zeros(B, K, M, Dv)
+        state = LinearAttentionState.zeros(B, K, M, Dv, acc)
     seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
-    fq = fq.astype(jnp.float32).reshape(B, T, K, G, M)
-    fk = fk.astype(jnp.float32) * (seg != 0)[:, :, None, None]
-    v = v.astype(jnp.float32)
+    fq = fq.astype(acc).reshape(B, T, K, G, M)
+    fk = fk.astype(acc) * (seg != 0)[:, :, None, None]
+    v = v.astype(acc)
 
     c = min(chunk, T)
     n = -(-T // c)
@@ -98,8 +100,8 @@ def causal_linear_attention(
         num = num + use_carry[..., None] * jnp.einsum("bikgm,bkmd->bikgd", q_c, carry.s)
         den = den + use_carry * jnp.einsum("bikgm,bkm->bikg", q_c, carry.z)
         last = seg_c[:, -1]
-        keep = (carry.segment == last).astype(jnp.float32)
-        in_last = (seg_c == last[:, None]).astype(jnp.float32)  # [B, c]
+        keep = (carry.segment == last).astype(acc)
+        in_last = (seg_c == last[:, None]).astype(acc)  # [B, c]
         k_last = k_c * in_last[:, :, None, None]
         new = LinearAttentionState(
             keep[:, None, None, None] * carry.s + jnp.einsum("bjkm,bjkd->bkmd", k_last, v_c),

@@ -59,7 +59,7 @@ def draw_projection(key: jax.Array, num_features: int, head_dim: int, orthogonal
 def relu_features(x: jax.Array, projection: jax.Array, eps: float = 1e-3) -> jax.Array:
     """x: [..., D], projection: [M, D] -> [..., M] float32, strictly positive (eps keeps the
     linear-attention normaliser away from zero)."""
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     m = projection.shape[0]
     return jax.nn.relu(x @ projection.T) / math.sqrt(m) + eps
 
@@ -77,7 +77,7 @@ def favor_features(
     x: [..., D]; projection: [M, D] -> [..., S, M] float32. ``stabilise_keys=False`` (decoding, where keys
     arrive one at a time) skips the shared key stabiliser; the ratio S / z is unchanged.
     """
-    x = x.astype(jnp.float32) * math.sqrt(scale)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) * math.sqrt(scale)
     m = projection.shape[0]
     wx = x @ projection.T
     sq = 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
