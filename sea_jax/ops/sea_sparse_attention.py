@@ -24,7 +24,9 @@ import jax.numpy as jnp
 
 from sea_jax.ops.sea_select import cell_of_offset
 
-_F32 = jnp.float32
+def _acc(dtype):
+    """Accumulation dtype: float32, or float64 for float64 inputs (finite-difference tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _pad_to(x, axis, length):
@@ -61,7 +63,7 @@ def _slot(i, qb, kb, vb, sel, start, length, kv_index, kv_count, block_k, scale,
     active = i < kv_count
     kblk = jnp.take_along_axis(kb, idx[..., None, None], axis=2)  # [B,H,nq,bk,D]
     vblk = jnp.take_along_axis(vb, idx[..., None, None], axis=2)
-    s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kblk, preferred_element_type=_F32) * scale
+    s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kblk, preferred_element_type=_acc(qb.dtype)) * scale
     key = idx[..., None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [B,H,nq,bk]
     off = key[:, :, :, None, :] - start  # [B,H,nq,bq,bk]
     inside = (off >= 0) & (off < length)
@@ -77,6 +79,7 @@ def _forward(q, k, v, selection, row_start, row_length, kv_index, kv_count, bloc
     qb, kb, vb, sel, start, length = _prepare(q, k, v, selection, row_start, row_length, block_q, block_k)
     nq = qb.shape[2]
     shape = (B, H, nq, block_q)
+    _F32 = _acc(q.dtype)
     n_iter = jnp.max(kv_count) if kv_count.size else jnp.int32(0)
 
     def body(carry):
@@ -116,6 +119,7 @@ def _bwd(block_q, block_k, scale, token_mask, res, g):
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
+    _F32 = _acc(q.dtype)
     qb, kb, vb, sel, start, length = _prepare(q, k, v, selection, row_start, row_length, block_q, block_k)
     nq, nk = qb.shape[2], kb.shape[2]
     gb = _pad_to(g.astype(_F32), 1, nq * block_q).reshape(B, nq, block_q, H, D).transpose(0, 3, 1, 2, 4)
@@ -166,7 +170,7 @@ def selected_attention(
     an allowed key of a row of the query block must be listed, see
     ``sea_select.block_layout``). ``token_mask=False`` attends every prefix key of the listed
     blocks instead (block granularity, what ``sea_jax.kernels.block_sparse_attention``
-    computes from the same layout). Returns float32 [B, T, H, D] (0 for rows with no key).
+    computes from the same layout). Returns float32 (float64 for float64 inputs) [B, T, H, D] (0 for rows with no key).
     """
     return _selected_attention(
         q, k, v, selection, row_start.astype(jnp.int32), row_length.astype(jnp.int32),
