@@ -11,8 +11,9 @@ Lee et al., "SEA: Sparse Linear Attention with Estimated Attention Mask", ICLR 2
    the row's prefix of length L (``sea_jax.ops.sea_select``);
 3. exact softmax attention runs on the selected keys only, visiting the key blocks of the
    selection's block layout (``sea_jax.ops.sea_sparse_attention``; or, with
-   ``granularity="block"``, ``sea_jax.kernels.block_sparse_attention`` on every key of the
-   touched blocks);
+   ``granularity="block"``, on every prefix key of the touched blocks, which is what
+   ``sea_jax.kernels.block_sparse_attention`` computes: ``impl`` picks the Pallas kernels or
+   the XLA path, see :class:`SEAOptions`);
 4. ``out = sigma(s1) * sigma(s0) * O_sparse + (1 - sigma(s1)) * O_mean`` where ``O_mean`` is
    the running mean of V over the row's prefix and s0, s1 are per (row, head) gate logits.
 
@@ -52,7 +53,7 @@ from sea_jax.ops.random_features import FEATURE_KINDS, default_num_features, dra
 from sea_jax.ops.sea_sparse_attention import selected_attention
 
 GRANULARITIES = ("token", "block")
-IMPLS = ("xla", "auto", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
 
 def _check_int(name, value, low):
@@ -77,8 +78,14 @@ class SEAOptions:
     block_q, block_k: block sizes of the layout and of the sparse attention.
     granularity: "token" (exact: the selected keys only) or "block" (every prefix key of each
         touched key block; what block-sparse kernels compute; needs power-of-two blocks >= 16).
-    impl: "xla" (this module's exact blockwise path) or, with granularity="block", an ``impl``
-        of ``sea_jax.kernels.block_sparse_attention`` ("auto", "pallas_gpu", "pallas_tpu").
+    impl: where the sparse attention of a full pass runs. "xla": this module's blockwise XLA
+        path (either granularity). "pallas_gpu" / "pallas_tpu":
+        ``sea_jax.kernels.block_sparse_attention`` with that impl; the kernels mask whole key
+        blocks (plus causal / segment masks), so they need granularity="block". "auto":
+        granularity="block" -> the Pallas kernels on GPU / TPU, XLA on CPU;
+        granularity="token" -> XLA on every backend (no kernel takes SEA's per-row cell mask
+        yet, and "auto" never changes the result). Decoding always uses the XLA path.
+    kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
     sort_rows: causal rows below this index select with a full sort; later rows (whose budget
         is bounded) with ``lax.top_k`` of that bound (same result, less work).
     gate_bias: initial biases of the gate logits (s0, s1) (see ``init_estimator_params``).
@@ -97,7 +104,8 @@ class SEAOptions:
     block_q: int = 64
     block_k: int = 64
     granularity: str = "token"
-    impl: str = "xla"
+    impl: str = "auto"
+    kernel_interpret: bool = False
     sort_rows: int = 1024
     gate_bias: tuple[float, float] = (3.0, 3.0)
     aux_mask_max_len: int = 1024
@@ -122,7 +130,7 @@ class SEAOptions:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.impl != "xla" and self.granularity != "block":
+        if self.impl in ("pallas_gpu", "pallas_tpu") and self.granularity != "block":
             raise ValueError(
                 f"impl={self.impl!r} runs the block-sparse kernels, which attend whole key blocks: "
                 "it needs granularity='block' (granularity='token' is computed by impl='xla')"
@@ -139,6 +147,15 @@ class SEAOptions:
     @property
     def feature_kind(self) -> str:
         return self.features or ("relu" if self.causal else "favor")
+
+    def resolved_impl(self, backend: str | None = None) -> str:
+        """The backend of the full-pass sparse attention: "xla", "pallas_gpu" or "pallas_tpu"."""
+        if self.impl != "auto":
+            return self.impl
+        if self.granularity == "token":
+            return "xla"
+        backend = backend or jax.default_backend()
+        return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
 
 
 @struct.dataclass
@@ -251,7 +268,8 @@ class SEAAttention(nnx.Module):
             selection, row_start, row_length, key_length=k.shape[1], block_q=o.block_q, block_k=o.block_k
         )
         scale = self.dims.head_dim ** -0.5
-        if o.granularity == "block" and o.impl != "xla" and full_pass:
+        impl = o.resolved_impl()
+        if impl != "xla" and full_pass:
             from sea_jax.kernels import BlockLayout, block_sparse_attention
 
             kl = BlockLayout.from_mask(
@@ -259,7 +277,8 @@ class SEAAttention(nnx.Module):
                 max_kv_blocks=layout.block_mask.shape[-1], max_q_blocks=layout.block_mask.shape[-2],
             )
             out = block_sparse_attention(
-                q, k, v, kl, causal=o.causal, segment_ids=segment_ids, scale=scale, impl=o.impl
+                q, k, v, kl, causal=o.causal, segment_ids=segment_ids, scale=scale, impl=impl,
+                interpret=o.kernel_interpret,
             ).astype(jnp.float32)
             return out, layout
         out = selected_attention(
@@ -311,10 +330,10 @@ class SEAAttention(nnx.Module):
         if return_aux:
             aux = self._aux(q, k, logits, selection, budgets, row_start, row_length, s0, s1, layout)
             if T <= o.aux_mask_max_len:
-                mask = sel_ops.expand_selection(selection, row_start, row_length, T)
                 if o.granularity == "block":
-                    mask = _block_mask_to_tokens(layout.block_mask, row_start, row_length, T, o)
-                aux["mask"] = mask
+                    aux["mask"] = _block_mask_to_tokens(layout.block_mask, row_start, row_length, T, o)
+                else:
+                    aux["mask"] = sel_ops.expand_selection(selection, row_start, row_length, T)
         return AttentionOutput(out, None, aux)
 
     def _aux(self, q, k, logits, selection, budgets, row_start, row_length, s0, s1, layout):

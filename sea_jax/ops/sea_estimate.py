@@ -63,10 +63,11 @@ def init_estimator_params(key, *, head_dim: int, num_heads: int, t_m: int, gate_
 
     Linear and conv weights: normal with std 1/sqrt(fan_in); LayerNorms: scale 1, bias 0.
     The gate head starts with zero weights and biases ``gate_bias`` so that at the start of
-    distillation sigma(s0) = sigma(s1) = sigmoid(3) ~ 0.95 for every row: the layer's output
-    is then ~95 % the exact attention over the selected keys (close to the teacher whose
-    Q/K/V/O it keeps) instead of the official code's PyTorch-default ~0.25 sparse + 0.5 mean
-    mixture, and the gates still get gradient from the first step.
+    distillation sigma(s0) = sigma(s1) = sigmoid(3) ~ 0.953 for every row: the layer's output
+    is then 0.91 x the exact attention over the selected keys + 0.05 x the running mean of V
+    (close to the teacher whose Q/K/V/O it keeps) instead of the official code's
+    PyTorch-default ~0.25 sparse + 0.5 mean mixture, and the gates still get gradient from
+    the first step (sigmoid'(3) = 0.045).
     """
     check_t_m(t_m)
     D, H, W = head_dim, num_heads, t_m // 4

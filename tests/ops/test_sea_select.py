@@ -337,8 +337,8 @@ def test_selected_attention_float64_finite_differences():
     with enable_x64():
         ks = jax.random.split(jax.random.PRNGKey(1), 3)
         q, kk, v = (jax.random.normal(kx, (B, T, n, D), jnp.float64) for kx, n in zip(ks, (H, K, K)))
-        f = lambda q, kk, v: selected_attention(  # noqa: E731
-            q, kk, v, sel, start, length, lay.kv_index, lay.kv_count, block_q=bq, block_k=bk, scale=0.5)
+        f = jax.jit(lambda q, kk, v: selected_attention(
+            q, kk, v, sel, start, length, lay.kv_index, lay.kv_count, block_q=bq, block_k=bk, scale=0.5))
         assert f(q, kk, v).dtype == jnp.float64
         check_grads(f, (q, kk, v), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
