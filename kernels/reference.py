@@ -33,8 +33,8 @@ __all__ = ["block_sparse_attention_reference", "gathered_attention_reference", "
 def masked_softmax_rows(s, allowed, w, weight_mode, v_dtype_f32=True):
     """Row-wise weighted softmax factors.
 
-    s: float32 [..., Q, L] scaled scores; allowed: bool broadcastable to s;
-    w: float32 broadcastable to s (key weights, 1 = unweighted).
+    s: float [..., Q, L] scaled scores (float32, or float64 for float64 inputs); allowed: bool
+    broadcastable to s; w: float broadcastable to s (key weights, 1 = unweighted).
     Returns (p [..., Q, L] = exp(s - m) * w / l, the probabilities times weights that multiply
     the values; lse [..., Q], the log of the normaliser, +inf for empty rows).
     """
@@ -81,9 +81,12 @@ def block_sparse_attention_reference(
     Sq == Skv; 0 = padding, never attended; tokens attend only within their segment).
     Query t may see key s iff s lies in a key block listed for t's query block, s < Skv,
     (causal) s <= t, (window) t - window < s, and segments match.
-    Returns out [B, Sq, H, D] in q.dtype (and lse [B, H, Sq] float32 if ``return_lse``,
+    Arithmetic runs in promote_types(q.dtype, float32): float32 for half inputs, float64 for
+    float64 ones (used by the finite-difference tests).
+    Returns out [B, Sq, H, D] in q.dtype (and lse [B, H, Sq] in that dtype if ``return_lse``,
     natural log, +inf for rows with no allowed key).
     """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     bq, bk = layout.block_q, layout.block_k
@@ -91,6 +94,7 @@ def block_sparse_attention_reference(
     layout = layout.broadcast_batch(B)
     G = layout.num_groups
     scale = D**-0.5 if scale is None else float(scale)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # accumulation dtype
 
     qp = _pad_axis(q, 1, nq * bq).reshape(B, nq, bq, H, D)
     head_kv = jnp.arange(H) // (H // K)
@@ -99,11 +103,11 @@ def block_sparse_attention_reference(
     kb = jnp.moveaxis(_pad_axis(k, 1, nk * bk).reshape(B, nk, bk, K, D), 3, 1)[:, head_kv]
     vb = jnp.moveaxis(_pad_axis(v, 1, nk * bk).reshape(B, nk, bk, K, D), 3, 1)[:, head_kv]
     if key_weights is None:
-        wb = jnp.ones((B, H, nk, bk), jnp.float32)
+        wb = jnp.ones((B, H, nk, bk), acc)
     else:
-        wb = jnp.moveaxis(_pad_axis(key_weights.astype(jnp.float32), 1, nk * bk).reshape(B, nk, bk, K), 3, 1)
+        wb = jnp.moveaxis(_pad_axis(jnp.asarray(key_weights).astype(acc), 1, nk * bk).reshape(B, nk, bk, K), 3, 1)
         wb = wb[:, head_kv]
-    seg = None if segment_ids is None else _pad_axis(segment_ids.astype(jnp.int32), 1, max(nq * bq, nk * bk))
+    seg = None if segment_ids is None else _pad_axis(jnp.asarray(segment_ids).astype(jnp.int32), 1, max(nq * bq, nk * bk))
 
     def one_block(i):
         idx = layout.kv_index[:, :, i][:, head_group]  # [B, H, M]
@@ -125,10 +129,10 @@ def block_sparse_attention_reference(
             sq = lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # [B, bq]
             sk = jnp.take_along_axis(seg[:, None, :], jnp.minimum(kpos[:, :, 0], seg.shape[1] - 1), axis=2)
             allowed &= (sq[:, None, :, None] == sk[:, :, None, :]) & (sk[:, :, None, :] != 0)
-        qi = jnp.moveaxis(qp[:, i], 2, 1).astype(jnp.float32)  # [B, H, bq, D]
-        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kg.astype(jnp.float32)) * scale
+        qi = jnp.moveaxis(qp[:, i], 2, 1).astype(acc)  # [B, H, bq, D]
+        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kg.astype(acc)) * scale
         p, lse = masked_softmax_rows(s, allowed, wg, weight_mode)
-        o = jnp.einsum("bhqk,bhkd->bhqd", p, vg.astype(jnp.float32))
+        o = jnp.einsum("bhqk,bhkd->bhqd", p, vg.astype(acc))
         return jnp.moveaxis(o, 1, 2), lse  # [B, bq, H, D], [B, H, bq]
 
     out, lse = lax.map(one_block, jnp.arange(nq))  # [nq, B, bq, H, D], [nq, B, H, bq]
@@ -171,6 +175,7 @@ def gathered_attention_reference(
     span, with weight 1, and never counted twice), and segments match.
     Returns out [B, Sq, H, D] in q.dtype (and lse [B, H, Sq] if ``return_lse``).
     """
+    q, k, v, union_index = (jnp.asarray(x) for x in (q, k, v, union_index))
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     bq = block_q
@@ -179,6 +184,7 @@ def gathered_attention_reference(
     rep = H // K
     scale = D**-0.5 if scale is None else float(scale)
     W = int(window)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # accumulation dtype
 
     qp = _pad_axis(q, 1, nq * bq).reshape(B, nq, bq, K, rep, D)
     kt = jnp.moveaxis(k, 2, 1)  # [B, K, Skv, D]
@@ -190,12 +196,12 @@ def gathered_attention_reference(
     if selection_mask is None:
         sel_mask = None
     else:
-        sel_mask = _pad_axis(selection_mask, 2, nq * bq, False).reshape(B, K, nq, bq, U)
+        sel_mask = _pad_axis(jnp.asarray(selection_mask), 2, nq * bq, False).reshape(B, K, nq, bq, U)
     if selection_weights is None:
         sel_w = None
     else:
-        sel_w = _pad_axis(selection_weights.astype(jnp.float32), 2, nq * bq, 0).reshape(B, K, nq, bq, U)
-    seg = None if segment_ids is None else _pad_axis(segment_ids.astype(jnp.int32), 1, max(nq * bq, Skv))
+        sel_w = _pad_axis(jnp.asarray(selection_weights).astype(acc), 2, nq * bq, 0).reshape(B, K, nq, bq, U)
+    seg = None if segment_ids is None else _pad_axis(jnp.asarray(segment_ids).astype(jnp.int32), 1, max(nq * bq, Skv))
 
     def one_block(i):
         qpos = i * bq + jnp.arange(bq)  # [bq]
@@ -208,7 +214,7 @@ def gathered_attention_reference(
             ok &= idx[:, :, None, :] <= (qpos - W if W > 0 else qpos)[None, None, :, None]
         if sel_mask is not None:
             ok &= sel_mask[:, :, i]
-        w_sel = jnp.ones((1, 1, 1, U), jnp.float32) if sel_w is None else sel_w[:, :, i]
+        w_sel = jnp.ones((1, 1, 1, U), acc) if sel_w is None else sel_w[:, :, i]
         if seg is not None:
             sq = lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # [B, bq]
             sk = jnp.take_along_axis(seg[:, None, :], safe, axis=2)  # [B, K, U]
@@ -227,12 +233,12 @@ def gathered_attention_reference(
             keys.append(kw)
             vals.append(vw)
             allowed.append(okw)
-            weights.append(jnp.ones((B, K, bq, span), jnp.float32))
-        kc = jnp.concatenate(keys, axis=2).astype(jnp.float32)  # [B, K, L, D]
-        vc = jnp.concatenate(vals, axis=2).astype(jnp.float32)
+            weights.append(jnp.ones((B, K, bq, span), acc))
+        kc = jnp.concatenate(keys, axis=2).astype(acc)  # [B, K, L, D]
+        vc = jnp.concatenate(vals, axis=2).astype(acc)
         al = jnp.concatenate(allowed, axis=-1)[:, :, None]  # [B, K, 1, bq, L]
         wc = jnp.concatenate(weights, axis=-1)[:, :, None]
-        qi = jnp.moveaxis(qp[:, i], 1, 3).astype(jnp.float32)  # [B, K, rep, bq, D]
+        qi = jnp.moveaxis(qp[:, i], 1, 3).astype(acc)  # [B, K, rep, bq, D]
         s = jnp.einsum("bkrqd,bkld->bkrql", qi, kc) * scale
         p, lse = masked_softmax_rows(s, al, wc, weight_mode)
         o = jnp.einsum("bkrql,bkld->bkrqd", p, vc)
