@@ -657,11 +657,14 @@ def _attention(cfg, q, k, v, w, tables, qseg, kseg):
 
 def _attention_fwd(cfg, q, k, v, w, tables, qseg, kseg):
     out, lse = _fwd_call(cfg, q, k, v, w, tables[0], tables[1], qseg, kseg)
-    return out, (q, k, v, w, tables, qseg, kseg, out, lse)
+    # keep one lane of the lane-replicated logsumexp as the residual: [B, H, Sq_pad, 1]
+    # instead of 128 copies (residuals live from the forward to the backward of a layer)
+    return out, (q, k, v, w, tables, qseg, kseg, out, lse[..., :1])
 
 
 def _attention_bwd(cfg, res, do):
     q, k, v, w, tables, qseg, kseg, out, lse = res
+    lse = jnp.broadcast_to(lse, lse.shape[:-1] + (NUM_LANES,))
     # D_i = dO_i . o_i (the softmax-backward row term), lane-replicated like lse
     di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     di = jnp.broadcast_to(di, lse.shape)

@@ -446,11 +446,13 @@ def _gathered(cfg, q, kg, vg, wsel, kw, vw, qseg, kseg):
 
 def _gathered_fwd(cfg, q, kg, vg, wsel, kw, vw, qseg, kseg):
     out, lse = _fwd_call(cfg, _kernel_args(cfg, q, kg, vg, wsel, kw, vw, qseg, kseg))
-    return out, (q, kg, vg, wsel, kw, vw, qseg, kseg, out, lse)
+    # one lane of the lane-replicated logsumexp is the residual (not 128 copies)
+    return out, (q, kg, vg, wsel, kw, vw, qseg, kseg, out, lse[..., :1])
 
 
 def _gathered_bwd(cfg, res, do):
     q, kg, vg, wsel, kw, vw, qseg, kseg, out, lse = res
+    lse = jnp.broadcast_to(lse, lse.shape[:-1] + (NUM_LANES,))
     di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     di = jnp.broadcast_to(di, lse.shape)
     do = do.astype(q.dtype)
