@@ -43,6 +43,15 @@ from sea_jax.ops.rope import apply_rope
 from sea_jax.ops.sea_select import cell_of_offset, span_starts
 
 _F32 = jnp.float32
+
+
+def _acc(*dtypes):
+    """Accumulation dtype: float32, or float64 when an input is float64 (finite-difference
+    tests run in float64)."""
+    out = _F32
+    for d in dtypes:
+        out = jnp.promote_types(out, d)
+    return out
 # dense forms build [B, H, T, S]; refuse beyond this many keys x queries per head
 DENSE_MAX_ELEMENTS = 1024 * 1024
 
@@ -95,7 +104,8 @@ def pooled_estimate_log_probs(estimate, row_length):
     """log R_c = log_softmax_c(S_hat_c + log n_c) [B, T, H, t_m]; -inf on empty cells and on
     padding rows (row_length 0)."""
     n = span_sizes(row_length, estimate.shape[-1])[:, :, None, :]
-    logits = jnp.where(n > 0, estimate.astype(_F32) + jnp.log(jnp.maximum(n, 1).astype(_F32)), -jnp.inf)
+    dt = _acc(estimate.dtype)
+    logits = jnp.where(n > 0, estimate.astype(dt) + jnp.log(jnp.maximum(n, 1).astype(dt)), -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     z = jnp.sum(jnp.where(n > 0, jnp.exp(logits - m), 0.0), axis=-1, keepdims=True)
@@ -143,7 +153,7 @@ def _scores(q_blk, k, scale):
     """q_blk [B, bq, H, D], k [B, S, K, D] -> float32 [B, H, bq, S]."""
     H, K = q_blk.shape[2], k.shape[2]
     kk = jnp.repeat(k, H // K, axis=2) if H != K else k
-    return jnp.einsum("bqhd,bshd->bhqs", q_blk, kk, preferred_element_type=_F32) * scale
+    return jnp.einsum("bqhd,bshd->bhqs", q_blk, kk, preferred_element_type=_acc(q_blk.dtype, k.dtype)) * scale
 
 
 def attention_probs(q, k, row_start, row_length, *, scale=None):
@@ -182,7 +192,7 @@ def pool_attention(q, k, row_start, row_length, t_m: int, *, scale=None, block_q
         q_b, st, ln = xs  # [B, bq, H, D], [B, bq], [B, bq]
         allowed = _prefix_mask(st, ln, S)[:, None]  # [B, 1, bq, S]
         _, p = _masked_log_softmax(_scores(q_b, k, scale), allowed)
-        csum = jnp.concatenate([jnp.zeros(p.shape[:-1] + (1,), _F32), jnp.cumsum(p, axis=-1)], axis=-1)
+        csum = jnp.concatenate([jnp.zeros(p.shape[:-1] + (1,), p.dtype), jnp.cumsum(p, axis=-1)], axis=-1)
         edges = st[..., None] + span_starts(ln, t_m)  # [B, bq, t_m + 1] absolute key positions
         edges = jnp.clip(edges, 0, S)
         at = jnp.take_along_axis(csum, jnp.broadcast_to(edges[:, None], (B, H) + edges.shape[1:]), axis=-1)
@@ -214,7 +224,7 @@ def estimate_loss(estimate, teacher_pooled, row_length, *, key_length: int | Non
     S = T if key_length is None else key_length
     log_r = pooled_estimate_log_probs(estimate, row_length)
     n = span_sizes(row_length, M)[:, :, None, :]
-    A = teacher_pooled.astype(_F32)
+    A = teacher_pooled.astype(_acc(teacher_pooled.dtype, estimate.dtype))
     finite = n > 0
     log_r_safe = jnp.where(finite, log_r, 0.0)
     kl_terms = jnp.where((A > 0) & finite, A * (jnp.log(jnp.where(A > 0, A, 1.0)) - log_r_safe), 0.0)
@@ -237,10 +247,10 @@ def estimate_loss_dense(estimate, teacher_probs, row_start, row_length):
     allowed = (off >= 0) & (off < row_length[:, :, None])
     cell = cell_of_offset(off, row_length[:, :, None], M)
     full = jnp.take_along_axis(
-        estimate.astype(_F32), jnp.broadcast_to(cell[:, :, None, :], (B, T, H, S)), axis=-1
+        estimate.astype(_acc(estimate.dtype)), jnp.broadcast_to(cell[:, :, None, :], (B, T, H, S)), axis=-1
     )  # [B, T, H, S]
     logp, p = _masked_log_softmax(jnp.moveaxis(full, 2, 1), allowed[:, None])
-    return _kl_mse(teacher_probs.astype(_F32), logp, p, B * H * T, B * H * T * S)
+    return _kl_mse(teacher_probs.astype(_acc(teacher_probs.dtype, estimate.dtype)), logp, p, B * H * T, B * H * T * S)
 
 
 def _kl_mse(target, logp, p, rows, entries):
@@ -280,7 +290,8 @@ def attention_loss(q_student, k_student, q_teacher, k_teacher, row_start, row_le
         return (carry[0] + kl, carry[1] + mse), None
 
     xs = tuple(_query_blocks(x, bq) for x in (q_student, q_teacher, row_start, row_length))
-    (kl, mse), _ = jax.lax.scan(jax.checkpoint(one), (jnp.zeros((), _F32), jnp.zeros((), _F32)), xs)
+    dt = _acc(q_student.dtype, k_student.dtype, q_teacher.dtype, k_teacher.dtype)
+    (kl, mse), _ = jax.lax.scan(jax.checkpoint(one), (jnp.zeros((), dt), jnp.zeros((), dt)), xs)
     return {"kl": kl / (B * H * T), "mse": mse / (B * H * T * S)}
 
 
@@ -289,16 +300,18 @@ def attention_loss_dense(student_probs, teacher_probs):
     if student_probs.shape != teacher_probs.shape or student_probs.ndim != 4:
         raise ValueError(f"probs must both be [B, H, T, S], got {student_probs.shape}, {teacher_probs.shape}")
     B, H, T, S = student_probs.shape
-    p = student_probs.astype(_F32)
+    dt = _acc(student_probs.dtype, teacher_probs.dtype)
+    p = student_probs.astype(dt)
     logp = jnp.log(jnp.where(p > 0, p, 1.0))
-    return _kl_mse(teacher_probs.astype(_F32), logp, p, B * H * T, B * H * T * S)
+    return _kl_mse(teacher_probs.astype(dt), logp, p, B * H * T, B * H * T * S)
 
 
 def context_loss(student_out, teacher_out):
     """MSE between SEA's per-head output and the teacher's (both [B, T, H, D])."""
     if student_out.shape != teacher_out.shape:
         raise ValueError(f"student_out and teacher_out shapes differ: {student_out.shape}, {teacher_out.shape}")
-    return jnp.mean(jnp.square(student_out.astype(_F32) - teacher_out.astype(_F32)))
+    dt = _acc(student_out.dtype, teacher_out.dtype)
+    return jnp.mean(jnp.square(student_out.astype(dt) - teacher_out.astype(dt)))
 
 
 def layer_loss(aux, student_out, teacher_q, teacher_k, teacher_out, weights: DistillWeights = DistillWeights(), *, block_q: int = 64):
@@ -333,7 +346,7 @@ def layer_loss(aux, student_out, teacher_q, teacher_k, teacher_out, weights: Dis
 def _token_mean(values, mask):
     if mask is None:
         return jnp.mean(values)
-    m = mask.astype(_F32)
+    m = mask.astype(values.dtype)
     return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
@@ -341,7 +354,7 @@ def lm_loss(logits, targets, mask=None):
     """Mean next-token cross entropy. logits [B, T, V]; targets [B, T] int; mask [B, T]."""
     if logits.ndim != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and targets [B, T], got {logits.shape}, {targets.shape}")
-    logp = jax.nn.log_softmax(logits.astype(_F32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(_acc(logits.dtype)), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return _token_mean(nll, mask)
 
@@ -350,8 +363,9 @@ def logit_kl(student_logits, teacher_logits, mask=None):
     """KL(teacher || student) over the vocabulary in float32, mean over tokens."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: {student_logits.shape}, {teacher_logits.shape}")
-    ls = jax.nn.log_softmax(student_logits.astype(_F32), axis=-1)
-    lt = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(_F32), axis=-1)
+    dt = _acc(student_logits.dtype, teacher_logits.dtype)
+    ls = jax.nn.log_softmax(student_logits.astype(dt), axis=-1)
+    lt = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(dt), axis=-1)
     return _token_mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1), mask)
 
 
