@@ -27,7 +27,9 @@ and the arithmetic stays well conditioned at any scale):
   without materialising them.
 
 Backward (closed form, ``jax.custom_vjp``): with s = 1[0 < p < 1],
-``dz = s * (g_p - mean_{S} g_p) + s * g_tau / |S|``.
+``dz = s * (g_p - mean_{S} g_p) + s * g_tau / |S|``. Where S is empty tau is not unique; the
+returned tau is then min(valid z) - 1 (prefix rule) or z_(k) - 1 (exact saturation) and its
+cotangent goes to that one entry (the derivative of the value actually returned).
 
 Masking: entries with ``valid=False`` or score ``-inf`` are excluded (p = 0, no gradient).
 Prefix rule: a row with at most ``k`` valid entries selects all of them with weight 1 (the
@@ -251,10 +253,17 @@ def _forward(z, valid, k, method, theta=None):
     zmin = jnp.min(jnp.where(valid, z, jnp.inf), axis=-1)
     tau = jnp.where(active, theta + tau_s, jnp.where(n_valid > 0, zmin - 1, 0)).astype(dtype)
     free = valid & active[..., None] & (x > 0) & (x < 1)
-    # prefix-rule rows: tau = min(valid z) - 1 moves with the minimum entry
+    # tau is not unique where the free set is empty; the solvers then return the end of the
+    # flat piece that moves with one entry, and the VJP sends tau's cotangent to that entry:
+    # * prefix-rule rows: tau = min(valid z) - 1 moves with the minimum entry;
+    # * exactly saturated rows (k entries at 1, the rest at 0): tau = z_(k) - 1.
+    lane = jnp.arange(z.shape[-1])
     argmin = jnp.argmin(jnp.where(valid, z, jnp.inf), axis=-1)
-    at_min = (jnp.arange(z.shape[-1]) == argmin[..., None]) & (~active & (n_valid > 0))[..., None]
-    return SparseKOutput(p, tau), (free, at_min)
+    at_min = (lane == argmin[..., None]) & (~active & (n_valid > 0))[..., None]
+    saturated = active & ~jnp.any(free, axis=-1)
+    arg_kth = jnp.argmax(valid & (z == theta[..., None]), axis=-1)
+    at_kth = (lane == arg_kth[..., None]) & saturated[..., None]
+    return SparseKOutput(p, tau), (free, at_min | at_kth)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -151,14 +151,17 @@ def test_vjp_against_float64_finite_differences(method):
     rng = np.random.default_rng(4)
     k, n = 3, 9
     with enable_x64():
-        z = jnp.asarray(rng.standard_normal((4, n)) * rng.choice([0.3, 1.0], (4, 1)), jnp.float64)
-        valid = np.ones((4, n), bool)
+        z = rng.standard_normal((5, n)) * rng.choice([0.3, 1.0], (5, 1))
+        # row 4: exactly saturated (3 entries at 1, the rest at 0): tau = z_(3) - 1 moves with z_(3)
+        z[4] = [3.0, 0.5, 2.5, 0.1, 2.2, -1.0, 0.3, -0.4, 0.0]
+        z = jnp.asarray(z, jnp.float64)
+        valid = np.ones((5, n), bool)
         valid[0, 1] = False  # a masked entry gets no gradient
         valid[1, 5:] = False  # 5 valid entries
         valid[2, 3:] = False  # 3 valid = k: prefix rule, p == 1, tau = min - 1
         valid = jnp.asarray(valid)
-        g_p = jnp.asarray(rng.standard_normal((4, n)), jnp.float64)
-        g_t = jnp.asarray(rng.standard_normal(4), jnp.float64)
+        g_p = jnp.asarray(rng.standard_normal((5, n)), jnp.float64)
+        g_t = jnp.asarray(rng.standard_normal(5), jnp.float64)
 
         @jax.jit
         def loss(z):
@@ -168,10 +171,11 @@ def test_vjp_against_float64_finite_differences(method):
 
         grad = np.asarray(jax.grad(loss)(z))
         eps = 1e-6
-        steps = eps * jnp.eye(4 * n, dtype=jnp.float64).reshape(4 * n, 4, n)
-        fd = np.asarray((jax.vmap(loss)(z + steps) - jax.vmap(loss)(z - steps)) / (2 * eps)).reshape(4, n)
+        steps = eps * jnp.eye(5 * n, dtype=jnp.float64).reshape(5 * n, 5, n)
+        fd = np.asarray((jax.vmap(loss)(z + steps) - jax.vmap(loss)(z - steps)) / (2 * eps)).reshape(5, n)
         np.testing.assert_allclose(grad, fd, atol=1e-6)
         assert (grad[~np.asarray(valid)] == 0).all()
+        np.testing.assert_allclose(grad[4], np.where(np.arange(n) == 4, g_t[4], 0), atol=1e-12)
         # the free set is non-empty in the active rows, so the check above is not vacuous
         p = np.asarray(sparsek(z, k, valid=valid, method=method).p)
         assert ((p > 0) & (p < 1)).any(-1)[[0, 1, 3]].all()

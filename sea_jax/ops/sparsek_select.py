@@ -1,0 +1,304 @@
+"""Causal SparseK selection for every query in one pass, linear in sequence length.
+
+Query i (absolute position ``pos_i``) selects from its *selectable prefix*: the keys j with
+``pos_j <= pos_i - window`` in its own segment run (the window keys are attended separately at
+weight 1). Scores are query-independent (one per key and KV head), so:
+
+* ``cand_i`` = the top-(k + c) of the selectable prefix, ordered by (score, position) with the
+  later position winning ties;
+* ``tau_i``  = the SparseK threshold of ``cand_i`` with budget k (exact when the (k + c + 1)-th
+  key of the prefix scores <= tau_i; otherwise the query *overflows* and tau_i is the
+  threshold of the candidate set, the same value in training and in decoding);
+* the query attends its top-k keys with weights ``m_ij = clip(u_j - tau_i, 0, 1)`` (SparseK
+  values restricted to the top-k, research/sparsek.md 1.3b). With at most k candidates it
+  selects them all with weight 1.
+
+Every quantity is defined per query, independently of blocking, so a decode step (block of one
+query) reproduces the full pass exactly.
+
+Implementation: queries are processed in blocks of ``block_q``. The carry holds the top-(k + c)
+keys of the prefix selectable by the block's first query (as slots of a key table). A block
+merges them with the ``block_q`` keys that enter the prefix during the block, sorts this list
+of M = k + c + block_q entries once, and every query of the block finds its candidates by a
+running count over the sorted list (entries it may not use yet are skipped). All of a block's
+selected keys lie in the first U = k + block_q - 1 sorted entries (a query skips at most
+block_q - 1 entries that are not yet in its prefix), which is the per-block union handed to the
+attention. Cost O(T (k + c + block_q)) time and O(block_q (k + c + block_q)) live memory.
+
+Segments: ``run`` ids are the start position of each key's contiguous segment run (-1 for
+padding / empty). Sorting by (run, score, position) keeps the latest run's keys ahead of
+older runs, so the carried set is always the top-(k + c) of the run a new query belongs to.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sea_jax.ops.sparsek import check_budget, sparsek_given_kth
+
+__all__ = [
+    "CandidateState",
+    "KeyTable",
+    "BlockSelection",
+    "Selection",
+    "empty_candidates",
+    "select_block",
+    "segment_runs",
+    "causal_prefix_select",
+    "union_size",
+]
+
+
+class CandidateState(NamedTuple):
+    """The carry between query blocks (per batch row and KV head).
+
+    slots:    int32 [B, K, C] key-table slots of the top-(k + c) selectable keys, -1 = empty.
+    ev_run:   int32 [B, K] run of the best key evicted so far (-1: none).
+    ev_score: float32 [B, K] its score (largest evicted score of that run).
+    """
+
+    slots: jax.Array
+    ev_run: jax.Array
+    ev_score: jax.Array
+
+
+class KeyTable(NamedTuple):
+    """Every key a call can select, addressed by slot.
+
+    score: [B, K, S] float32 (float64 in float64 runs) scores u.
+    pos:   int32 [B, K, S] absolute positions.
+    run:   int32 [B, K, S] segment-run id (start position of the run); -1 = not a key.
+    """
+
+    score: jax.Array
+    pos: jax.Array
+    run: jax.Array
+
+
+class BlockSelection(NamedTuple):
+    """What one query block selected (U = union slots, Bq = queries of the block).
+
+    slots:    int32 [B, K, U] key-table slots of the block's union (-1 empty).
+    pos:      int32 [B, K, U] their positions (-1 empty).
+    mask:     bool [B, K, Bq, U] slot u is among query i's top-k.
+    weight:   float [B, K, Bq, U] SparseK weight m_iu (0 where not selected); differentiable.
+    tau:      float [B, K, Bq] thresholds (differentiable).
+    overflow: bool [B, K, Bq] the candidate set was too small for the exact tau.
+    """
+
+    slots: jax.Array
+    pos: jax.Array
+    mask: jax.Array
+    weight: jax.Array
+    tau: jax.Array
+    overflow: jax.Array
+
+
+class Selection(NamedTuple):
+    """Selection of a whole sequence (nQ = ceil(T / block_q) query blocks).
+
+    union_index:  int32 [B, K, nQ, U] key positions per query block (-1 empty).
+    mask:         bool [B, K, T, U]; weight: float [B, K, T, U]; tau: [B, K, T].
+    overflow:     bool [B, K, T]; overflow_count: int32 scalar (sum of ``overflow``).
+    """
+
+    union_index: jax.Array
+    mask: jax.Array
+    weight: jax.Array
+    tau: jax.Array
+    overflow: jax.Array
+    overflow_count: jax.Array
+
+
+def union_size(k: int, extra: int, block_q: int) -> int:
+    """U = k + block_q - 1 slots per block union (never more than the sorted list)."""
+    return min(k + block_q - 1, k + extra + block_q)
+
+
+def empty_candidates(batch: int, kv_heads: int, k: int, extra: int, dtype=jnp.float32) -> CandidateState:
+    c = k + extra
+    return CandidateState(
+        jnp.full((batch, kv_heads, c), -1, jnp.int32),
+        jnp.full((batch, kv_heads), -1, jnp.int32),
+        jnp.full((batch, kv_heads), -jnp.inf, dtype),
+    )
+
+
+def segment_runs(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """int32 [B, T]: start position of each token's contiguous segment run, -1 for padding (0).
+
+    Without segment ids every token is in run 0.
+    """
+    if segment_ids is None:
+        return jnp.zeros((batch, length), jnp.int32)
+    seg = segment_ids.astype(jnp.int32)
+    t = jnp.arange(length, dtype=jnp.int32)
+    change = jnp.concatenate([jnp.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = lax.cummax(jnp.where(change, t[None], 0), axis=1)
+    return jnp.where(seg != 0, start, -1)
+
+
+def _take(a, idx):
+    """a: [B, K, S], idx: int [B, K, N] (clipped) -> [B, K, N]."""
+    return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[-1] - 1), axis=-1)
+
+
+def select_block(
+    state: CandidateState,
+    table: KeyTable,
+    query_pos: jax.Array,
+    query_run: jax.Array,
+    enter_slots: jax.Array,
+    *,
+    k: int,
+    window: int,
+    union: int,
+    method: str = "bracket",
+) -> tuple[CandidateState, BlockSelection]:
+    """Selection for one block of Bq queries; returns the carry for the next block.
+
+    Args:
+      state: carry; its slots hold the top-(k + c) keys selectable by the block's first query.
+      table: the key table (scores differentiable).
+      query_pos: int32 [Bq] absolute query positions (consecutive).
+      query_run: int32 [B, Bq] run id of each query, -1 for padding queries (select nothing).
+      enter_slots: int32 [B, Bq] slot of the key at position query_pos - window (the key that
+        enters the selectable prefix at that query), -1 if none (negative position, padding
+        query).
+      k: budget; window: window size w; union: U, the number of union slots returned.
+    """
+    B, K, C = state.slots.shape
+    Bq = query_pos.shape[0]
+    slots = jnp.concatenate(
+        [state.slots, jnp.broadcast_to(enter_slots[:, None, :], (B, K, Bq))], axis=-1
+    )  # [B, K, M]
+    has = slots >= 0
+    run = jnp.where(has, _take(table.run, slots), -1)
+    has = run >= 0
+    slots = jnp.where(has, slots, -1)
+    pos = jnp.where(has, _take(table.pos, slots), -1)
+    score_key = lax.stop_gradient(jnp.where(has, _take(table.score, slots), -jnp.inf))
+    # descending by (run, score, position): ascending sort of the negations; empties last
+    _, _, _, slots = lax.sort((-run, -score_key, -pos, slots), dimension=-1, num_keys=3)
+    has = slots >= 0
+    run = jnp.where(has, _take(table.run, slots), -1)
+    pos = jnp.where(has, _take(table.pos, slots), -1)
+    score = _take(table.score, slots)  # differentiable gather
+    dtype = score.dtype
+    score = jnp.where(has, score, 0)
+
+    # per query: entries of its own run already in its selectable prefix, in sorted order
+    qrun = query_run[:, None, :, None]  # [B, 1, Bq, 1]
+    ok = (
+        has[:, :, None, :]
+        & (run[:, :, None, :] == qrun)
+        & (qrun >= 0)
+        & (pos[:, :, None, :] <= (query_pos - window)[None, None, :, None])
+    )  # [B, K, Bq, M]
+    rank = jnp.cumsum(ok, axis=-1, dtype=jnp.int32) - 1
+    cand = ok & (rank < C)
+    sel = ok & (rank < k)
+    zq = jnp.broadcast_to(score[:, :, None, :], ok.shape)
+    kth = jnp.sum(jnp.where(ok & (rank == k - 1), lax.stop_gradient(zq), 0), axis=-1)
+    p, tau = sparsek_given_kth(zq, cand, kth, k, method=method)
+    weight = jnp.where(sel, p, 0).astype(dtype)
+    # exactness: the best key outside the candidate set must not clear the threshold
+    nxt = jnp.max(jnp.where(ok & (rank == C), lax.stop_gradient(zq), -jnp.inf), axis=-1)
+    ev = jnp.where(state.ev_run[:, :, None] == query_run[:, None, :], state.ev_score[:, :, None], -jnp.inf)
+    active = jnp.sum(cand, axis=-1) > k
+    overflow = active & (jnp.maximum(nxt, ev) > lax.stop_gradient(tau))
+
+    # carry: the first C sorted entries; the (C+1)-th is the best evicted key of this block
+    ev_run_new = run[:, :, C] if slots.shape[-1] > C else jnp.full((B, K), -1, jnp.int32)
+    ev_score_new = jnp.where(ev_run_new >= 0, lax.stop_gradient(score[:, :, C]), -jnp.inf) if slots.shape[-1] > C else state.ev_score
+    newer = (ev_run_new > state.ev_run) | ((ev_run_new == state.ev_run) & (ev_score_new > state.ev_score))
+    new_state = CandidateState(
+        slots[:, :, :C],
+        jnp.where(newer, ev_run_new, state.ev_run),
+        jnp.where(newer, ev_score_new, state.ev_score).astype(state.ev_score.dtype),
+    )
+    U = union
+    out = BlockSelection(slots[:, :, :U], pos[:, :, :U], sel[..., :U], weight[..., :U], tau, overflow)
+    return new_state, out
+
+
+def check_selection_args(k, extra, window, block_q) -> tuple[int, int, int, int]:
+    """Validate the selection hyper-parameters (ValueError naming the argument)."""
+    k = check_budget("k", k)
+    extra = check_budget("extra", extra, minimum=0)
+    window = check_budget("window", window, minimum=0)
+    block_q = check_budget("block_q", block_q)
+    return k, extra, window, block_q
+
+
+def causal_prefix_select(
+    scores: jax.Array,
+    k: int,
+    *,
+    window: int = 0,
+    extra: int | None = None,
+    block_q: int = 64,
+    segment_ids: jax.Array | None = None,
+    method: str = "bracket",
+) -> Selection:
+    """Causal SparseK selection of a whole sequence.
+
+    Args:
+      scores: [B, T, K] float key scores u (one per KV head); differentiable.
+      k: keys selected per query (int >= 1).
+      window: w >= 0: query i selects from keys at positions <= i - w.
+      extra: c >= 0 extra candidates carried for the threshold (default k).
+      block_q: queries per block (int >= 1).
+      segment_ids: optional int [B, T], contiguous runs (0 = padding).
+    Returns:
+      :class:`Selection` (union_index holds key positions, -1 empty).
+    """
+    if not hasattr(scores, "ndim") or scores.ndim != 3:
+        raise ValueError(f"scores must have shape [batch, seq, kv_heads], got {getattr(scores, 'shape', None)}")
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
+    k, extra, window, block_q = check_selection_args(k, k if extra is None else extra, window, block_q)
+    B, T, K = scores.shape
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer array of shape {(B, T)}, got {segment_ids.shape} {segment_ids.dtype}")
+    dtype = jnp.promote_types(scores.dtype, jnp.float32)
+    runs = segment_runs(segment_ids, B, T)  # [B, T]
+    table = KeyTable(
+        jnp.moveaxis(scores.astype(dtype), 1, 2),
+        jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, K, T)),
+        jnp.broadcast_to(runs[:, None, :], (B, K, T)),
+    )
+    nq = -(-T // block_q)
+    Tp = nq * block_q
+    qpos = jnp.arange(Tp, dtype=jnp.int32)
+    qrun = jnp.pad(runs, ((0, 0), (0, Tp - T)), constant_values=-1)
+    enter = jnp.where((qpos - window >= 0) & (qpos < T), qpos - window, -1)
+    enter = jnp.broadcast_to(enter[None], (B, Tp))
+    U = union_size(k, extra, block_q)
+
+    def body(state, xs):
+        qp, qr, en = xs
+        return select_block(state, table, qp, qr, en, k=k, window=window, union=U, method=method)
+
+    xs = (qpos.reshape(nq, block_q), jnp.moveaxis(qrun.reshape(B, nq, block_q), 1, 0),
+          jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))
+    _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
+
+    def per_query(a):  # [nq, B, K, Bq, ...] -> [B, K, T, ...]
+        a = jnp.moveaxis(a, 0, 2)
+        return a.reshape(a.shape[:2] + (Tp,) + a.shape[4:])[:, :, :T]
+
+    overflow = per_query(sel.overflow)
+    return Selection(
+        jnp.moveaxis(sel.pos, 0, 2),
+        per_query(sel.mask),
+        per_query(sel.weight),
+        per_query(sel.tau),
+        overflow,
+        jnp.sum(overflow, dtype=jnp.int32),
+    )
