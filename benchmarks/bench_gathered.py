@@ -113,8 +113,8 @@ def main():
     # ---------------------------------------------------------------- correctness
     if "check" in sections:
         S = 256 if args.smoke else 3000
-        for gather in ["kernel", "xla"]:
-            def run_check(gather=gather):
+        for gather, am in [("kernel", False), ("xla", False), ("kernel", True)]:
+            def run_check(gather=gather, am=am):
                 ks = jax.random.split(jax.random.PRNGKey(2), 6)
                 Hc, Kc = (4, 2) if args.smoke else (16, 4)
                 q = jax.random.normal(ks[0], (B, S, Hc, D), jnp.float32).astype(jnp.bfloat16)
@@ -138,7 +138,7 @@ def main():
                                               selection_weights=w, impl=impl, interpret=interpret,
                                               kernel_options=opts)
 
-                opts = dict(gather=gather)
+                opts = dict(gather=gather, always_mask=am, tq=min(64, bq))
                 out = jax.jit(lambda *a: f("pallas_gpu", opts, *a))(q, k, v, w)
                 ref = jax.jit(lambda *a: f("xla", None, *a))(up(q), up(k), up(v), w)
                 g = jax.jit(lambda *a: jax.vjp(lambda *b: f("pallas_gpu", opts, *b), *a)[1](ct))(q, k, v, w)
@@ -147,7 +147,7 @@ def main():
                     bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in g)
                 errs = dict(out=rel(out, ref), dq=rel(g[0], gr[0]), dk=rel(g[1], gr[1]), dv=rel(g[2], gr[2]),
                             dw=rel(g[3], gr[3]))
-                rec.add(section="check", name=f"S{S}_gather_{gather}", finite=finite, rel_err=errs, tol=2e-2,
+                rec.add(section="check", name=f"S{S}_gather_{gather}_always_mask_{am}", finite=finite, rel_err=errs, tol=2e-2,
                         passed=finite and max(errs.values()) < 2e-2)
 
             rec.guard("check", f"gather {gather}", run_check)
@@ -158,11 +158,13 @@ def main():
         S = seqs[-1]
         q, k, v, ct, union, sel, w = inputs(S, 0)
         flops = 4 * D * visible_pairs(union, sel, S, bq, W, H)
-        grid = [dict(gather=g, tq=tq, tu=tu, tk=tk, num_warps=(nw,) * 4, num_stages=(ns,) * 4)
+        grid = [dict(gather=g, tq=tq, tu=tu, tk=tk, num_warps=(nw,) * 4, num_stages=(ns,) * 4, always_mask=am)
                 for g in ["kernel", "xla"] for tq, tu, tk in [(128, 64, 64), (64, 64, 64), (128, 128, 128)]
-                for nw in [4, 8] for ns in [2]]
+                for nw in [4, 8] for ns in [2] for am in [False]]
+        grid += [dict(gather=g, tq=128, tu=64, tk=64, num_warps=(8,) * 4, num_stages=(ns,) * 4, always_mask=am)
+                 for g in ["kernel", "xla"] for ns, am in [(3, False), (2, True)]]
         if args.smoke:
-            grid = [dict(gather=g, tq=16, tu=16, tk=16) for g in ["kernel", "xla"]]
+            grid = [dict(gather=g, tq=16, tu=16, tk=16, always_mask=False) for g in ["kernel", "xla"]]
         results = []
         for opts in grid:
             if time.perf_counter() - t_start > args.budget_s:

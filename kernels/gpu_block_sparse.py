@@ -97,18 +97,23 @@ class BlockSparseGpuConfig:
 
 
 # --------------------------------------------------------------------------- masking
-def _tile_mode(cfg: BlockSparseGpuConfig, q0, tq, k0, tk):
-    """0: tile fully invisible (skip); 1: needs the element mask; 2: fully visible."""
+def _tile_needs_mask(cfg, q0, tq, k0, tk):
+    """Traced bool: the tile [q0, q0+tq) x [k0, k0+tk) may hold an invisible (query, key)
+    pair, so it needs the element mask; None: every tile does (segments).
+
+    Tiles that are entirely invisible take the masked path too (they are rare: a layout
+    lists them only when its blocks are coarser than the causal / window pattern) and
+    contribute exactly zero there.
+    """
+    if cfg.has_segments:
+        return None
     q_last, k_last = q0 + tq - 1, k0 + tk - 1
-    skip = k0 >= cfg.seq_k
-    need = jnp.asarray(cfg.has_segments) | (k_last >= cfg.seq_k)
+    need = k_last >= cfg.seq_k
     if cfg.causal:
-        skip = skip | (k0 > q_last)
         need = need | (k_last > q0)
     if cfg.window is not None:
-        skip = skip | (k_last <= q0 - cfg.window)
         need = need | (k0 <= q_last - cfg.window)
-    return jnp.where(skip, 0, jnp.where(need, 1, 2)).astype(jnp.int32)
+    return need
 
 
 def _element_mask(cfg, qpos, kpos, segq, segk):
@@ -138,11 +143,15 @@ def _dot(a, b, contract_a=1, contract_b=0):
     )
 
 
-def _run_tile(cfg, mode, masked_fn, plain_fn, carry):
-    """Dispatch one tile: skip / masked / plain (or always masked)."""
-    if cfg.always_mask:
+def _run_tile(cfg, needs_mask, masked_fn, plain_fn, carry):
+    """One tile: masked, or (``always_mask`` False) a branch between masked and plain.
+
+    A two-way ``lax.cond`` on a bool; ``lax.switch`` does not lower to Triton (its index
+    clamp produced an i32/i1 ``arith.maxsi`` on jax 0.11.2).
+    """
+    if cfg.always_mask or needs_mask is None:
         return masked_fn(carry)
-    return lax.switch(mode, [lambda c: c, masked_fn, plain_fn], carry)
+    return lax.cond(needs_mask, masked_fn, plain_fn, carry)
 
 
 # --------------------------------------------------------------------------- forward
@@ -196,8 +205,8 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
             acc = acc * alpha[:, None] + _dot(pw.astype(v.dtype), v)
             return acc, m_new, l_new
 
-        mode = _tile_mode(cfg, q0, tq, k0, tk)
-        return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
     d = q_ref.shape[-1]
     init = (
@@ -310,8 +319,8 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
                 ds = p * (dp - delta)
             return dq + _dot(ds.astype(k.dtype), k)
 
-        mode = _tile_mode(cfg, q0, tq, k0, tk)
-        return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), dq)
+        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), dq)
 
     dq = lax.fori_loop(0, count * sub_k, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -413,8 +422,8 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
                 dk = dk + _dot(dst.astype(q.dtype), q)
                 return dk, dv, dw
 
-            mode = _tile_mode(cfg, q0, tq, k0, tk)
-            return _run_tile(cfg, mode, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+            needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+            return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
         return lax.fori_loop(0, count * sub_q, step, carry)
 

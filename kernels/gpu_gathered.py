@@ -44,7 +44,8 @@ from sea_jax.kernels.gpu_block_sparse import (
     _next_pow2,
     _pad_to,
     _split,
-    _tile_mode,
+    _run_tile,
+    _tile_needs_mask,
     compiler_params,
     pltriton,
 )
@@ -74,6 +75,7 @@ class GatheredGpuConfig:
     tq: int
     tk: int
     tu: int
+    always_mask: bool  # window tiles: element mask always (True) or branch per tile
     warps: tuple[int, int, int, int]  # fwd, dq, window dkv, slot dkv
     stages: tuple[int, int, int, int]
 
@@ -181,8 +183,8 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
                 s = jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
             return update(carry, s, None, v)
 
-        mode = _tile_mode(cfg, q0, tq, k0, tk)
-        return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], carry)
+        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
     init = (jnp.zeros((tq, d), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
             jnp.zeros((tq,), jnp.float32))
@@ -322,8 +324,8 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
             ds = grad_s(s, _dot(do, v, 1, 1), None)
             return dq + _dot(ds.astype(k.dtype), k)
 
-        mode = _tile_mode(cfg, q0, tq, k0, tk)
-        return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], dq)
+        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), dq)
 
     dq = lax.fori_loop(0, n_win, win_step, jnp.zeros(q.shape, jnp.float32))
     qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
@@ -386,8 +388,8 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
                 dk = dk + _dot((pt * (dpt - delta)).astype(q.dtype), q)
                 return dk, dv
 
-            mode = _tile_mode(cfg, q0, tq, k0, tk)
-            return lax.switch(mode, [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)], carry)
+            needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+            return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
         return lax.fori_loop(0, n, step, carry)
 
@@ -656,6 +658,7 @@ def gathered_attention_gpu(
     tu: int = 64,
     num_warps: tuple[int, int, int, int] = (4, 4, 4, 4),
     num_stages: tuple[int, int, int, int] = (2, 2, 2, 2),
+    always_mask: bool = False,
 ) -> jax.Array:
     """Gathered attention with the Pallas Triton kernels (forward and backward).
 
@@ -664,7 +667,8 @@ def gathered_attention_gpu(
     default: chosen by measurement, see benchmarks/bench_gathered.py) or "xla" (pre-gathered
     [B, K, nQ, U, D] copies); ``tq`` (query tile, divides block_q, default block_q), ``tk``
     (window key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd, dq,
-    window dkv, slot dkv).
+    window dkv, slot dkv); ``always_mask``: mask every window tile elementwise instead of
+    branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
     selection_mask bool / selection_weights float [B, K, Sq, U]. Returns [B, Sq, H, D].
@@ -684,7 +688,8 @@ def gathered_attention_gpu(
         window=window if window > 0 else None, causal=bool(causal), weight_mode=weight_mode,
         has_mask=selection_mask is not None, has_weights=selection_weights is not None,
         has_segments=segment_ids is not None, scale=scale, interpret=bool(interpret),
-        gather=gather, tq=tq, tk=tk, tu=tu, warps=tuple(num_warps), stages=tuple(num_stages),
+        gather=gather, tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask),
+        warps=tuple(num_warps), stages=tuple(num_stages),
     )
     nq = num_blocks(Sq, block_q)
     Dp = _next_pow2(D)
