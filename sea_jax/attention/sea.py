@@ -86,6 +86,9 @@ class SEAOptions:
         granularity="token" -> XLA on every backend (no kernel takes SEA's per-row cell mask
         yet, and "auto" never changes the result). Decoding always uses the XLA path.
     kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
+    kernel_options: None or a dict of backend tuning knobs passed to
+        ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"always_mask": True}`` for the
+        Triton kernel); stored as sorted (key, value) pairs so the options stay hashable.
     sort_rows: causal rows below this index select with a full sort; later rows (whose budget
         is bounded) with ``lax.top_k`` of that bound (same result, less work).
     gate_bias: initial biases of the gate logits (s0, s1) (see ``init_estimator_params``).
@@ -106,6 +109,7 @@ class SEAOptions:
     granularity: str = "token"
     impl: str = "auto"
     kernel_interpret: bool = False
+    kernel_options: Any = None
     sort_rows: int = 1024
     gate_bias: tuple[float, float] = (3.0, 3.0)
     aux_mask_max_len: int = 1024
@@ -140,6 +144,10 @@ class SEAOptions:
                 b = getattr(self, name)
                 if b < 16 or b & (b - 1):
                     raise ValueError(f"granularity='block' needs {name} a power of two >= 16, got {b}")
+        if self.kernel_options is not None:
+            if not isinstance(self.kernel_options, (dict, tuple)):
+                raise ValueError(f"kernel_options must be None or a dict, got {self.kernel_options!r}")
+            object.__setattr__(self, "kernel_options", tuple(sorted(dict(self.kernel_options).items())))
         if len(tuple(self.gate_bias)) != 2:
             raise ValueError(f"gate_bias must be a pair (s0, s1), got {self.gate_bias!r}")
         object.__setattr__(self, "gate_bias", tuple(float(g) for g in self.gate_bias))
@@ -278,7 +286,7 @@ class SEAAttention(nnx.Module):
             )
             out = block_sparse_attention(
                 q, k, v, kl, causal=o.causal, segment_ids=segment_ids, scale=scale, impl=impl,
-                interpret=o.kernel_interpret,
+                interpret=o.kernel_interpret, kernel_options=dict(o.kernel_options or ()),
             ).astype(jnp.float32)
             return out, layout
         out = selected_attention(

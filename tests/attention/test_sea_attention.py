@@ -464,11 +464,16 @@ def test_bad_inputs_raise_value_errors():
         (dict(granularity="rows"), "granularity must be"),
         (dict(features="cos"), "features must be"),
         (dict(gate_bias=(1.0,)), "gate_bias"),
+        (dict(granularity="block", kernel_options=["always_mask"]), "kernel_options must be"),
     ]:
         with pytest.raises(ValueError, match=match):
             SEAOptions(**opts)
     with pytest.raises(ValueError, match="unknown option"):
         make_attention("sea", DIMS, {"topk": 3}, rngs=nnx.Rngs(0))
+    # tuning knobs are kept as sorted pairs so the options stay hashable (a jit static argument)
+    tuned = SEAOptions(granularity="block", kernel_options={"num_warps": 4, "always_mask": True})
+    assert tuned.kernel_options == (("always_mask", True), ("num_warps", 4))
+    hash(tuned)
     m = SEAAttention(DIMS, SEAOptions(k=2, t_m=8), rngs=nnx.Rngs(0))
     q, k, v = inputs(0, 5)
     with pytest.raises(ValueError, match="k must have shape"):
