@@ -22,4 +22,4 @@ def test_ci_reads_the_test_command():
     script = (ROOT / ".ci" / "run").read_text()
     awk = re.search(r"cmd=\$\(awk '(.*?)' README.md\)", script).group(1)
     cmd = subprocess.run(["awk", awk, str(ROOT / "README.md")], capture_output=True, text=True, check=True).stdout
-    assert "pytest" in cmd and "pip install" in cmd and "[test]" in cmd
+    assert "pytest" in cmd and "pip install" in cmd and '".[test' in cmd

@@ -6,10 +6,11 @@ test process never loads the TPU runtime:
 
 * compilation needs an interpreter with ``libtpu`` (``pip install "jax[tpu]"`` at the
   installed jax version). It is found as: the ``SEA_JAX_TPU_PYTHON`` environment variable,
-  else /work/venv-tpu/bin/python, else this interpreter, whichever first can import jax and
-  libtpu at this jax version. When none can, the compile tests are skipped (the dependency
-  is absent; CI installs only ``.[test]``). A ``SEA_JAX_TPU_PYTHON`` that cannot import
-  libtpu is a configuration error and fails.
+  else this interpreter, else /work/venv-tpu/bin/python (a separate TPU venv of the developers'
+  machine), whichever first can import jax and libtpu at this jax version. When none can, the
+  compile tests are skipped (the dependency is absent; the README test command installs the
+  ``tpu`` extra, so CI runs them). A ``SEA_JAX_TPU_PYTHON`` that cannot import libtpu is a
+  configuration error and fails.
 * the sharded interpret check uses this interpreter with 4 forced host devices.
 
 Compiled for the ``v5e:2x2`` topology (4 chips, mesh data=2 x model=2), bfloat16, S = 8192,
@@ -57,7 +58,7 @@ def tpu_python() -> str:
             pytest.fail(f"SEA_JAX_TPU_PYTHON={forced} cannot import jax + libtpu: {why}")
         return forced
     tried = []
-    for cand in (DEFAULT_TPU_PYTHON, sys.executable):
+    for cand in (sys.executable, DEFAULT_TPU_PYTHON):
         if not os.path.exists(cand):
             tried.append(f"{cand} (missing)")
             continue
