@@ -8,7 +8,9 @@ weight 1). Scores are query-independent (one per key and KV head), so:
   later position winning ties;
 * ``tau_i``  = the SparseK threshold of ``cand_i`` with budget k (exact when the (k + c + 1)-th
   key of the prefix scores <= tau_i; otherwise the query *overflows* and tau_i is the
-  threshold of the candidate set, the same value in training and in decoding);
+  threshold of the candidate set, the same value in training and in decoding; with c = 0 a
+  query has at most k candidates, takes them at weight 1 with tau_i = min(cand_i) - 1, and
+  overflows when the (k + 1)-th key scores above that);
 * the query attends its top-k keys with weights ``m_ij = clip(u_j - tau_i, 0, 1)`` (SparseK
   values restricted to the top-k, research/sparsek.md 1.3b). With at most k candidates it
   selects them all with weight 1.
@@ -209,8 +211,9 @@ def select_block(
     # exactness: the best key outside the candidate set must not clear the threshold
     nxt = jnp.max(jnp.where(ok & (rank == C), lax.stop_gradient(zq), -jnp.inf), axis=-1)
     ev = jnp.where(state.ev_run[:, :, None] == query_run[:, None, :], state.ev_score[:, :, None], -jnp.inf)
-    active = jnp.sum(cand, axis=-1) > k
-    overflow = active & (jnp.maximum(nxt, ev) > lax.stop_gradient(tau))
+    # also for rows with <= k candidates (c = 0): their reported tau is min(cand) - 1, and a
+    # key left outside that clears it means the weight-1 selection is not the exact SparseK
+    overflow = jnp.maximum(nxt, ev) > lax.stop_gradient(tau)
 
     # carry: the first C sorted entries; the (C+1)-th is the best evicted key of this block
     ev_run_new = run[:, :, C] if slots.shape[-1] > C else jnp.full((B, K), -1, jnp.int32)

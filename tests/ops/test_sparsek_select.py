@@ -43,7 +43,10 @@ def brute_force(u, k, window, extra, segment_ids=None):
                 order = sorted(prefix, key=lambda j: (u[b, j, h], j), reverse=True)
                 cand = order[: k + extra]
                 if len(cand) <= k:
-                    out[b, h, i] = ({j: 1.0 for j in cand}, np.nan, False)
+                    # prefix rule (weight 1); with c = 0 the prefix may hold more keys: the
+                    # query overflows when the next one clears the reported tau = min - 1
+                    overflow = len(order) > len(cand) and u[b, order[len(cand)], h] > u[b, cand[-1], h] - 1
+                    out[b, h, i] = ({j: 1.0 for j in cand}, np.nan, overflow)
                     continue
                 p, tau = bisect_capped_simplex(u[b, cand, h], k)
                 overflow = len(order) > k + extra and u[b, order[k + extra], h] > tau
@@ -94,10 +97,12 @@ def test_matches_brute_force(B, T, K, k, window, extra, block_q):
 def test_ties_and_overflow_counter():
     rng = np.random.default_rng(11)
     # quantised scores: many exact ties (later position wins), near-uniform -> overflows with c=1
-    # (with c = 0 a query has exactly k candidates and selects them at weight 1: never inexact)
+    # and with c = 0 (k candidates at weight 1, the (k+1)-th key within 1 of the k-th)
     u = (np.round(rng.standard_normal((1, 24, 2)) * 2) / 8).astype(np.float32)
     sel = check_against_brute_force(u, 3, 1, 1, 4)
     assert int(sel.overflow_count) > 0  # the counter is exercised, not vacuous
+    sel = check_against_brute_force(u, 3, 1, 0, 4)
+    assert int(sel.overflow_count) > 0
     sel = check_against_brute_force(u, 3, 1, 30, 4)
     assert int(sel.overflow_count) == 0  # c large enough: exact everywhere
 
