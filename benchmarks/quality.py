@@ -134,7 +134,7 @@ def load_tokens(tokenizer, split: str) -> np.ndarray:
 # time-boxed training through the library's setup and train step
 # --------------------------------------------------------------------------------------
 
-def build_config(kind: str, args, teacher: str):
+def build_config(kind: str, args, teacher: str, extra: tuple[str, ...] = ()):
     from sea_jax.train.config import parse_config
 
     overrides = [
@@ -150,7 +150,7 @@ def build_config(kind: str, args, teacher: str):
     if args.tiny:
         overrides += ["--data.tokenizer=byte", "--model.dtype=float32", "--model.remat=none",
                       f"--model.attention_options={json.dumps(TINY_OPTIONS[kind])}"]
-    return parse_config(overrides, preset=PRESETS[kind])
+    return parse_config(overrides + list(extra), preset=PRESETS[kind])
 
 
 def random_windows(tokens: np.ndarray, rng: np.random.Generator, accum: int, batch: int, T: int) -> dict:
@@ -167,8 +167,11 @@ def random_windows(tokens: np.ndarray, rng: np.random.Generator, accum: int, bat
     }
 
 
-def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, seconds: float):
-    """(trained model, record) for one recipe trained for ``seconds`` of wall time (after compile)."""
+def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, budget, *, max_steps: int | None = None,
+                    overrides: tuple[str, ...] = ()):
+    """(trained model, record) for one recipe, trained until ``budget()`` seconds of wall time
+    have passed after the compile (budget is called once the step is compiled, so it can count
+    what the compile took) or ``max_steps`` steps are done."""
     import jax
 
     from sea_jax.train.params import split_model
@@ -176,7 +179,7 @@ def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, sec
     from sea_jax.train.state import state_from_params
     from sea_jax.train.step import make_train_step
 
-    cfg = build_config(kind, args, teacher)
+    cfg = build_config(kind, args, teacher, overrides)
     cfg, pretrained = resolve_pretrained(cfg)
     setup = build_setup(cfg)
     loss_fn, extra = make_objective(cfg, setup)
@@ -198,8 +201,10 @@ def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, sec
     compile_seconds = time.perf_counter() - start
     log(f"{kind}: compiled + step 1 in {compile_seconds:.1f}s, loss {float(first['loss']):.4f}")
     history = [{"step": 1, **{k: float(v) for k, v in first.items()}}]
+    seconds = budget()
+    log(f"{kind}: training for at most {seconds:.0f}s" + (f" or {max_steps} steps" if max_steps else ""))
     steps, train_start = 1, time.perf_counter()
-    while time.perf_counter() - train_start < seconds:
+    while time.perf_counter() - train_start < seconds and (max_steps is None or steps < max_steps):
         state, metrics = step_fn(state, batch(), extra)
         steps += 1
         if steps % args.log_every == 0:
@@ -220,6 +225,10 @@ def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, sec
         "objective": cfg.objective,
         "learning_rates": {"default": cfg.optim.lr, **{g.name: g.lr for g in cfg.optim.groups}},
         "steps": steps,
+        "step_cap": max_steps,
+        "time_budget_seconds": seconds,
+        "config_overrides": list(overrides),
+        "grad_accum_steps": A,
         "batch": B,
         "seq_len": T,
         "training_tokens": steps * B * T,
@@ -253,23 +262,74 @@ def eval_passkey(model, tokenizer, args) -> dict[str, Any]:
     return out
 
 
+def visualize_sea(student, teacher, val_tokens, out: pathlib.Path, args) -> dict[str, Any]:
+    """The sea-visualize picture (teacher attention, SEA estimate, SEA mask) of the distilled
+    student for a middle layer, head 0, on the first validation tokens."""
+    import jax.numpy as jnp
+
+    from sea_jax.train import visualize
+
+    T = min(args.visualize_tokens, len(val_tokens))
+    layer = student.cfg.num_layers // 2
+    tokens = jnp.asarray(val_tokens[:T], jnp.int32)[None]
+    maps = visualize.attention_maps(teacher, student, tokens, layer, 0)
+    path = visualize.plot(maps, out / "quality_sea_attention.png",
+                          title=f"distilled SEA student, layer {layer}, head 0, first {T} validation tokens")
+    return {"png": path.name, "layer": layer, "head": 0, "tokens": T, "recall": maps["recall"],
+            "density": maps["density"]}
+
+
 def remaining() -> float:
     return ARGS.deadline - (time.perf_counter() - T0)
 
 
-def train_and_eval(results: Results, kind: str, args, teacher, tokenizer, train_tokens, val_tokens, models):
-    budget = min(args.train_seconds, max(remaining() - args.reserve, 5.0))
-    log(f"{kind}: training budget {budget:.0f}s ({remaining():.0f}s left overall)")
+def _retry_overrides(kind: str, error: Exception, args, tried: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Overrides for a second attempt after ``error``, or None: out of memory -> twice the
+    gradient accumulation; a SparseK Pallas failure -> the XLA path."""
+    text = f"{type(error).__name__}: {error}"
+    if ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()) and not any("accum" in t for t in tried):
+        return tried + (f"--train.grad_accum_steps={args.accum * 2}",)
+    if kind == "sparsek" and not any("impl" in t for t in tried) and ("Triton" in text or "Pallas" in text
+                                                                         or "Mosaic" in text or "pallas" in text):
+        opts = TINY_OPTIONS["sparsek"]["sparsek"] if args.tiny else {"k": 64, "window": 256}
+        return tried + (f"--model.attention_options={json.dumps({'sparsek': {**opts, 'impl': 'xla'}})}",)
+    return None
+
+
+def train_and_eval(results: Results, kind: str, args, teacher, tokenizer, train_tokens, val_tokens, models, *,
+                   first: bool, max_steps: int | None = None):
+    """Train one recipe (the first of a part gets half of what is left after its compile, minus
+    the reserves; the second trains for the first's step count or until the reserve) and
+    evaluate its perplexity."""
+
+    def budget():
+        left = remaining() - args.tail_reserve
+        if first:
+            return max(min(args.train_seconds, (left - args.second_overhead - args.eval_reserve) / 2), 5.0)
+        return max(left - args.eval_reserve, 5.0)
 
     def stage():
-        model, record = train_timeboxed(kind, args, teacher, train_tokens, budget)
+        overrides: tuple[str, ...] = ()
+        while True:
+            try:
+                model, record = train_timeboxed(kind, args, teacher, train_tokens, budget, max_steps=max_steps,
+                                                overrides=overrides)
+                break
+            except Exception as e:
+                retry = _retry_overrides(kind, e, args, overrides)
+                if retry is None or remaining() < 120:
+                    raise
+                traceback.print_exc()
+                log(f"{kind}: retrying with {retry} after {type(e).__name__}")
+                results.set(f"train_{kind}_first_attempt", {"error": f"{type(e).__name__}: {e}"[:2000]})
+                overrides = retry
         models[kind] = model
         results.set(f"train_{kind}", record)
         ppl = eval_ppl(model, val_tokens, args)
         log(f"{kind}: validation perplexity {ppl['perplexity']:.3f} ({ppl['windows']} windows)")
         return {**record, "perplexity": ppl}
 
-    guarded(results, f"train_{kind}", stage)
+    return guarded(results, f"train_{kind}", stage)
 
 
 # --------------------------------------------------------------------------------------
@@ -286,19 +346,25 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--train-seconds", type=float, default=210.0, help="wall-clock training budget per model")
+    p.add_argument("--train-seconds", type=float, default=240.0, help="at most this much training per model")
     p.add_argument("--deadline", type=float, default=560.0, help="seconds after start by which all must end")
-    p.add_argument("--reserve", type=float, default=60.0, help="seconds kept for evaluation after each training")
+    p.add_argument("--eval-reserve", type=float, default=40.0, help="seconds kept for a perplexity evaluation")
+    p.add_argument("--second-overhead", type=float, default=70.0, help="expected load + compile of the 2nd model")
+    p.add_argument("--tail-reserve", type=float, default=None,
+                   help="seconds kept at the end for the passkey stages (default: 0 part 1, 150 part 2)")
     p.add_argument("--eval-windows", type=int, default=None, help="validation windows (default: all)")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--passkey-lengths", default="4096,8192")
     p.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--passkey-samples", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--visualize-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.passkey_lengths = tuple(int(v) for v in args.passkey_lengths.split(","))
     args.passkey_depths = tuple(float(v) for v in args.passkey_depths.split(","))
+    if args.tail_reserve is None:
+        args.tail_reserve = 0.0 if args.part == 1 else 150.0
     ARGS = args
 
     import jax
@@ -333,12 +399,19 @@ def main(argv=None) -> int:
     if args.part == 1:
         guarded(results, "teacher_perplexity", lambda: {
             "dtype": teacher_bf16.config.dtype, "perplexity": eval_ppl(teacher_bf16.model, val_tokens, args)})
-        for kind in ("sea", "performer"):
-            train_and_eval(results, kind, args, teacher, tokenizer, train_tokens, val_tokens, models)
-            models.clear()
+        pair = ("sea", "performer")
     else:
-        for kind in ("sparsek", "sliding"):
-            train_and_eval(results, kind, args, teacher, tokenizer, train_tokens, val_tokens, models)
+        pair = ("sparsek", "sliding")
+    # the baseline gets the same budget: the step count (= training tokens) of the first
+    done = train_and_eval(results, pair[0], args, teacher, tokenizer, train_tokens, val_tokens, models, first=True)
+    train_and_eval(results, pair[1], args, teacher, tokenizer, train_tokens, val_tokens, models, first=False,
+                   max_steps=None if done is None else done["steps"])
+    if args.part == 1 and "sea" in models:
+        if remaining() > 30:
+            guarded(results, "visualize_sea", visualize_sea, models["sea"], teacher_bf16.model, val_tokens, out, args)
+        else:
+            results.set("visualize_sea", {"error": "skipped: out of time"})
+    if args.part == 2:
         for name, model in (("teacher", teacher_bf16.model), ("sparsek", models.get("sparsek")),
                             ("sliding", models.get("sliding"))):
             if model is None:
