@@ -97,6 +97,14 @@ class SparseKOptions:
         if not isinstance(self.interpret, bool):
             raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
 
+    def resolved_impl(self, backend: str | None = None) -> str:
+        """The full pass's attention backend: "xla", "pallas_gpu" or "pallas_tpu" ("auto":
+        Pallas on GPU / TPU, XLA elsewhere; ``backend`` defaults to jax.default_backend())."""
+        if self.impl != "auto":
+            return self.impl
+        backend = backend or jax.default_backend()
+        return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+
     @property
     def num_candidates(self) -> int:
         return self.k + (self.k if self.extra is None else self.extra)
@@ -196,23 +204,34 @@ class SparseKAttention(nnx.Module):
         return u + jnp.asarray(self.options.position_slope, acc) * positions.astype(acc)[None, :, None]
 
     def init_cache(self, batch: int, max_len: int, dtype: Any) -> SparseKCache:
-        """A cache of k + c + w entries per KV head (``max_len`` does not change its size)."""
+        """A cache of k + c + w entries per KV head (``max_len`` does not change its size).
+
+        Keys/values are stored in ``dtype``; scores in float32 (float64 for a float64 cache).
+        """
         o = self.options
         return _empty_cache(batch, self.dims.num_kv_heads, self.dims.head_dim, o.num_candidates,
-                            o.window, dtype, jnp.float32)
-
-    def _resolve_impl(self) -> str:
-        impl = self.options.impl
-        if impl == "auto":
-            return "xla" if jax.default_backend() == "cpu" else "auto"
-        return impl
+                            o.window, dtype, jnp.promote_types(dtype, jnp.float32))
 
     # ------------------------------------------------------------------ call
     def __call__(self, q, k, v, *, x=None, segment_ids=None, cache=None, return_aux=False):
         """q: [B, T, H, D]; k, v: [B, T, K, D]; x: [B, T, E] (required: the scorer reads it);
-        segment_ids: optional [B, T] contiguous runs with distinct ids (0 = padding), full pass
-        only; cache: a :class:`SparseKCache` for decoding. Returns AttentionOutput with out
-        [B, T, H, D] in q's dtype."""
+        segment_ids: optional [B, T] contiguous runs with distinct ids (0 = padding; a run is a
+        sequence: an id that reappears after a gap starts a new one), full pass only;
+        cache: a :class:`SparseKCache` for decoding (always the XLA path; positions continue
+        from ``cache.length``). Returns AttentionOutput with out [B, T, H, D] in q's dtype,
+        the new cache (or None) and, with ``return_aux``, the selection (nQ = ceil(T / Bq),
+        Bq = min(block_q, T) on the XLA path, block_q on the kernel path; U = k + Bq - 1):
+
+        * ``sparsek_index``: int32 [B, K, nQ, U] key positions of each query block's union
+          (-1 = empty slot);
+        * ``sparsek_mask``: bool [B, K, T, U] slot selected by the query (its top-k);
+        * ``sparsek_weight``: [B, K, T, U] the SparseK weight m (0 where not selected);
+        * ``sparsek_tau``: [B, K, T] thresholds (min(u) - 1 for prefixes of <= k keys, 0 when
+          there is nothing to select);
+        * ``sparsek_overflow``: bool [B, K, T] the k + c candidates were too few for the
+          exact tau; ``sparsek_overflow_count``: int32 scalar, its sum;
+        * ``sparsek_scores``: [B, T, K] the scores u (float32, float64 for float64 x).
+        """
         check_qkv(self.dims, q, k, v, x, segment_ids)
         if x is None:
             raise ValueError("x [batch, seq, embed_dim] is required: SparseK scores keys from the layer input")
@@ -236,7 +255,7 @@ class SparseKAttention(nnx.Module):
             return self._scan(q, k, v, u.astype(cache.cand_score.dtype), runs, cache, return_aux, True)
 
         u = self.scores(x, jnp.arange(T, dtype=jnp.int32))
-        impl = self._resolve_impl()
+        impl = o.resolved_impl()
         if impl != "xla":
             return self._kernel_path(q, k, v, u, segment_ids, impl, return_aux)
         runs = segment_runs(segment_ids, B, T)

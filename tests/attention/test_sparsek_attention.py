@@ -346,8 +346,8 @@ def test_gradients_match_reference_autodiff_and_finite_differences(mode, window,
 
 @pytest.mark.parametrize("window,extra", [(3, 1), (0, None)], ids=["window-extra1", "w0"])
 def test_decode_token_by_token_and_chunked_equals_full_pass(window, extra):
-    """init_cache + one token at a time, and 3 tokens at a time after a 2-token prefill, give
-    the full pass's outputs position by position; the cache holds k + c + w entries per KV head
+    """init_cache + one token at a time, 3 tokens at a time after a 2-token prefill, and a
+    10-token prefill then 4 tokens give the full pass's outputs position by position; the cache holds k + c + w entries per KV head
     whatever max_len is."""
     B, T, H, K, D, E, kb = 2, 14, 4, 2, 8, 12, 3
     m = module(H, K, D, E, k=kb, window=window, extra=extra, block_q=4, seed=7)
@@ -361,7 +361,7 @@ def test_decode_token_by_token_and_chunked_equals_full_pass(window, extra):
     C = kb + (kb if extra is None else extra)
     assert c_small.cand_k.shape == (B, K, C, D) and c_small.win_k.shape == (B, K, window, D)
 
-    for chunks in ([1] * T, [2] + [3] * 4):
+    for chunks in ([1] * T, [2] + [3] * 4, [10, 4]):  # 10 > block_q: several blocks per call
         cache, outs, ovf = c_small, [], []
         t = 0
         for n in chunks:
@@ -428,7 +428,9 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
     opts = dict(k=5, window=4, extra=3, block_q=16)
     m_xla = module(H, K, D, E, impl="xla", **opts)
     m_gpu = module(H, K, D, E, impl="pallas_gpu", interpret=True, **opts)
-    assert module(H, K, D, E, **opts)._resolve_impl() == "xla"
+    assert SparseKOptions().resolved_impl() == "xla"  # this CPU machine
+    assert [SparseKOptions().resolved_impl(b) for b in ("cpu", "gpu", "tpu")] == ["xla", "pallas_gpu", "pallas_tpu"]
+    assert SparseKOptions(impl="xla").resolved_impl("gpu") == "xla"
     q, k, v, x = inputs(9, B, T, H, K, D, E)
     seg = jnp.asarray(np.array([[1] * 20 + [2] * 14 + [0] * 3], np.int32))
     ct = jax.random.normal(jax.random.key(10), (B, T, H, D))
