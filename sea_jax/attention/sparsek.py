@@ -25,6 +25,7 @@ code, so a decode step reproduces the full pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -40,7 +41,7 @@ from sea_jax.attention.base import (
     register_attention,
 )
 from sea_jax.model.partitioning import logical_param
-from sea_jax.ops.sparsek import METHODS
+from sea_jax.ops.sparsek import METHODS, check_budget
 from sea_jax.ops.sparsek_select import (
     CandidateState,
     KeyTable,
@@ -52,11 +53,6 @@ from sea_jax.ops.sparsek_select import (
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 WEIGHT_MODES = ("gate", "log")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,19 +77,20 @@ class SparseKOptions:
     method: str = "bracket"
 
     def __post_init__(self):
-        _check_int("k", self.k, 1)
-        _check_int("window", self.window, 0)
+        check_budget("k", self.k)
+        check_budget("window", self.window, minimum=0)
         if self.extra is not None:
-            _check_int("extra", self.extra, 0)
-        _check_int("block_q", self.block_q, 1)
+            check_budget("extra", self.extra, minimum=0)
+        check_budget("block_q", self.block_q)
         if self.weight_mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.position_slope, bool) or not isinstance(self.position_slope, numbers.Real):
-            raise ValueError(f"position_slope must be a float, got {self.position_slope!r}")
+        slope = self.position_slope
+        if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
+            raise ValueError(f"position_slope must be a finite float, got {slope!r}")
         if not isinstance(self.interpret, bool):
             raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
 
