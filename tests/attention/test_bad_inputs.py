@@ -9,7 +9,7 @@ from sea_jax.model.config import LMConfig
 from sea_jax.model.transformer import LanguageModel
 
 DIMS = AttentionDims(num_heads=4, num_kv_heads=2, head_dim=8, embed_dim=16)
-CORES = ["dense", "sliding", "performer"]
+CORES = ["dense", "sliding", "performer", "sea", "sparsek"]
 
 
 def _qkv(B=1, T=5, H=4, K=2, D=8, dtype=jnp.float32):
@@ -60,6 +60,9 @@ def test_core_rejects_bad_segment_ids(name):
         ("performer", {"features": "cosine"}, "features must be one of"),
         ("performer", {"num_features": 0}, "num_features"),
         ("dense", {"impl": "flash"}, "impl must be one of"),
+        ("sparsek", {"k": 0}, "k must be"),
+        ("sparsek", {"window": -1}, "window must be"),
+        ("sea", {"k": 0}, "k must be"),
     ],
 )
 def test_bad_options(name, options, match):
