@@ -249,10 +249,11 @@ def main():
         mask = random_causal_mask(rng, H, S // blk, 0.125)
         lay = BlockLayout.from_mask(mask, blk, blk)
         flops = 4 * D * kept_pairs(mask, blk)
-        fwd_grid = [dict(fwd_tiles=t, num_warps=(w, 4, 4), num_stages=(st, 2, 2), always_mask=am)
-                    for am in [True, False] for t in [(128, 64), (128, 128)] for w in [8] for st in [2, 3, 4]]
-        fwd_grid += [dict(fwd_tiles=t, num_warps=(4, 4, 4), num_stages=(2, 2, 2), always_mask=True)
-                     for t in [(64, 128), (128, 128)]]
+        # most promising first: the loop stops at --budget_s
+        fwd_grid = [dict(fwd_tiles=t, num_warps=(8, 4, 4), num_stages=(st, 2, 2), always_mask=am)
+                    for st in [3, 2] for t in [(128, 64), (128, 128)] for am in [False, True]]
+        fwd_grid += [dict(fwd_tiles=(64, 128), num_warps=(4, 4, 4), num_stages=(3, 2, 2), always_mask=False),
+                     dict(fwd_tiles=(128, 64), num_warps=(8, 4, 4), num_stages=(4, 2, 2), always_mask=False)]
         if args.smoke:
             fwd_grid = [dict(fwd_tiles=(16, 16), num_warps=(4, 4, 4), num_stages=(2, 2, 2), always_mask=False)]
         results = []
@@ -274,8 +275,8 @@ def main():
         else:
             fw, fs = 8, 3
         bwd_grid = []
-        for part, key, slot in [("dq", "dq_tiles", 1), ("dkv", "dkv_tiles", 2)]:
-            for t, w, st in [((64, 64), 4, 2), ((64, 64), 4, 3), ((128, 64), 8, 2), ((64, 128), 8, 2)]:
+        for t, w, st in [((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2), ((64, 64), 4, 3)]:
+            for part, key, slot in [("dq", "dq_tiles", 1), ("dkv", "dkv_tiles", 2)]:
                 warps, stages = [fw, 4, 4], [fs, 2, 2]
                 warps[slot], stages[slot] = w, st
                 bwd_grid.append((part, {key: t, "num_warps": tuple(warps), "num_stages": tuple(stages)}))

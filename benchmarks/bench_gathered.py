@@ -158,11 +158,12 @@ def main():
         S = seqs[-1]
         q, k, v, ct, union, sel, w = inputs(S, 0)
         flops = 4 * D * visible_pairs(union, sel, S, bq, W, H)
+        # both gather strategies side by side, most promising first (the loop stops at --budget_s)
         grid = [dict(gather=g, tq=tq, tu=tu, tk=tk, num_warps=(nw,) * 4, num_stages=(ns,) * 4, always_mask=am)
-                for g in ["kernel", "xla"] for tq, tu, tk in [(128, 64, 64), (64, 64, 64), (128, 128, 128)]
-                for nw in [4, 8] for ns in [2] for am in [False]]
-        grid += [dict(gather=g, tq=128, tu=64, tk=64, num_warps=(8,) * 4, num_stages=(ns,) * 4, always_mask=am)
-                 for g in ["kernel", "xla"] for ns, am in [(3, False), (2, True)]]
+                for tq, tu, tk, nw, ns, am in [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 2, False),
+                                               (128, 64, 64, 4, 2, False), (128, 64, 64, 8, 3, False),
+                                               (128, 128, 128, 8, 2, False), (128, 64, 64, 8, 2, True)]
+                for g in ["kernel", "xla"]]
         if args.smoke:
             grid = [dict(gather=g, tq=16, tu=16, tk=16, always_mask=False) for g in ["kernel", "xla"]]
         results = []

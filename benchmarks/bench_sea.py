@@ -76,6 +76,8 @@ def _measure(name, fwd, fwd_bwd, args, reps_fwd, reps_bwd, extra=None):
 VARIANTS = {
     "sea_token_xla": dict(granularity="token", impl="xla"),
     "sea_block_pallas": dict(granularity="block", impl="auto"),
+    # the Triton kernel masking every tile instead of branching per tile
+    "sea_block_pallas_am": dict(granularity="block", impl="auto", kernel_options={"always_mask": True}),
 }
 
 
@@ -159,6 +161,8 @@ def run(lengths, *, heads, head_dim, k, t_m, block, reps_fwd, reps_bwd, dtype, w
                     "max_blocks_visited": int(counts.max()),
                     "visited_fraction_of_causal_blocks": float(counts.sum(-1).mean() / causal_blocks),
                 }
+                # estimator + top-k + block layout alone (XLA drops the unused sparse attention)
+                extra["estimate_select_layout_fwd_ms"] = _time(sea_stats, (params, q, kk, v), max(1, reps_fwd // 2))
                 row = _measure(name, sea_fwd, sea_fb, (params, q, kk, v), max(1, reps_fwd // 2),
                                max(1, reps_bwd // 2), extra)
             except Exception as e:
@@ -174,8 +178,8 @@ def run(lengths, *, heads, head_dim, k, t_m, block, reps_fwd, reps_bwd, dtype, w
     get = lambda r, key: r.get(key, nan) if r else nan  # noqa: E731
     mib = lambda r, key: (r[key] / 2**20) if r and r.get(key) else nan  # noqa: E731
     print(f"\n| S | impl | fwd ms | fwd+bwd ms | fwd / cuDNN | fwd+bwd / cuDNN | fwd peak MiB | "
-          f"fwd+bwd peak MiB | max blocks | visited / causal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"fwd+bwd peak MiB | max blocks | visited / causal | estimate+select+layout fwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for S in lengths:
         d = by.get(("dense_cudnn", S))
         for name in ("dense_cudnn",) + tuple(seas):
@@ -185,7 +189,8 @@ def run(lengths, *, heads, head_dim, k, t_m, block, reps_fwd, reps_bwd, dtype, w
             print(f"| {S} | {name} | {get(r, 'fwd_ms'):.2f} | {get(r, 'fwd_bwd_ms'):.2f} | "
                   f"{get(r, 'fwd_ms') / get(d, 'fwd_ms'):.1f} | {get(r, 'fwd_bwd_ms') / get(d, 'fwd_bwd_ms'):.1f} | "
                   f"{mib(r, 'fwd_peak_bytes'):.0f} | {mib(r, 'fwd_bwd_peak_bytes'):.0f} | "
-                  f"{r.get('max_blocks_visited', '')} | {get(r, 'visited_fraction_of_causal_blocks'):.3f} |")
+                  f"{r.get('max_blocks_visited', '')} | {get(r, 'visited_fraction_of_causal_blocks'):.3f} | "
+                  f"{get(r, 'estimate_select_layout_fwd_ms'):.2f} |")
     save()
     return results
 

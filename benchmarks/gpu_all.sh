@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issues 4 and 5 in one device call, each part under its own time limit
+# so that one failure or overrun does not lose the others. Every part writes its JSON as it goes.
+#
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_all.sh bs ga layers sea
+#
+# Parts: bs (bench_block_sparse.py), ga (bench_gathered.py), layers (bench_layers.py),
+# sea (bench_sea.py). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
+# without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
+# BS_S, GA_S, LAYERS_S, SEA_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning.
+set -u
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+PY="${PY:-python3}"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv 2>&1 | tee -a "$LOG"
+
+part() {  # name limit_s command...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | grep -v "^WARNING" | tee -a "$LOG"
+  echo "=== $name rc=${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"
+}
+
+for p in "$@"; do
+  case $p in
+    bs)
+      if [ -n "${BS_OPTIONS:-}" ]; then
+        part bs "${BS_S:-220}" $PY benchmarks/bench_block_sparse.py --out "$OUT/block_sparse_bench.json" \
+          --sections check,bench --options "$BS_OPTIONS" --reps 5
+      else
+        part bs "${BS_S:-220}" $PY benchmarks/bench_block_sparse.py --out "$OUT/block_sparse_bench.json" \
+          --budget_s "$(( ${BS_S:-220} * 6 / 10 ))" --reps 5
+      fi ;;
+    ga)
+      if [ -n "${GA_OPTIONS:-}" ]; then
+        part ga "${GA_S:-130}" $PY benchmarks/bench_gathered.py --out "$OUT/gathered_bench.json" \
+          --sections check,bench --options "$GA_OPTIONS" --reps 5
+      else
+        part ga "${GA_S:-130}" $PY benchmarks/bench_gathered.py --out "$OUT/gathered_bench.json" \
+          --budget_s "$(( ${GA_S:-130} * 6 / 10 ))" --reps 5
+      fi ;;
+    layers)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 part layers "${LAYERS_S:-300}" $PY benchmarks/bench_layers.py \
+        --out "$OUT/layers_bench.json" --deadline "$(( ${LAYERS_S:-300} * 75 / 100 ))" ;;
+    sea)
+      part sea "${SEA_S:-180}" $PY benchmarks/bench_sea.py --out "$OUT/sea_bench.json" \
+        --lengths 2048 8192 32768 --reps-fwd 10 --reps-bwd 6 --deadline "$(( ${SEA_S:-180} * 7 / 10 ))" ;;
+    *) echo "unknown part $p" | tee -a "$LOG" ;;
+  esac
+done
