@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 from typing import Any
 
 import grain
@@ -44,20 +43,11 @@ from sea_jax.train.config import Config, ConfigError, config_from_dict
 from sea_jax.train.params import ModelParts
 
 ITEMS = ("model", "train", "data", "config")
-# test hook: SIGKILL this process in the middle of saving the step given here (train/tests only)
-KILL_DURING_SAVE_ENV = "SEA_JAX_TEST_KILL_DURING_SAVE"
 
 
 class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
     """grain's per-process iterator handler, with a clear error when the number of processes
     changed since the save."""
-
-    def save(self, directory: epath.Path, item=None, args=None):
-        super().save(directory, item=item, args=args)
-        step = os.environ.get(KILL_DURING_SAVE_ENV)
-        if step is not None and directory.parent.name.split(".")[0] == step:
-            # the other items are written or being written; nothing is finalised yet
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, directory: epath.Path, item=None, args=None):
         nproc = jax.process_count()
@@ -68,7 +58,27 @@ class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
                 f"checkpoint: the data iterator state was saved by a different number of processes "
                 f"({saved}); this run has {nproc}. Resume with the same process count."
             )
-        return super().restore(directory, item=item, args=args)
+        item = item if item is not None else args.item
+        state = json.loads(expected.read_text())
+        # JSON turns tuples into lists, and grain's packing compares its saved "empty slice"
+        # sentinel with the tuple (-1, -1): a list never matches, so a restored
+        # ConcatThenSplit iterator would replay a stale remainder and silently shift the data
+        # (grain 0.2.18). Tuples restore the exact position.
+        item.set_state(_lists_to_tuples(state))
+        start_prefetch = getattr(item, "start_prefetch", None)  # as grain's own restore does
+        if start_prefetch is not None:
+            start_prefetch()
+        return item
+
+
+def _lists_to_tuples(value):
+    """JSON-decoded iterator state with every list turned back into a tuple (grain states hold
+    no real lists)."""
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -89,11 +99,27 @@ def _split_state(state: dict[str, Any]) -> tuple[dict, dict]:
     return model, train
 
 
+def _detach_from_donation(state: dict[str, Any]) -> dict[str, Any]:
+    """On CPU, a copy of ``state`` in fresh buffers; elsewhere ``state`` itself.
+
+    An async save returns once the arrays are "on the host" and writes them from there in the
+    background. On CPU that host copy is a zero-copy view of the device buffer, and the next
+    train step donates (overwrites in place) exactly those buffers, so the checkpoint would
+    silently hold a later step's values. A device-side copy costs one extra state of memory,
+    cheap on CPU; accelerators make a real device-to-host copy before save() returns."""
+    leaves = jax.tree.leaves(state)
+    if leaves and all(d.platform == "cpu" for x in leaves for d in x.sharding.device_set):
+        return jax.tree.map(lambda x: x.copy(), state)
+    return state
+
+
 class Checkpointer:
     """Saves and restores a run's train state, data iterator and config."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        directory = os.fspath(directory)
+        # local paths become absolute (orbax needs it); URLs such as gs://bucket/run stay as given
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -121,7 +147,7 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], data_iter, config: Config) -> None:
         """Start saving ``state`` (asynchronously when enabled). ``data_iter`` must be the
         iterator whose next batch is the one step ``step`` trains on."""
-        model, train = _split_state(state)
+        model, train = _split_state(_detach_from_donation(state))
         self.manager.save(
             step,
             args=ocp.args.Composite(

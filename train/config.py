@@ -9,9 +9,10 @@ One :class:`Config` holds every setting of a run, grouped in sections::
     mesh        device mesh axes (data, fsdp, tensor) and multi-host start
     checkpoint  orbax checkpoints: cadence, retention, async, resume
     metrics     progress bar, JSON lines, TensorBoard, MFU peak
+    distill     teacher and loss weights when ``objective: distill``
 
 Parsing is done by `draccus <https://github.com/dlwh/draccus>`_: a YAML preset
-(``configs/*.yaml``) is read first, then dotted flags override it, e.g.
+(``configs/*.yaml``, installed as the package data ``sea_jax.configs``) is read first, then dotted flags override it, e.g.
 ``--optim.lr 1e-3 --model.attention sparsek --mesh.fsdp 4``. Unknown keys and values that do not
 parse are errors naming the key (``model.widht``, ``train.steps``); each section validates its
 values in ``__post_init__`` and names the offending key as ``section.field``.
@@ -19,22 +20,28 @@ values in ``__post_init__`` and names the offending key as ``section.field``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.resources
 import os
 import pathlib
-from typing import Any, Sequence
+import tempfile
+from typing import Any, Iterator, Sequence
 
 import draccus
 
+from sea_jax.distill import DistillWeights
 from sea_jax.model.config import LMConfig
 
-# the repository's preset folder (an editable install or a source checkout); a preset can also
-# be given as a path to any YAML file
-PRESET_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# presets are package data (pyproject maps configs/ to sea_jax.configs), so they are found the
+# same way in a source checkout, an editable install and a wheel; a preset can also be given as
+# a path to any YAML file
+PRESET_PACKAGE = "sea_jax.configs"
 
 DATA_SOURCES = ("wiki", "text", "jsonl", "synthetic")
 SCHEDULES = ("cosine", "constant")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+OBJECTIVES = ("lm", "distill")
 
 
 class ConfigError(ValueError):
@@ -66,6 +73,9 @@ class DataConfig:
         "smollm2").
     seq_len: tokens per training row (packed; documents are separated by segment ids).
     seed: shuffling seed of the document order (reshuffled every epoch from it).
+    document_mask: attention stays inside each packed document (segment ids go to the model).
+        False lets a row attend across document boundaries (GPT-2-style packing); on GPU this
+        lets dense attention use cuDNN, which takes no segment ids.
     """
 
     source: str = "wiki"
@@ -75,6 +85,7 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 256
     seed: int = 0
+    document_mask: bool = True
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
@@ -222,6 +233,24 @@ class MetricsConfig:
         _positive("metrics", self, "peak_flops_per_device", allow_zero=True)
 
 
+@dataclasses.dataclass
+class DistillConfig:
+    """Distillation from a pretrained teacher (used when ``objective: distill``; the loss is
+    built by sea_jax.train.distill.make_distill_loss).
+
+    teacher: a source for ``sea_jax.pretrained.load_pretrained`` ("smollm2", a .gguf path or a
+        safetensors directory); the teacher runs with dense attention.
+    weights: the loss weights (sea_jax.distill.DistillWeights; the paper's recipe by default).
+    """
+
+    teacher: str = "smollm2"
+    weights: DistillWeights = dataclasses.field(default_factory=DistillWeights)
+
+    def __post_init__(self):
+        if not self.teacher:
+            _fail("distill.teacher", "must name a pretrained source such as 'smollm2'")
+
+
 def _tiny_model() -> LMConfig:
     # 259 byte-level tokens padded to 264 so the vocabulary splits over up to 8 devices
     return LMConfig(vocab_size=264, width=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)
@@ -231,6 +260,13 @@ def _tiny_model() -> LMConfig:
 class Config:
     """A whole training run. The defaults are the tiny CPU preset (configs/tiny.yaml).
 
+    objective: "lm" (next-token cross-entropy) or "distill" (match ``distill.teacher``; the loss
+        comes from sea_jax.train.distill).
+    init_from: start from pretrained weights instead of a random init: a source for
+        ``sea_jax.pretrained.load_pretrained`` ("smollm2", a .gguf file, a safetensors
+        directory). The architecture then comes from the checkpoint; of ``model`` only the
+        attention choices (attention, layer_attention, attention_options) and the execution
+        settings (dtype, param_dtype, scan_layers, remat) apply. None = random init from ``model``.
     output_dir: where checkpoints, metrics.jsonl and tensorboard/ go.
     compile_only / topology: compile the train step ahead of time for a TPU topology
     (e.g. "v5p:4x4x4") through libtpu on this machine, print per-device memory, and exit.
@@ -243,11 +279,18 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    objective: str = "lm"
+    init_from: str | None = None
     output_dir: str = "runs/tiny"
     compile_only: bool = False
     topology: str | None = None
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            _fail("objective", f"must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.init_from == "":
+            _fail("init_from", "must be null or a pretrained source such as 'smollm2'")
         if self.compile_only and not self.topology:
             _fail("topology", "compile_only needs a TPU topology such as 'v5p:4x4x4'")
 
@@ -265,24 +308,36 @@ class Config:
         return draccus.encode(self)
 
 
-def resolve_preset(name_or_path: str) -> pathlib.Path:
-    """A preset name (``tiny`` -> configs/tiny.yaml) or a path to a YAML file."""
+def preset_names() -> list[str]:
+    """Names of the presets shipped in sea_jax.configs (``tiny``, ``gpu_135m_4k``, ...)."""
+    root = importlib.resources.files(PRESET_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+@contextlib.contextmanager
+def resolve_preset(name_or_path: str) -> Iterator[pathlib.Path]:
+    """Context manager giving a real file path for a preset name (``tiny`` -> the packaged
+    sea_jax/configs/tiny.yaml) or a path to a YAML file."""
     path = pathlib.Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path or path.exists():
         if not path.is_file():
             raise ConfigError(f"config: file {str(path)!r} does not exist")
-        return path
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
-    raise ConfigError(f"config: no preset named {name_or_path!r}; available: {available} (or give a .yaml path)")
+        yield path
+        return
+    resource = importlib.resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        raise ConfigError(
+            f"config: no preset named {name_or_path!r}; available: {preset_names()} (or give a .yaml path)"
+        )
+    with importlib.resources.as_file(resource) as real_path:  # a temporary copy if zipped
+        yield real_path
 
 
 _SECTION_OF_CLASS = {
     "LMConfig": "model", "DataConfig": "data", "OptimConfig": "optim", "TrainConfig": "train",
     "MeshConfig": "mesh", "CheckpointConfig": "checkpoint", "MetricsConfig": "metrics",
-    "ParamGroupConfig": "optim.groups", "Config": "config",
+    "ParamGroupConfig": "optim.groups", "DistillConfig": "distill", "DistillWeights": "distill.weights",
+    "Config": "config",
 }
 
 
@@ -308,14 +363,34 @@ def parse_config(args: Sequence[str] = (), preset: str | None = None) -> Config:
     """Build a :class:`Config` from an optional preset (name or YAML path) and dotted overrides
     (``["--optim.lr", "1e-3"]`` or ``["--optim.lr=1e-3"]``). Raises :class:`ConfigError` naming
     the key on unknown keys or bad values."""
-    config_path = resolve_preset(preset) if preset else None
+    if preset:
+        with resolve_preset(preset) as path:
+            return _parse(path, args)
+    # draccus builds an overridden section from its class defaults, not from Config's
+    # default_factory (``--model.width 64`` would reset model.vocab_size to LMConfig's 256); so
+    # the defaults go in as a preset file too
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "defaults.yaml"
+        path.write_text(draccus.dump(Config()))
+        return _parse(path, args)
+
+
+def _parse(config_path: pathlib.Path, args: Sequence[str]) -> Config:
     try:
-        cfg = draccus.parse(Config, config_path=config_path, args=list(args), exit_on_error=False)
+        return draccus.parse(Config, config_path=config_path, args=list(args), exit_on_error=False)
     except ConfigError:
         raise
     except Exception as e:  # draccus wraps errors raised while building the dataclasses
+        message = str(e)
+        if message.startswith("unrecognized arguments:"):
+            keys = [a[2:].split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            raise ConfigError(
+                f"unknown config key(s) {keys or message}: not a field of any section (sea-train --help lists them)"
+            ) from e
+        if message.startswith("Failed to load config from"):
+            cause = e.__cause__ or e.__context__
+            raise ConfigError(f"config: cannot read {str(config_path)!r} as YAML: {cause or message}") from e
         raise ConfigError(_explain(e)) from e
-    return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -338,7 +413,7 @@ def describe(cfg: Config) -> str:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "OptimConfig", "ParamGroupConfig", "TrainConfig",
+    "Config", "ConfigError", "DataConfig", "DistillConfig", "preset_names", "OptimConfig", "ParamGroupConfig", "TrainConfig",
     "MeshConfig", "CheckpointConfig", "MetricsConfig", "parse_config", "config_from_dict",
     "resolve_preset", "describe", "total_tokens_per_step",
 ]

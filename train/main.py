@@ -1,11 +1,13 @@
 """Command line: ``sea-train`` (or ``python -m sea_jax.train.main``).
 
     sea-train                                     # the tiny CPU preset (configs/tiny.yaml)
-    sea-train --config gpu_135m_4k --model.attention sparsek
-    sea-train --config tiny --resume              # continue from the latest checkpoint
-    sea-train --config pod_v5p --compile-only --topology v5p:4x4x4
+    sea-train --preset tiny --model.attention sparsek
+    sea-train --preset gpu_135m_4k --model.attention sea
+    sea-train --preset tiny --resume              # continue from the latest checkpoint
+    sea-train --preset pod_v5p --compile-only --topology v5p:4x4x4
 
-``--config`` takes a preset name (configs/<name>.yaml) or a YAML path. Every other setting is a
+``--preset`` (alias ``--config``) takes a preset name (``sea_jax.configs``: tiny, gpu_135m_4k,
+gpu_135m_16k, gpu_135m_32k, pod_v5p, ...) or a YAML path. Every other setting is a
 dotted override of the config (``--optim.lr 1e-3``, ``--train.steps=50``); ``--help`` lists
 them. Unknown keys and bad values exit with an error naming the key.
 """
@@ -16,7 +18,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from sea_jax.train.config import PRESET_DIR, Config, ConfigError, parse_config
+from sea_jax.train.config import Config, ConfigError, parse_config, preset_names
 
 DEFAULT_PRESET = "tiny"
 
@@ -28,7 +30,10 @@ def _mode_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         add_help=False,
     )
-    parser.add_argument("--config", "-c", default=None, help=f"preset name in {PRESET_DIR} or a YAML path (default: tiny)")
+    parser.add_argument(
+        "--preset", "--config", "-c", dest="config", default=None,
+        help=f"preset name ({', '.join(preset_names())}) or a YAML path (default: {DEFAULT_PRESET})",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (checkpoint.resume)")
     parser.add_argument("--compile-only", action="store_true", help="compile the train step for --topology and exit")
     parser.add_argument("--topology", default=None, help="TPU topology for --compile-only, e.g. v5p:4x4x4")
@@ -47,9 +52,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
         overrides.append("--compile_only=true")
     if modes.topology:
         overrides.append(f"--topology={modes.topology}")
-    preset = modes.config
-    if preset is None and (PRESET_DIR / f"{DEFAULT_PRESET}.yaml").is_file():
-        preset = DEFAULT_PRESET
+    preset = modes.config or DEFAULT_PRESET
     return parse_config(overrides, preset=preset), modes
 
 

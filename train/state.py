@@ -74,3 +74,22 @@ def init_state(parts: ModelParts, opt: Optimizer, shardings: dict[str, Any], see
 def describe_shardings(shardings: dict[str, Any]) -> list[str]:
     """One line per parameter: key and PartitionSpec (printed by --compile-only)."""
     return [f"{k}: {s.spec}" for k, s in shardings["params"].items() if isinstance(s, NamedSharding)]
+
+
+def state_from_params(params: dict, rest: dict, opt: Optimizer, shardings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A fresh train state around given (e.g. pretrained) ``params`` and ``rest``, laid out in
+    ``shardings`` (step 0, new optimizer moments)."""
+    missing = sorted(set(shardings["params"]) ^ set(params)) + sorted(set(shardings["rest"]) ^ set(rest))
+    if missing:
+        raise ValueError(f"params/rest do not match the model's variables; differing keys: {missing[:5]}")
+
+    def build(params, rest):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "rest": rest,
+            "opt_state": opt.tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
+        }
+
+    return jax.jit(build, out_shardings=shardings)(params, rest)
