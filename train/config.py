@@ -65,8 +65,8 @@ class DataConfig:
     """Where the training text comes from and how it becomes fixed-length token rows.
 
     source: "wiki" (the offline Wikipedia corpus with its fixed train/validation split),
-        "text" (plain-text files, documents separated by blank lines), "jsonl" (one JSON object
-        per line, text under ``jsonl_key``), or "synthetic" (random tokens from ``seed``; for
+        "text" (plain-text files, each file one document), "jsonl" (one JSON object per line,
+        text under ``jsonl_key``; without validation_files every 20th line is validation), or "synthetic" (random tokens from ``seed``; for
         throughput runs that need no files).
     train_files / validation_files: paths for "text" and "jsonl" sources.
     tokenizer: a name accepted by ``sea_jax.data.tokenizers.load_tokenizer`` ("byte", "gpt2",
