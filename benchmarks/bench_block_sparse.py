@@ -172,6 +172,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--budget_s", type=float, default=420.0, help="skip remaining tuning after this")
     ap.add_argument("--options", default=None, help="JSON kernel_options for the bench section")
+    ap.add_argument("--fwd_grid", default=None,
+                    help="JSON list of forward kernel_options to tune instead of the built-in grid; "
+                         "with it the backward grid is skipped and --options gives the backward knobs")
     args = ap.parse_args()
     K = import_kernels()
     from sea_jax.kernels import BlockLayout, block_sparse_attention
@@ -254,6 +257,8 @@ def main():
                     for st in [3, 2] for t in [(128, 64), (128, 128)] for am in [False, True]]
         fwd_grid += [dict(fwd_tiles=(64, 128), num_warps=(4, 4, 4), num_stages=(3, 2, 2), always_mask=False),
                      dict(fwd_tiles=(128, 64), num_warps=(8, 4, 4), num_stages=(4, 2, 2), always_mask=False)]
+        if args.fwd_grid:
+            fwd_grid = [{**best, **o} for o in json.loads(args.fwd_grid)]
         if args.smoke:
             fwd_grid = [dict(fwd_tiles=(16, 16), num_warps=(4, 4, 4), num_stages=(2, 2, 2), always_mask=False)]
         results = []
@@ -274,8 +279,13 @@ def main():
             fw, fs = fbest["num_warps"][0], fbest["num_stages"][0]
         else:
             fw, fs = 8, 3
+        if args.fwd_grid:  # backward knobs from --options; only the forward's slot changes
+            warps = list(best.get("num_warps", (fw, 4, 4)))
+            stages = list(best.get("num_stages", (fs, 2, 2)))
+            warps[0], stages[0] = fw, fs
+            best["num_warps"], best["num_stages"] = tuple(warps), tuple(stages)
         bwd_grid = []
-        for t, w, st in [((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2), ((64, 64), 4, 3)]:
+        for t, w, st in [] if args.fwd_grid else [((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2), ((64, 64), 4, 3)]:
             for part, key, slot in [("dq", "dq_tiles", 1), ("dkv", "dkv_tiles", 2)]:
                 warps, stages = [fw, 4, 4], [fs, 2, 2]
                 warps[slot], stages[slot] = w, st
@@ -295,7 +305,8 @@ def main():
                 bres[part].append((t, o))
 
             rec.guard("tune_fwdbwd", f"{part} {o}", one)
-        warps, stages = [fw, 4, 4], [fs, 2, 2]
+        warps, stages = list(best.get("num_warps", (fw, 4, 4))), list(best.get("num_stages", (fs, 2, 2)))
+        warps[0], stages[0] = fw, fs
         if bres["dq"]:
             b = min(bres["dq"], key=lambda r: r[0])[1]
             best["dq_tiles"] = b["dq_tiles"]

@@ -88,16 +88,13 @@ def sea_functions(dims, options):
     return (params,), fwd, fwd_bwd
 
 
-def measure(fwd, fwd_bwd, args, reps):
-    row = {}
-    compiled, mem = compile_with_memory(fwd, args)
+def measure(row, fwd, fwd_bwd, args, reps):
+    """Fills ``row`` step by step (memory is known before running: kept if the run fails)."""
+    compiled, row["fwd_mem"] = compile_with_memory(fwd, args)
     row["fwd_ms"] = time_ms(compiled, args, reps)
-    row["fwd_mem"] = mem
     del compiled
-    compiled, mem = compile_with_memory(fwd_bwd, args)
+    compiled, row["fwd_bwd_mem"] = compile_with_memory(fwd_bwd, args)
     row["fwd_bwd_ms"] = time_ms(compiled, args, reps)
-    row["fwd_bwd_mem"] = mem
-    return row
 
 
 def plot(data, path):
@@ -106,7 +103,7 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["rows"] if "error" not in r]
+    rows = [r for r in data["rows"] if "fwd_bwd_ms" in r]
     names = sorted({r["name"] for r in rows})
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in names:
@@ -114,7 +111,9 @@ def plot(data, path):
         S = [r["S"] for r in rs]
         line, = ax_t.plot(S, [r["fwd_bwd_ms"] for r in rs], "o-", label=f"{name} fwd+bwd")
         ax_t.plot(S, [r["fwd_ms"] for r in rs], "s--", color=line.get_color(), alpha=0.6, label=f"{name} fwd")
-        mem = [(r["S"], r["fwd_bwd_mem"]["peak_bytes"] / 2**30) for r in rs if r.get("fwd_bwd_mem")]
+        # memory comes from the compiled analysis: plotted even where the run itself failed
+        mem = sorted((r["S"], r["fwd_bwd_mem"]["peak_bytes"] / 2**30) for r in data["rows"]
+                     if r["name"] == name and r.get("fwd_bwd_mem"))
         if mem:
             ax_m.plot(*zip(*mem), "o-", color=line.get_color(), label=f"{name} fwd+bwd")
     for ax, ylabel in ((ax_t, "time [ms]"), (ax_m, "peak memory [GiB] (XLA memory analysis)")):
@@ -184,17 +183,17 @@ def main():
                 rec.add(dict(name=name, S=S, error="skipped: deadline passed"))
                 continue
 
-            def one(name=name):
+            def one(row, name=name):
                 if name not in fns:
                     fns[name] = builders[name]()
                 extra, fwd, fwd_bwd = fns[name]
                 inputs = (*extra, q, k, v, x) if name == "sparsek" else (*extra, q, k, v)
-                return measure(fwd, fwd_bwd, inputs, args.reps)
+                measure(row, fwd, fwd_bwd, inputs, args.reps)
 
             rec.guarded(dict(name=name, S=S), one)
 
     # summary table
-    by = {(r["name"], r["S"]): r for r in rec.data["rows"] if "error" not in r}
+    by = {(r["name"], r["S"]): r for r in rec.data["rows"] if "fwd_bwd_ms" in r}
     gib = lambda r, key: r[key]["peak_bytes"] / 2**30 if r.get(key) else math.nan  # noqa: E731
     print("\n| S | layer | fwd ms | fwd+bwd ms | fwd+bwd / cuDNN | fwd peak GiB | fwd+bwd peak GiB |")
     print("|---|---|---|---|---|---|---|")

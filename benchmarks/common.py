@@ -70,13 +70,16 @@ class JsonRows:
                 json.dump(self.data, f, indent=1)
 
     def guarded(self, base, fn):
-        """Run ``fn() -> dict`` and add ``{**base, **result}``; on an exception add the error
-        and the tail of the traceback instead (one failure must not end the run)."""
+        """Run ``fn(partial)``, which fills the dict ``partial`` as it measures, and add
+        ``{**base, **partial}``; on an exception add what was measured so far plus the error
+        and the tail of the traceback (one failure must not end the run)."""
         t0 = time.perf_counter()
+        partial = {}
         try:
-            row = {**base, **fn()}
+            fn(partial)
+            row = {**base, **partial}
         except Exception as e:  # noqa: BLE001 - recorded in the JSON
-            row = {**base, "error": f"{type(e).__name__}: {str(e)[:1500]}",
+            row = {**base, **partial, "error": f"{type(e).__name__}: {str(e)[:1500]}",
                    "trace": traceback.format_exc()[-2000:]}
         row["wall_s"] = round(time.perf_counter() - t0, 2)
         self.add(row)

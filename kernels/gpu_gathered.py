@@ -665,7 +665,7 @@ def gathered_attention_gpu(
     Arguments as :func:`sea_jax.kernels.gathered_attention` (validated there), plus the
     tuning knobs (``kernel_options``): ``gather`` "kernel" (index loads inside the kernel,
     default: chosen by measurement, see benchmarks/bench_gathered.py) or "xla" (pre-gathered
-    [B, K, nQ, U, D] copies); ``tq`` (query tile, divides block_q, default block_q), ``tk``
+    [B, K, nQ, U, D] copies); ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk``
     (window key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd, dq,
     window dkv, slot dkv); ``always_mask``: mask every window tile elementwise instead of
     branching per tile.
@@ -677,7 +677,9 @@ def gathered_attention_gpu(
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
-    tq = validate_block_size("tq", tq if tq is not None else block_q)
+    # default query tile 64: with tq = 128 and D = 128 a backward kernel needs 265 KiB of shared
+    # memory on the H100 (227 KiB available; benchmarks/results/gathered_bench.json)
+    tq = validate_block_size("tq", tq if tq is not None else min(64, block_q))
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     tk = validate_block_size("tk", tk)
