@@ -27,6 +27,7 @@ what the function needs, not what the allocator happened to keep.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -140,8 +141,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(RESULTS, "layers_bench.json"))
     ap.add_argument("--png", default=None, help="default: --out with .png")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run, Pallas kernels in interpret mode")
+    ap.add_argument("--plot_only", action="store_true", help="redraw the PNG from the JSON at --out")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    if args.plot_only:
+        with open(args.out) as f:
+            plot(json.load(f), png)
+        print("wrote", png)
+        return
 
     if args.smoke:
         H, D, dtype, seqs = 2, 16, jnp.float32, [96, 160]
@@ -207,7 +215,6 @@ def main():
             ratio = r["fwd_bwd_ms"] / d["fwd_bwd_ms"] if d else math.nan
             print(f"| {S} | {name} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {ratio:.3f} | "
                   f"{gib(r, 'fwd_mem'):.2f} | {gib(r, 'fwd_bwd_mem'):.2f} |")
-    png = args.png or os.path.splitext(args.out)[0] + ".png"
     try:
         plot(rec.data, png)
         print("wrote", png)

@@ -5,9 +5,10 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_all.sh bs ga layers sea
 #
 # Parts: bs (bench_block_sparse.py), ga (bench_gathered.py), layers (bench_layers.py),
-# sea (bench_sea.py). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
+# sea (bench_sea.py), bsx (extra forward tuning of the block-sparse kernel). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
 # without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
-# BS_S, GA_S, LAYERS_S, SEA_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning.
+# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
+# GA_SECTIONS, SEA_VARIANTS (space-separated), BSX_GRID (JSON list of forward options) for bsx.
 set -u
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -40,14 +41,18 @@ for p in "$@"; do
           --sections check,bench --options "$GA_OPTIONS" --reps 5
       else
         part ga "${GA_S:-130}" $PY benchmarks/bench_gathered.py --out "$OUT/gathered_bench.json" \
-          --budget_s "$(( ${GA_S:-130} * 6 / 10 ))" --reps 5
+          --sections "${GA_SECTIONS:-check,tune,bench}" --budget_s "$(( ${GA_S:-130} * 5 / 10 ))" --reps 5
       fi ;;
+    bsx)  # extra forward tuning at S = 32k, d = 12.5 % (BSX_GRID: JSON list; BS_OPTIONS: backward knobs)
+      part bsx "${BSX_S:-60}" $PY benchmarks/bench_block_sparse.py --out "$OUT/block_sparse_extra.json" \
+        --sections tune,bench --seqs 32768 --densities 0.125 --options "${BS_OPTIONS:-{\}}" \
+        --fwd_grid "$BSX_GRID" --reps 5 --budget_s "$(( ${BSX_S:-60} * 6 / 10 ))" ;;
     layers)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 part layers "${LAYERS_S:-300}" $PY benchmarks/bench_layers.py \
         --out "$OUT/layers_bench.json" --deadline "$(( ${LAYERS_S:-300} * 75 / 100 ))" ;;
     sea)
       part sea "${SEA_S:-180}" $PY benchmarks/bench_sea.py --out "$OUT/sea_bench.json" \
-        --lengths 2048 8192 32768 --reps-fwd 10 --reps-bwd 6 --deadline "$(( ${SEA_S:-180} * 7 / 10 ))" ;;
+        --lengths 2048 8192 32768 --reps-fwd 10 --reps-bwd 6 --variants ${SEA_VARIANTS:-sea_token_xla sea_block_pallas sea_block_pallas_am} --deadline "$(( ${SEA_S:-180} * 7 / 10 ))" ;;
     *) echo "unknown part $p" | tee -a "$LOG" ;;
   esac
 done
