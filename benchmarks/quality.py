@@ -51,7 +51,7 @@ TINY_MODEL = dict(vocab_size=264, width=32, num_layers=2, num_heads=2, num_kv_he
                   init_std=0.1)
 TINY_OPTIONS = {
     "sea": {"sea": {"k": 4, "t_m": 16, "block_q": 16, "block_k": 16, "chunk": 16}},
-    "performer": {"performer": {"features": "favor", "nbf": 1.0, "chunk": 16}},
+    "performer": {"performer": {"features": "relu", "nbf": 1.0, "chunk": 16}},
     "sparsek": {"sparsek": {"k": 4, "window": 8, "block_q": 16}},
     "sliding": {"sliding": {"window": 8, "chunk": 16}},
 }
@@ -150,7 +150,8 @@ def build_config(kind: str, args, teacher: str, extra: tuple[str, ...] = ()):
     if args.tiny:
         overrides += ["--data.tokenizer=byte", "--model.dtype=float32", "--model.remat=none",
                       f"--model.attention_options={json.dumps(TINY_OPTIONS[kind])}"]
-    return parse_config(overrides + list(extra), preset=PRESETS[kind])
+    return parse_config(overrides + list(getattr(args, "overrides", {}).get(kind, [])) + list(extra),
+                        preset=PRESETS[kind])
 
 
 def random_windows(tokens: np.ndarray, rng: np.random.Generator, accum: int, batch: int, T: int) -> dict:
@@ -227,7 +228,7 @@ def train_timeboxed(kind: str, args, teacher: str, train_tokens: np.ndarray, bud
         "steps": steps,
         "step_cap": max_steps,
         "time_budget_seconds": seconds,
-        "config_overrides": list(overrides),
+        "config_overrides": list(getattr(args, "overrides", {}).get(kind, [])) + list(overrides),
         "grad_accum_steps": A,
         "batch": B,
         "seq_len": T,
@@ -262,7 +263,7 @@ def eval_passkey(model, tokenizer, args) -> dict[str, Any]:
     return out
 
 
-def visualize_sea(student, teacher, val_tokens, out: pathlib.Path, args) -> dict[str, Any]:
+def visualize_sea(student, teacher, val_tokens, png: pathlib.Path, args) -> dict[str, Any]:
     """The sea-visualize picture (teacher attention, SEA estimate, SEA mask) of the distilled
     student for a middle layer, head 0, on the first validation tokens."""
     import jax.numpy as jnp
@@ -273,7 +274,7 @@ def visualize_sea(student, teacher, val_tokens, out: pathlib.Path, args) -> dict
     layer = student.cfg.num_layers // 2
     tokens = jnp.asarray(val_tokens[:T], jnp.int32)[None]
     maps = visualize.attention_maps(teacher, student, tokens, layer, 0)
-    path = visualize.plot(maps, out / "quality_sea_attention.png",
+    path = visualize.plot(maps, png,
                           title=f"distilled SEA student, layer {layer}, head 0, first {T} validation tokens")
     return {"png": path.name, "layer": layer, "head": 0, "tokens": T, "recall": maps["recall"],
             "density": maps["density"]}
@@ -359,10 +360,25 @@ def main(argv=None) -> int:
     p.add_argument("--passkey-samples", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--visualize-tokens", type=int, default=512)
+    p.add_argument("--models", default=None, help=f"comma-separated subset/order of {sorted(PRESETS)} "
+                   "(default: sea,performer for part 1, sparsek,sliding for part 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="step cap of the first model (time still bounds it)")
+    p.add_argument("--tag", default="", help="suffix of the output file names (quality_part<N><tag>.json)")
+    p.add_argument("--skip-teacher", action="store_true", help="part 1: skip the teacher perplexity")
+    p.add_argument("--override", action="append", default=[], metavar="KIND:--KEY=VALUE",
+                   help="extra sea-train override for one recipe, e.g. 'sea:--distill.weights.hidden_mse=0.05'")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.passkey_lengths = tuple(int(v) for v in args.passkey_lengths.split(","))
     args.passkey_depths = tuple(float(v) for v in args.passkey_depths.split(","))
+    args.overrides = {}
+    for item in args.override:
+        kind, _, flag = item.partition(":")
+        if kind not in PRESETS or not flag.startswith("--"):
+            p.error(f"--override must look like KIND:--key=value with KIND in {sorted(PRESETS)}, got {item!r}")
+        args.overrides.setdefault(kind, []).append(flag)
+    if args.models is not None and not set(args.models.split(",")) <= set(PRESETS):
+        p.error(f"--models must name some of {sorted(PRESETS)}, got {args.models!r}")
     if args.tail_reserve is None:
         args.tail_reserve = 0.0 if args.part == 1 else 150.0
     ARGS = args
@@ -380,7 +396,7 @@ def main(argv=None) -> int:
         "jax": jax.__version__, "teacher": teacher, "tiny": args.tiny,
         "args": {k: v for k, v in vars(args).items() if k not in ("out",)},
     }
-    results = Results(out / f"quality_part{args.part}.json", header)
+    results = Results(out / f"quality_part{args.part}{args.tag}.json", header)
     log(f"part {args.part} on {header['device_kind']}, teacher {teacher}")
 
     teacher_bf16 = load_pretrained(teacher, attention="dense", dtype="float32" if args.tiny else "bfloat16")
@@ -396,19 +412,22 @@ def main(argv=None) -> int:
     log(f"tokens: validation {len(val_tokens)}, train {len(train_tokens)}")
     models: dict[str, Any] = {}
 
-    if args.part == 1:
+    pair = ("sea", "performer") if args.part == 1 else ("sparsek", "sliding")
+    if args.models is not None:
+        pair = tuple(args.models.split(","))
+    if args.part == 1 and not args.skip_teacher:
         guarded(results, "teacher_perplexity", lambda: {
             "dtype": teacher_bf16.config.dtype, "perplexity": eval_ppl(teacher_bf16.model, val_tokens, args)})
-        pair = ("sea", "performer")
-    else:
-        pair = ("sparsek", "sliding")
     # the baseline gets the same budget: the step count (= training tokens) of the first
-    done = train_and_eval(results, pair[0], args, teacher, tokenizer, train_tokens, val_tokens, models, first=True)
-    train_and_eval(results, pair[1], args, teacher, tokenizer, train_tokens, val_tokens, models, first=False,
-                   max_steps=None if done is None else done["steps"])
+    done = train_and_eval(results, pair[0], args, teacher, tokenizer, train_tokens, val_tokens, models, first=len(pair) > 1,
+                          max_steps=args.max_steps)
+    if len(pair) > 1:
+        train_and_eval(results, pair[1], args, teacher, tokenizer, train_tokens, val_tokens, models, first=False,
+                       max_steps=args.max_steps if done is None else done["steps"])
     if args.part == 1 and "sea" in models:
         if remaining() > 30:
-            guarded(results, "visualize_sea", visualize_sea, models["sea"], teacher_bf16.model, val_tokens, out, args)
+            guarded(results, "visualize_sea", visualize_sea, models["sea"], teacher_bf16.model, val_tokens,
+                    out / f"quality_sea_attention{args.tag}.png", args)
         else:
             results.set("visualize_sea", {"error": "skipped: out of time"})
     if args.part == 2:
