@@ -1,0 +1,113 @@
+"""Where the SparseK layer's time goes: the causal prefix selection vs the gathered kernel.
+
+At the layer's configuration (B = 1, H = K = 16, D = 128, bf16, k = 1024, window = 512,
+block_q = 64, extra = k, method "bracket"), one process times:
+
+* ``select``: ``sea_jax.ops.sparsek_select.causal_prefix_select`` on random scores u
+  [B, S, K] (fwd: the union index, mask and weights; fwd+bwd: grad of sum(weight * ct)
+  w.r.t. u), i.e. what SparseKAttention runs before its attention kernel;
+* ``gathered_<gather>``: ``sea_jax.kernels.gathered_attention`` (Pallas Triton) on that
+  selection (fwd and fwd+bwd w.r.t. q, k, v and the weights), gather "kernel" and "xla".
+
+Median of ``--reps`` calls after compile and one warm call.
+
+    python benchmarks/bench_sparsek_parts.py --out benchmarks/results/sparsek_parts.json   # GPU
+    python benchmarks/bench_sparsek_parts.py --smoke --out /tmp/p.json                     # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import JsonRows, compile_with_memory, env_info, time_ms  # noqa: E402
+
+from sea_jax.kernels import gathered_attention  # noqa: E402
+from sea_jax.ops.sparsek_select import causal_prefix_select  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", default="32768")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--deadline", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    if args.smoke:
+        H, D, k, w, bq, seqs, dtype = 2, 16, 8, 8, 16, [128], jnp.float32
+        impl, interpret = "pallas_gpu", True
+    else:
+        H, D, k, w, bq, dtype = 16, 128, 1024, 512, 64, jnp.bfloat16
+        seqs = [int(s) for s in args.seqs.split(",")]
+        impl, interpret = "pallas_gpu", False
+    rec = JsonRows(args.out, dict(env=env_info(), args=vars(args),
+                                  config=dict(B=1, H=H, K=H, D=D, k=k, window=w, block_q=bq, extra=k,
+                                              method="bracket", dtype=jnp.dtype(dtype).name)))
+    late = lambda: args.deadline is not None and time.perf_counter() - t_start > args.deadline  # noqa: E731
+
+    for S in seqs:
+        ks = jax.random.split(jax.random.PRNGKey(S), 6)
+        u = jax.random.normal(ks[0], (1, S, H), jnp.float32)
+        sel_fn = lambda u: causal_prefix_select(u, k, window=w, extra=k, block_q=bq)  # noqa: E731
+        select_fwd = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight))(sel_fn(u)))
+
+        def select_fb(u, ct):
+            return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct))(u)
+
+        def sel_part(row):
+            compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))
+            row["fwd_ms"] = time_ms(compiled, (u,), args.reps)
+            out = compiled(u)
+            row["union_width"] = int(out[0].shape[-1])
+            ct = jax.random.normal(ks[1], out[2].shape, jnp.float32)
+            compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(select_fb), (u, ct))
+            row["fwd_bwd_ms"] = time_ms(compiled, (u, ct), args.reps)
+
+        if late():
+            rec.add(dict(part="select", S=S, error="skipped: deadline passed"))
+            continue
+        rec.guarded(dict(part="select", S=S), sel_part)
+        union, mask, weight = select_fwd(u)
+        weight = weight.astype(jnp.float32)
+        q, kk, v, ct = (jax.random.normal(kx, (1, S, H, D), jnp.float32).astype(dtype) for kx in ks[2:6])
+        for gather in ("kernel", "xla"):
+            if late():
+                rec.add(dict(part=f"gathered_{gather}", S=S, error="skipped: deadline passed"))
+                continue
+
+            def attn(q, kk, v, wt, gather=gather):
+                return gathered_attention(q, kk, v, union, block_q=bq, window=w, selection_mask=mask,
+                                          selection_weights=wt, impl=impl, interpret=interpret,
+                                          kernel_options=dict(gather=gather))
+
+            def fb(q, kk, v, wt, ct, attn=attn):
+                return jax.vjp(attn, q, kk, v, wt)[1](ct)
+
+            def ker_part(row, attn=attn, fb=fb):
+                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(attn), (q, kk, v, weight))
+                row["fwd_ms"] = time_ms(compiled, (q, kk, v, weight), args.reps)
+                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(fb), (q, kk, v, weight, ct))
+                row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, weight, ct), args.reps)
+
+            rec.guarded(dict(part=f"gathered_{gather}", S=S), ker_part)
+    print("\n| S | part | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|")
+    for r in rec.data["rows"]:
+        gib = lambda m: m["peak_bytes"] / 2**30 if m else float("nan")  # noqa: E731
+        if "fwd_bwd_ms" in r:
+            print(f"| {r['S']} | {r['part']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                  f"{gib(r.get('fwd_mem')):.2f} | {gib(r.get('fwd_bwd_mem')):.2f} |")
+        else:
+            print(f"| {r['S']} | {r['part']} | error: {r.get('error', '')[:80]} | | | |")
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
