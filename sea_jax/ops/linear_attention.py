@@ -89,6 +89,7 @@ def causal_linear_attention(
         return jnp.moveaxis(x.reshape(B, n, c, *x.shape[2:]), 1, 0)
 
     causal = jnp.tril(jnp.ones((c, c), bool))
+    den_floor = float(jnp.finfo(acc).eps) ** 2  # 1.4e-14 in float32: 1/floor^2 stays finite
 
     def step(carry: LinearAttentionState, xs):
         q_c, k_c, v_c, seg_c = xs  # [B,c,K,G,M], [B,c,K,M], [B,c,K,Dv], [B,c]
@@ -109,7 +110,11 @@ def causal_linear_attention(
             last,
         )
         valid = (seg_c != 0)[:, :, None, None]
-        safe = jnp.where(valid & (den > 0), den, 1.0)
+        # A floor, not just den > 0: unstabilised FAVOR+ key features of huge-norm keys
+        # (LLM "massive activations") underflow, leaving a tiny positive den whose 1/den^2 in
+        # the backward overflows to inf and then NaN. Below the floor the output shrinks
+        # towards 0 (|out| <= max|v| * den / floor) with a zero gradient through den.
+        safe = jnp.where(valid, jnp.maximum(den, den_floor), 1.0)
         out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
         return new, (out, jnp.where(valid, den, 0.0))
 

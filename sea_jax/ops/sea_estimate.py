@@ -160,8 +160,11 @@ def _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk):
     diag = jnp.sum(fq.astype(_F32) * fk_h, axis=-1) * (seg != 0)[:, :, None]  # [B, T, H]
     num = out_f * den_f[..., None] + out_b * den_b[..., None] - diag[..., None] * v_h
     den = den_f + den_b - diag
-    ok = (den > 0) & (seg != 0)[:, :, None]
-    return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+    # the same floor as causal_linear_attention: a tiny positive den would overflow 1/den^2
+    # in the backward (the reconstruction above is exact wherever den >= floor)
+    floor = float(jnp.finfo(num.dtype).eps) ** 2
+    ok = (seg != 0)[:, :, None]
+    return jnp.where(ok[..., None], num / jnp.where(ok, jnp.maximum(den, floor), 1.0)[..., None], 0.0)
 
 
 def estimator_context(

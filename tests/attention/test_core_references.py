@@ -135,6 +135,30 @@ def test_performer_favor_approximates_softmax():
     np.testing.assert_allclose(np.asarray(core(q, k, v).out), ref, atol=0.08)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_performer_favor_gradients_finite_with_massive_activation(dtype):
+    """LLMs carry a few huge-norm keys ("massive activations", ~3e4 in SmolLM2). Their FAVOR+
+    features, and whole rows' normalisers, underflow to tiny positive values; the gradients must
+    stay finite (they once overflowed 1/den^2 to inf, then NaN) and the output must not blow up."""
+    B, T, H, K, D = 1, 12, 2, 1, 8
+    core = _core("performer", H, K, D, features="favor", num_features=32)
+    q, k, v = _inputs(3, B, T, H, K, D)
+
+    def loss(q, k, v):
+        return jnp.sum(core(q, k, v).out.astype(jnp.float32) ** 2)
+
+    # key norms 18-25 (D = 8) put exp(w.k - |k|^2 / 2) in float32's subnormal range: the
+    # normaliser is tiny but positive (norm 30 underflows it to exactly 0, handled separately)
+    for norm in (18.0, 20.0, 25.0, 30.0):
+        kn = (k / jnp.linalg.norm(k, axis=-1, keepdims=True) * norm).astype(dtype)
+        qd, vd = q.astype(dtype), v.astype(dtype)
+        out = core(qd, kn, vd).out.astype(jnp.float32)
+        assert bool(jnp.all(jnp.isfinite(out))), norm
+        assert float(jnp.max(jnp.abs(out))) <= float(jnp.max(jnp.abs(vd.astype(jnp.float32)))) * 1.01
+        for g in jax.grad(loss, argnums=(0, 1, 2))(qd, kn, vd):
+            assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), norm
+
+
 def test_sliding_never_materialises_txt():
     T, w = 4096, 128
     core = _core("sliding", 2, 1, 8, window=w, chunk=128)
