@@ -142,12 +142,20 @@ def main():
     ap.add_argument("--png", default=None, help="default: --out with .png")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run, Pallas kernels in interpret mode")
     ap.add_argument("--plot_only", action="store_true", help="redraw the PNG from the JSON at --out")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="with --plot_only: JSONs of later runs whose (layer, S) points are missing from --out")
     args = ap.parse_args()
     t_start = time.perf_counter()
     png = args.png or os.path.splitext(args.out)[0] + ".png"
     if args.plot_only:
         with open(args.out) as f:
-            plot(json.load(f), png)
+            data = json.load(f)
+        have = {(r["name"], r["S"]) for r in data["rows"] if "fwd_bwd_ms" in r}
+        for path in args.merge:
+            with open(path) as f:
+                data["rows"] += [dict(r, merged_from=os.path.basename(path)) for r in json.load(f)["rows"]
+                                 if "fwd_bwd_ms" in r and (r["name"], r["S"]) not in have]
+        plot(data, png)
         print("wrote", png)
         return
 
