@@ -51,16 +51,21 @@ def child(args) -> dict:
 
     row: dict = {"preset": args.preset, "attention": args.attention}
     t0 = time.perf_counter()
-    overrides = [f"--model.attention={args.attention}", "--data.source=synthetic",
-                 "--metrics.progress_bar=false", *args.override]
-    cfg = parse_config(overrides, preset=args.preset)
+    name, options = parse_variant(args.attention)
+    overrides = [f"--model.attention={name}", "--data.source=synthetic", "--metrics.progress_bar=false"]
+    if options:
+        cfg0 = parse_config(overrides, preset=args.preset)
+        merged = dict(cfg0.model.attention_options or {})
+        merged[name] = {**merged.get(name, {}), **options}
+        overrides.append(f"--model.attention_options={json.dumps(merged)}")
+    cfg = parse_config(overrides + list(args.override), preset=args.preset)
     setup = build_setup(cfg)
     loss_fn, extra = make_objective(cfg, setup)
     m = cfg.model
     row.update(seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size, devices=setup.mesh.size,
                mesh=dict(setup.mesh.shape), params_m=round(setup.parts.param_count() / 1e6, 2),
                remat=m.remat, dtype=m.dtype, layers=m.num_layers, width=m.width,
-               attention_options=m.attention_options.get(args.attention, {}) if m.attention_options else {},
+               attention_options=(m.attention_options or {}).get(name, {}),
                device_kind=jax.devices()[0].device_kind, backend=jax.default_backend())
     state = init_state(setup.parts, setup.opt, setup.shardings, cfg.train.seed)
     with jax.set_mesh(setup.mesh):
@@ -107,6 +112,20 @@ def child(args) -> dict:
         pass
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"sea" -> ("sea", {}); "sea:granularity=block,k=32" -> ("sea", {"granularity": "block",
+    "k": 32}) (values parsed as JSON when they parse, else kept as strings)."""
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def parent(args) -> None:
@@ -164,7 +183,8 @@ def print_table(rows) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["gpu_135m_4k", "gpu_135m_16k", "gpu_135m_32k"])
-    p.add_argument("--attentions", nargs="+", default=["dense", "sparsek", "sea"])
+    p.add_argument("--attentions", nargs="+", default=["dense", "sparsek", "sea"],
+                   help='cores, optionally with options: "sea:granularity=block" (the Pallas block-sparse kernels)')
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--override", action="append", default=[], help="a config override, e.g. --override=--train.global_batch_size=2")
