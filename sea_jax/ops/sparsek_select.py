@@ -27,6 +27,20 @@ selected keys lie in the first U = k + block_q - 1 sorted entries (a query skips
 block_q - 1 entries that are not yet in its prefix), which is the per-block union handed to the
 attention. Cost O(T (k + c + block_q)) time and O(block_q (k + c + block_q)) live memory.
 
+Schedules (``causal_prefix_select(schedule=...)``):
+
+* ``"scan"``: one ``lax.scan`` step per query block, carrying the candidate state
+  (T / block_q serial steps; what decoding does one token at a time).
+* ``"parallel"`` (default): the carry a block starts with depends only on the keys that entered
+  the prefix before it: its slots are the top-C (C = k + c) of those keys by (run, score,
+  position) and its evicted key is the (C + 1)-th. "Top-C of a union plus the best of the
+  rest" is an associative merge of (sorted C-list, evicted) pairs, so every block's carry is an
+  exclusive prefix merge of the per-block entering sets: ``lax.associative_scan`` over blocks
+  (about 2 log2(nQ) batched sorts of 2C entries). The blocks then run ``select_block`` from
+  their carries independently, ``block_batch`` blocks at a time (``lax.map``), which bounds
+  the live working set (see :func:`default_block_batch`). Both schedules produce bit-identical
+  slots, masks and overflow flags (the merge uses the same total order and tie rules).
+
 Segments: ``run`` ids are the start position of each key's contiguous segment run (-1 for
 padding / empty). Sorting by (run, score, position) keeps the latest run's keys ahead of
 older runs, so the carried set is always the top-(k + c) of the run a new query belongs to.
@@ -52,7 +66,12 @@ __all__ = [
     "segment_runs",
     "causal_prefix_select",
     "union_size",
+    "default_block_batch",
+    "prefix_candidates",
+    "SCHEDULES",
 ]
+
+SCHEDULES = ("parallel", "scan")
 
 
 class CandidateState(NamedTuple):
@@ -238,6 +257,99 @@ def check_selection_args(k, extra, window, block_q) -> tuple[int, int, int, int]
     return k, extra, window, block_q
 
 
+class _SortedKeys(NamedTuple):
+    """A sorted top-C key list plus the best key left out (leading axes: [..., B, K]).
+
+    run, score, pos: [..., B, K, C] descending by (run, score, position); empties last
+      (run -1, score -inf, pos -1).
+    ev_run, ev_score: [..., B, K] (run, score) of the (C + 1)-th key (-1, -inf: none).
+    """
+
+    run: jax.Array
+    score: jax.Array
+    pos: jax.Array
+    ev_run: jax.Array
+    ev_score: jax.Array
+
+
+def _top_c(run, score, pos, c: int) -> _SortedKeys:
+    """Sort [..., n] keys (n > c) descending by (run, score, position); keep c, report the (c+1)-th.
+
+    The order is the one :func:`select_block` sorts by (ties in score: later position first;
+    empties, run < 0, last), so the kept list and the evicted key match the serial carry.
+    """
+    has = run >= 0
+    run = jnp.where(has, run, -1)
+    pos = jnp.where(has, pos, -1)
+    score = jnp.where(has, score, -jnp.inf)
+    neg_run, neg_score, neg_pos = lax.sort((-run, -score, -pos), dimension=-1, num_keys=3)
+    run, score, pos = -neg_run, -neg_score, -neg_pos
+    ev_run = run[..., c]
+    ev_score = jnp.where(ev_run >= 0, score[..., c], -jnp.inf)
+    return _SortedKeys(run[..., :c], score[..., :c], pos[..., :c], ev_run, ev_score)
+
+
+def _merge(a: _SortedKeys, b: _SortedKeys) -> _SortedKeys:
+    """Associative merge: top-C of the union of two key sets and the (C + 1)-th of the union.
+
+    The (C + 1)-th key of a union is either one of the two sets' own (C + 1)-th keys or the
+    (C + 1)-th entry of the merged top-C lists, so the best of the three by (run, score) is it.
+    """
+    c = a.run.shape[-1]
+    m = _top_c(jnp.concatenate([a.run, b.run], -1), jnp.concatenate([a.score, b.score], -1),
+               jnp.concatenate([a.pos, b.pos], -1), c)
+    ev_run, ev_score = m.ev_run, m.ev_score
+    for other in (a, b):
+        better = (other.ev_run > ev_run) | ((other.ev_run == ev_run) & (other.ev_score > ev_score))
+        ev_run = jnp.where(better, other.ev_run, ev_run)
+        ev_score = jnp.where(better, other.ev_score, ev_score)
+    return m._replace(ev_run=ev_run, ev_score=ev_score)
+
+
+def prefix_candidates(table: KeyTable, enter_blocks: jax.Array, c: int) -> CandidateState:
+    """The candidate state every query block starts with, for all blocks at once.
+
+    Args:
+      table: the key table whose slot s holds position s (as in :func:`causal_prefix_select`);
+        only run and the stop-gradient scores are read.
+      enter_blocks: int32 [nQ, B, Bq] slot of the key entering the prefix at each query (-1 none).
+      c: C = k + extra, the carried list length.
+    Returns:
+      CandidateState with a leading block axis: slots [nQ, B, K, C], ev_* [nQ, B, K]; entry q
+      equals the carry the serial scan hands to block q (exclusive prefix over blocks < q).
+    """
+    nq, B, Bq = enter_blocks.shape
+    K = table.run.shape[1]
+    slots = jnp.broadcast_to(enter_blocks[:, :, None, :], (nq, B, K, Bq))
+    take = lambda a: jax.vmap(_take, in_axes=(None, 0))(a, slots)  # noqa: E731  [nQ, B, K, Bq]
+    run = jnp.where(slots >= 0, take(table.run), -1)
+    score = lax.stop_gradient(take(table.score))
+    # each block's entering keys as a sorted C-list (padded with C empties so the list is
+    # longer than C and the (C + 1)-th entry exists)
+    pad = lambda a, v: jnp.concatenate([a, jnp.full(a.shape[:-1] + (c,), v, a.dtype)], -1)  # noqa: E731
+    leaves = _top_c(pad(run, -1), pad(score, -jnp.inf), pad(slots, -1), c)
+    incl = lax.associative_scan(_merge, leaves, axis=0)
+    empty = _SortedKeys(
+        jnp.full((1, B, K, c), -1, jnp.int32), jnp.full((1, B, K, c), -jnp.inf, score.dtype),
+        jnp.full((1, B, K, c), -1, jnp.int32), jnp.full((1, B, K), -1, jnp.int32),
+        jnp.full((1, B, K), -jnp.inf, score.dtype))
+    excl = jax.tree.map(lambda e, a: jnp.concatenate([e, a[:-1]], 0), empty, incl)
+    return CandidateState(jnp.where(excl.run >= 0, excl.pos, -1), excl.ev_run, excl.ev_score)
+
+
+def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int,
+                        budget_bytes: int = 1 << 30) -> int:
+    """Query blocks the parallel schedule runs at once: the largest that fits ``budget_bytes``.
+
+    One block's working set is about ten [B, K, block_q, C + block_q] arrays of 4 bytes (masks,
+    ranks, scores, SparseK weights and their temporaries; float64 doubles some), so with the
+    default 1 GiB budget B = 1, K = 16, block_q = 64, C = 2048 runs 15 blocks per step (the
+    same at any T: the batch bounds memory, T / (block_q * batch) steps remain serial).
+    """
+    per_block = 40 * batch * kv_heads * block_q * (candidates + block_q)
+    return max(1, budget_bytes // per_block)
+
+
 def causal_prefix_select(
     scores: jax.Array,
     k: int,
@@ -247,6 +359,8 @@ def causal_prefix_select(
     block_q: int = 64,
     segment_ids: jax.Array | None = None,
     method: str = "bracket",
+    schedule: str = "parallel",
+    block_batch: int | None = None,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
 
@@ -257,6 +371,11 @@ def causal_prefix_select(
       extra: c >= 0 extra candidates carried for the threshold (default k).
       block_q: queries per block (int >= 1).
       segment_ids: optional int [B, T], contiguous runs (0 = padding).
+      method: SparseK threshold method ("bracket" or "sort").
+      schedule: "parallel" (default: prefix merge over blocks, then blocks in batches) or
+        "scan" (one serial step per block); identical results (module docstring).
+      block_batch: parallel schedule only: query blocks per batched step (int >= 1); default
+        :func:`default_block_batch` (about 1 GiB of working set).
     Returns:
       :class:`Selection` (union_index holds key positions, -1 empty).
     """
@@ -265,6 +384,10 @@ def causal_prefix_select(
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
     k, extra, window, block_q = check_selection_args(k, k if extra is None else extra, window, block_q)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if block_batch is not None:
+        block_batch = check_budget("block_batch", block_batch)
     B, T, K = scores.shape
     if segment_ids is not None:
         if segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
@@ -290,7 +413,20 @@ def causal_prefix_select(
 
     xs = (qpos.reshape(nq, block_q), jnp.moveaxis(qrun.reshape(B, nq, block_q), 1, 0),
           jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))
-    _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
+    if schedule == "scan":
+        _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
+    else:
+        states = prefix_candidates(table, xs[2], k + extra)
+
+        def one_block(args):
+            state, xs_q = args
+            return body(CandidateState(*state), xs_q)[1]
+
+        if block_batch is None:
+            block_batch = default_block_batch(B, K, block_q, k + extra)
+        # checkpointed: the backward recomputes a batch's working set instead of storing
+        # [nQ, B, K, block_q, C + block_q] residuals
+        sel = lax.map(jax.checkpoint(one_block), (tuple(states), xs), batch_size=min(block_batch, nq))
 
     def per_query(a):  # [nq, B, K, Bq, ...] -> [B, K, T, ...]
         a = jnp.moveaxis(a, 0, 2)
