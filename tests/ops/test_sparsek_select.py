@@ -11,6 +11,10 @@ import pytest
 from sea_jax.ops.sparsek_select import causal_prefix_select, segment_runs
 from x64 import enable_x64
 
+# jitted once per static configuration: eager op-by-op dispatch dominated these tests' time
+select_jit = jax.jit(causal_prefix_select,
+                     static_argnames=("k", "window", "extra", "block_q", "method", "schedule", "block_batch"))
+
 
 def bisect_capped_simplex(z, k, iters=200):
     """p = clip(z - tau, 0, 1) with sum p = k (n > k), by plain bisection in float64."""
@@ -55,8 +59,8 @@ def brute_force(u, k, window, extra, segment_ids=None):
 
 
 def check_against_brute_force(u, k, window, extra, block_q, segment_ids=None):
-    sel = causal_prefix_select(jnp.asarray(u), k, window=window, extra=extra, block_q=block_q,
-                               segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
+    sel = select_jit(jnp.asarray(u), k=k, window=window, extra=extra, block_q=block_q,
+                     segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
     ref = brute_force(u, k, window, extra, segment_ids)
     idx, mask, weight = np.asarray(sel.union_index), np.asarray(sel.mask), np.asarray(sel.weight)
     tau, overflow = np.asarray(sel.tau), np.asarray(sel.overflow)
@@ -198,17 +202,18 @@ def _carries_by_scan(u, k, window, extra, block_q, seg):
     table = KeyTable(jnp.moveaxis(u, 1, 2), jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, K, T)),
                      jnp.broadcast_to(runs[:, None, :], (B, K, T)))
     nq = -(-T // block_q)
+    step = jax.jit(lambda *a: select_block(*a, k=k, window=window, union=union_size(k, extra, block_q))[0])
+    runs = np.asarray(runs)
     state = empty_candidates(B, K, k, extra, u.dtype)
     states, enters = [], []
     for q in range(nq):
-        qpos = jnp.arange(q * block_q, (q + 1) * block_q, dtype=jnp.int32)
-        qrun = jnp.where(qpos < T, runs[:, jnp.clip(qpos, 0, T - 1)], -1)
-        en = jnp.broadcast_to(jnp.where((qpos - window >= 0) & (qpos < T), qpos - window, -1), (B, block_q))
+        qpos = np.arange(q * block_q, (q + 1) * block_q, dtype=np.int32)
+        qrun = np.where(qpos < T, runs[:, np.clip(qpos, 0, T - 1)], -1).astype(np.int32)
+        en = np.broadcast_to(np.where((qpos - window >= 0) & (qpos < T), qpos - window, -1), (B, block_q))
         states.append(state)
-        enters.append(en)
-        state, _ = select_block(state, table, qpos, qrun, en, k=k, window=window,
-                                union=union_size(k, extra, block_q))
-    return table, jnp.stack(enters), states
+        enters.append(en.astype(np.int32))
+        state = step(state, table, qpos, qrun, en.astype(np.int32))
+    return table, jnp.asarray(np.stack(enters)), states
 
 
 @pytest.mark.parametrize("B,T,K,k,window,extra,block_q,block_batch,ties,segments", PARALLEL_CASES)
@@ -218,7 +223,7 @@ def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block
     u, seg = _random_case(B * 100 + T, B, T, K, ties, segments)
     # the prefix merge reproduces the serial carries exactly (slots and the evicted key)
     table, enters, states = _carries_by_scan(u, k, window, extra, block_q, seg)
-    par = prefix_candidates(table, enters, k + extra)
+    par = jax.jit(prefix_candidates, static_argnums=2)(table, enters, k + extra)
     evicted_seen = False
     for q, st in enumerate(states):
         np.testing.assert_array_equal(np.asarray(par.slots[q]), np.asarray(st.slots), err_msg=f"block {q}")
@@ -228,8 +233,8 @@ def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block
     assert evicted_seen == (k + extra < T - window - block_q)  # ev tracking is exercised when possible
 
     kw = dict(window=window, extra=extra, block_q=block_q, segment_ids=seg)
-    a = causal_prefix_select(u, k, schedule="scan", **kw)
-    b = causal_prefix_select(u, k, schedule="parallel", block_batch=block_batch, **kw)
+    a = select_jit(u, k=k, schedule="scan", **kw)
+    b = select_jit(u, k=k, schedule="parallel", block_batch=block_batch, **kw)
     for name in ("union_index", "mask", "overflow", "overflow_count"):
         np.testing.assert_array_equal(np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), err_msg=name)
     np.testing.assert_allclose(np.asarray(b.weight), np.asarray(a.weight), atol=1e-6, rtol=0)
@@ -257,8 +262,8 @@ def test_brute_force_with_scan_schedule():
     rng = np.random.default_rng(14)
     u = (np.round(rng.standard_normal((1, 22, 2)) * 2) / 4).astype(np.float32)
     seg = np.array([[1] * 9 + [2] * 10 + [0] * 3])
-    sel = causal_prefix_select(jnp.asarray(u), 2, window=1, extra=1, block_q=4,
-                               segment_ids=jnp.asarray(seg), schedule="scan")
+    sel = select_jit(jnp.asarray(u), k=2, window=1, extra=1, block_q=4,
+                     segment_ids=jnp.asarray(seg), schedule="scan")
     ref = brute_force(u, 2, 1, 1, seg)
     mask, idx = np.asarray(sel.mask), np.asarray(sel.union_index)
     for (b, h, i), (want, _, ovf) in ref.items():
