@@ -5,7 +5,11 @@ block_q = 64, extra = k, method "bracket"), one process times:
 
 * ``select``: ``sea_jax.ops.sparsek_select.causal_prefix_select`` on random scores u
   [B, S, K] (fwd: the union index, mask and weights; fwd+bwd: grad of sum(weight * ct)
-  w.r.t. u), i.e. what SparseKAttention runs before its attention kernel;
+  w.r.t. u), i.e. what SparseKAttention runs before its attention kernel; one row per
+  ``--schedules`` entry (column ``schedule``: "parallel" = prefix merge + blocks in batches of
+  ``--block_batch``, default auto; "scan" = one serial step per query block). When both run,
+  the parallel row records whether its output equals the scan's (``equal_to_scan``:
+  union index, mask and overflow identical; ``max_weight_diff``);
 * ``gathered_<gather>``: ``sea_jax.kernels.gathered_attention`` (Pallas Triton) on that
   selection (fwd and fwd+bwd w.r.t. q, k, v and the weights), gather "kernel" and "xla".
 
@@ -13,6 +17,7 @@ Median of ``--reps`` calls after compile and one warm call.
 
     python benchmarks/bench_sparsek_parts.py --out benchmarks/results/sparsek_parts.json   # GPU
     python benchmarks/bench_sparsek_parts.py --smoke --out /tmp/p.json                     # CPU
+    python benchmarks/bench_sparsek_parts.py --seqs 8192,32768 --schedules parallel,scan --gathers ""
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def main():
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--schedules", default="parallel", help="comma list of parallel, scan")
+    ap.add_argument("--block_batch", type=int, default=None, help="parallel schedule: blocks per step")
+    ap.add_argument("--gathers", default="kernel,xla", help="gathered kernel variants ('' = none)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.smoke:
@@ -56,29 +64,43 @@ def main():
     for S in seqs:
         ks = jax.random.split(jax.random.PRNGKey(S), 6)
         u = jax.random.normal(ks[0], (1, S, H), jnp.float32)
-        sel_fn = lambda u: causal_prefix_select(u, k, window=w, extra=k, block_q=bq)  # noqa: E731
-        select_fwd = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight))(sel_fn(u)))
+        outputs = {}
+        for schedule in args.schedules.split(","):
+            sel_fn = lambda u, schedule=schedule: causal_prefix_select(  # noqa: E731
+                u, k, window=w, extra=k, block_q=bq, schedule=schedule, block_batch=args.block_batch)
+            select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow))(sel_fn(u)))
 
-        def select_fb(u, ct):
-            return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct))(u)
+            def select_fb(u, ct, sel_fn=sel_fn):
+                return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct))(u)
 
-        def sel_part(row):
-            compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))
-            row["fwd_ms"] = time_ms(compiled, (u,), args.reps)
-            out = compiled(u)
-            row["union_width"] = int(out[0].shape[-1])
-            ct = jax.random.normal(ks[1], out[2].shape, jnp.float32)
-            compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(select_fb), (u, ct))
-            row["fwd_bwd_ms"] = time_ms(compiled, (u, ct), args.reps)
+            def sel_part(row, select_fwd=select_fwd, select_fb=select_fb, schedule=schedule):
+                compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))
+                row["fwd_ms"] = time_ms(compiled, (u,), args.reps)
+                out = compiled(u)
+                outputs[schedule] = out
+                row["union_width"] = int(out[0].shape[-1])
+                if len(outputs) == 2:  # compare the two schedules on the device
+                    a, b = outputs["scan"], outputs["parallel"]
+                    row["equal_to_scan"] = bool(all(jnp.array_equal(x, y) for x, y in zip(
+                        (a[0], a[1], a[3]), (b[0], b[1], b[3]))))
+                    row["max_weight_diff"] = float(jnp.max(jnp.abs(a[2] - b[2])))
+                ct = jax.random.normal(ks[1], out[2].shape, jnp.float32)
+                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(select_fb), (u, ct))
+                row["fwd_bwd_ms"] = time_ms(compiled, (u, ct), args.reps)
 
-        if late():
-            rec.add(dict(part="select", S=S, error="skipped: deadline passed"))
+            if late():
+                rec.add(dict(part="select", schedule=schedule, S=S, error="skipped: deadline passed"))
+                continue
+            rec.guarded(dict(part="select", schedule=schedule, S=S), sel_part)
+        gathers = [g for g in args.gathers.split(",") if g]
+        if not gathers or late():
             continue
-        rec.guarded(dict(part="select", S=S), sel_part)
-        union, mask, weight = select_fwd(u)
+        outputs.clear()
+        union, mask, weight, _ = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight, s.overflow))(
+            causal_prefix_select(u, k, window=w, extra=k, block_q=bq)))(u)
         weight = weight.astype(jnp.float32)
         q, kk, v, ct = (jax.random.normal(kx, (1, S, H, D), jnp.float32).astype(dtype) for kx in ks[2:6])
-        for gather in ("kernel", "xla"):
+        for gather in gathers:
             if late():
                 rec.add(dict(part=f"gathered_{gather}", S=S, error="skipped: deadline passed"))
                 continue
@@ -98,14 +120,14 @@ def main():
                 row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, weight, ct), args.reps)
 
             rec.guarded(dict(part=f"gathered_{gather}", S=S), ker_part)
-    print("\n| S | part | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|")
+    print("\n| S | part | schedule | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rec.data["rows"]:
         gib = lambda m: m["peak_bytes"] / 2**30 if m else float("nan")  # noqa: E731
         if "fwd_bwd_ms" in r:
-            print(f"| {r['S']} | {r['part']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+            print(f"| {r['S']} | {r['part']} | {r.get('schedule', '')} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                   f"{gib(r.get('fwd_mem')):.2f} | {gib(r.get('fwd_bwd_mem')):.2f} |")
         else:
-            print(f"| {r['S']} | {r['part']} | error: {r.get('error', '')[:80]} | | | |")
+            print(f"| {r['S']} | {r['part']} | {r.get('schedule', '')} | error: {r.get('error', '')[:80]} | | | |")
     print(f"total {time.perf_counter() - t_start:.0f}s")
 
 
