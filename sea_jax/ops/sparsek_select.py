@@ -343,8 +343,12 @@ def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int
 
     One block's working set is about ten [B, K, block_q, C + block_q] arrays of 4 bytes (masks,
     ranks, scores, SparseK weights and their temporaries; float64 doubles some), so with the
-    default 1 GiB budget B = 1, K = 16, block_q = 64, C = 2048 runs 15 blocks per step (the
-    same at any T: the batch bounds memory, T / (block_q * batch) steps remain serial).
+    default 1 GiB budget B = 1, K = 16, block_q = 64, C = 2048 runs 12 blocks per step (the
+    same at any T: the batch bounds this working set; T / (block_q * batch) steps remain
+    serial). Not counted here: the outputs ([B, K, T, U] weights and masks) and the prefix
+    merge's [nQ, B, K, C] carries and sort temporaries, which grow with T (XLA's CPU memory
+    analysis of the forward at T = 128k, K = 16, k = c = 1024: 11.0 GiB temporaries vs 8.7 GiB
+    for the serial scan, next to 10.75 GiB of outputs).
     """
     per_block = 40 * batch * kv_heads * block_q * (candidates + block_q)
     return max(1, budget_bytes // per_block)
