@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpr_memory import big_arrays
 from reference_attention import masked_softmax_attention
 from sea_jax.attention.base import AttentionDims, make_attention
 from sea_jax.attention.sea import SEAAttention, SEAOptions
@@ -360,21 +361,6 @@ def test_gradients_reach_every_sea_parameter():
 # memory: no T x T array at T = 8192
 # --------------------------------------------------------------------------------------
 
-def _big_arrays(jaxpr, T, found):
-    """Collect outvar shapes with two axes >= T, recursing into sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            shape = getattr(var.aval, "shape", ())
-            if sum(s >= T for s in shape) >= 2:
-                found.append((str(eqn.primitive), shape))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _big_arrays(inner, T, found)
-    return found
-
-
 def test_no_txt_array_in_forward_backward_and_loss_at_8192():
     """jax.make_jaxpr (no execution) of forward + backward of SEA (k=64, t_m=256) and its
     distillation layer loss at T = 8192: no intermediate has two axes >= T. The scanner is
@@ -394,9 +380,9 @@ def test_no_txt_array_in_forward_backward_and_loss_at_8192():
         return total
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(params, q, kv, kv, tq, kv, to)
-    assert _big_arrays(jaxpr.jaxpr, T, []) == []
+    assert big_arrays(jaxpr.jaxpr, T, []) == []
     dense = jax.make_jaxpr(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
-    assert _big_arrays(dense(q, kv, kv).jaxpr, T, []) != []
+    assert big_arrays(dense(q, kv, kv).jaxpr, T, []) != []
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpr_memory import big_arrays
 from reference_attention import causal_mask, masked_softmax_attention
 from sea_jax.attention.base import AttentionDims, make_attention
 from sea_jax.attention.sparsek import SparseKAttention, SparseKCache, SparseKOptions
@@ -380,21 +381,6 @@ def test_decode_token_by_token_and_chunked_equals_full_pass(window, extra):
 # memory, kernel route, registration, bad inputs
 # --------------------------------------------------------------------------------------
 
-def _big_arrays(jaxpr, T, found):
-    """Collect outvar shapes with two axes >= T, recursing into sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            shape = getattr(var.aval, "shape", ())
-            if sum(s >= T for s in shape) >= 2:
-                found.append((str(eqn.primitive), shape))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _big_arrays(inner, T, found)
-    return found
-
-
 @pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
 def test_no_txt_array_in_forward_and_backward_at_8192(impl):
     """jax.make_jaxpr (nothing runs) of the forward and of forward + backward (w.r.t. w_score,
@@ -412,12 +398,12 @@ def test_no_txt_array_in_forward_and_backward_at_8192(impl):
     def loss(p, q, k, v, x):
         return jnp.sum(fwd(p, q, k, v, x).out.astype(jnp.float32))
 
-    assert _big_arrays(jax.make_jaxpr(fwd)(params, q, kv, kv, x).jaxpr, T, []) == []
+    assert big_arrays(jax.make_jaxpr(fwd)(params, q, kv, kv, x).jaxpr, T, []) == []
     if impl == "xla":  # the kernel's backward is its own custom_vjp (checked by the kernel tests)
         jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(params, q, kv, kv, x)
-        assert _big_arrays(jaxpr.jaxpr, T, []) == []
+        assert big_arrays(jaxpr.jaxpr, T, []) == []
     dense = jax.make_jaxpr(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
-    assert _big_arrays(dense(q, kv, kv).jaxpr, T, []) != []
+    assert big_arrays(dense(q, kv, kv).jaxpr, T, []) != []
 
 
 def test_pallas_gpu_route_in_interpret_mode_matches_xla():
