@@ -1,6 +1,15 @@
 """Shared pytest configuration: the `slow` marker is skipped unless --runslow is given."""
 
+import os
+
 import pytest
+
+# The `tpu` test extra installs libtpu. jax would then load it in this CPU test process, which
+# holds /tmp/libtpu_lockfile, and the TPU compile subprocesses (which need libtpu) fail with
+# "Internal error when accessing libtpu multi-process lockfile". The tests run on CPU; the
+# compile subprocesses reset JAX_PLATFORMS themselves where they need the TPU plugin.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def pytest_addoption(parser):
