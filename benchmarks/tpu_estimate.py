@@ -33,7 +33,7 @@ the host/XLA launch costs. Absolute numbers are therefore optimistic lower bound
 
 Run with an interpreter that has libtpu (``pip install "jax[tpu]"`` matching jax):
 
-    /work/venv-tpu/bin/python benchmarks/tpu_estimate.py [--seq 32768] [--block 512]
+    python benchmarks/tpu_estimate.py [--seq 32768] [--block 512]
         [--density 0.125] [--json benchmarks/results/tpu_estimate.json]
 """
 

@@ -6,8 +6,7 @@ test process never loads the TPU runtime:
 
 * compilation needs an interpreter with ``libtpu`` (``pip install "jax[tpu]"`` at the
   installed jax version). It is found as: the ``SEA_JAX_TPU_PYTHON`` environment variable,
-  else this interpreter, else /work/venv-tpu/bin/python (a separate TPU venv of the developers'
-  machine), whichever first can import jax and libtpu at this jax version. When none can, the
+  else this interpreter, if it can import jax and libtpu at this jax version. When none can, the
   compile tests are skipped (the dependency is absent; the README test command installs the
   ``tpu`` extra, so CI runs them). A ``SEA_JAX_TPU_PYTHON`` that cannot import libtpu is a
   configuration error and fails.
@@ -31,7 +30,6 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("tpu_compile_check.py")
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TPU_PYTHON = "/work/venv-tpu/bin/python"
 
 
 def _has_libtpu(python: str) -> tuple[bool, str]:
@@ -58,7 +56,7 @@ def tpu_python() -> str:
             pytest.fail(f"SEA_JAX_TPU_PYTHON={forced} cannot import jax + libtpu: {why}")
         return forced
     tried = []
-    for cand in (sys.executable, DEFAULT_TPU_PYTHON):
+    for cand in (sys.executable,):
         if not os.path.exists(cand):
             tried.append(f"{cand} (missing)")
             continue

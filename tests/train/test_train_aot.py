@@ -2,9 +2,8 @@
 for a small TPU slice by the real TPU compiler (libtpu) on this CPU machine.
 
 Runs in a subprocess with an interpreter that has libtpu (so this pytest process never loads
-the TPU runtime), found as: ``SEA_JAX_TPU_PYTHON``, else this interpreter, else
-/work/venv-tpu/bin/python - the first that imports jax (same version as here), libtpu and
-draccus. Skipped when there is none (``pip install "jax[tpu]"``; CI installs the ``tpu`` extra).
+the TPU runtime), found as: ``SEA_JAX_TPU_PYTHON``, else this interpreter - it must import jax (same
+version as here), libtpu and draccus. Skipped when there is none (``pip install "jax[tpu]"``; CI installs the ``tpu`` extra).
 
 Checked: the CLI prints the per-device memory and exits 0; the compile report of the tiny
 preset on v5p:2x2x1 (4 chips, mesh data=1 x fsdp=2 x tensor=2) for dense and (slow)
@@ -24,7 +23,6 @@ import textwrap
 import jax
 import pytest
 
-DEFAULT_TPU_PYTHON = "/work/venv-tpu/bin/python"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", TPU_SKIP_MDS_QUERY="1", JAX_PLATFORMS="")
 
 
@@ -32,7 +30,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", TPU_SKIP_MDS_QUERY="1", JAX_PLATFOR
 def tpu_python() -> str:
     code = "import jax, libtpu, draccus; print(jax.__version__)"
     forced = os.environ.get("SEA_JAX_TPU_PYTHON")
-    candidates = [forced] if forced else [sys.executable, DEFAULT_TPU_PYTHON]
+    candidates = [forced] if forced else [sys.executable]
     tried = []
     for python in candidates:
         if not os.path.exists(python):
