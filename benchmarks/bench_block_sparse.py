@@ -172,6 +172,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--budget_s", type=float, default=420.0, help="skip remaining tuning after this")
     ap.add_argument("--options", default=None, help="JSON kernel_options for the bench section")
+    ap.add_argument("--forwards", default="auto",
+                    help="comma list of forward kernels for the check and bench sections: auto, triton, mosaic")
     ap.add_argument("--fwd_grid", default=None,
                     help="JSON list of forward kernel_options to tune instead of the built-in grid; "
                          "with it the backward grid is skipped and --options gives the backward knobs")
@@ -196,9 +198,13 @@ def main():
     if "check" in sections:
         S_chk = 200 if args.smoke else 3000
         Hc, Kc = (4, 2) if args.smoke else (16, 4)
-        for dtype, d, wmode, window, copts in [
-                (jnp.bfloat16, D, "gate", None, None), (jnp.bfloat16, D, "gate", 900, {"always_mask": True}),
-                (jnp.float16, 64, None, 700, None), (jnp.float32, D, "log", None, None)]:
+        cases = [(jnp.bfloat16, D, "gate", None, None), (jnp.bfloat16, D, "gate", 900, {"always_mask": True}),
+                 (jnp.float16, 64, None, 700, {"forward": "triton"}), (jnp.float32, D, "log", None, None)]
+        if "mosaic" in args.forwards.split(","):  # the Mosaic GPU forward (no weights), Triton backward
+            cases += [(jnp.bfloat16, D, None, None, {"forward": "mosaic"}),
+                      (jnp.float16, 64, None, 700, {"forward": "mosaic"}),
+                      (jnp.bfloat16, D, None, 900, {"forward": "mosaic", "mosaic_block_kv": 64, "mosaic_stages": 3})]
+        for dtype, d, wmode, window, copts in cases:
             name = f"S{S_chk}_H{Hc}_K{Kc}_D{d}_{jnp.dtype(dtype).name}_{wmode}_w{window}_{copts}"
 
             def run_check(dtype=dtype, d=d, wmode=wmode, window=window, name=name, copts=copts):
@@ -222,12 +228,17 @@ def main():
 
                 out = jax.jit(lambda *a: f("pallas_gpu", *a))(q, k, v, w)
                 ref = jax.jit(lambda *a: f("xla", *a))(up(q), up(k), up(v), w)
-                g = jax.jit(lambda *a: jax.vjp(lambda *b: f("pallas_gpu", *b), *a)[1](ct))(q, k, v, w if w is not None else jnp.ones((B, S_chk, Kc)))
-                gr = jax.jit(lambda *a: jax.vjp(lambda *b: f("xla", *b), *a)[1](up(ct)))(up(q), up(k), up(v), w if w is not None else jnp.ones((B, S_chk, Kc)))
+                if w is None:  # no weights: differentiate q, k, v only (a weights input would change the path)
+                    g = jax.jit(lambda *a: jax.vjp(lambda *b: f("pallas_gpu", *b, None), *a)[1](ct))(q, k, v)
+                    gr = jax.jit(lambda *a: jax.vjp(lambda *b: f("xla", *b, None), *a)[1](up(ct)))(up(q), up(k), up(v))
+                else:
+                    g = jax.jit(lambda *a: jax.vjp(lambda *b: f("pallas_gpu", *b), *a)[1](ct))(q, k, v, w)
+                    gr = jax.jit(lambda *a: jax.vjp(lambda *b: f("xla", *b), *a)[1](up(ct)))(up(q), up(k), up(v), w)
                 finite = bool(np.isfinite(np.asarray(out, np.float32)).all()) and all(
                     bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in g)
-                errs = dict(out=rel(out, ref), dq=rel(g[0], gr[0]), dk=rel(g[1], gr[1]), dv=rel(g[2], gr[2]),
-                            dw=rel(g[3], gr[3]))
+                errs = dict(out=rel(out, ref), dq=rel(g[0], gr[0]), dk=rel(g[1], gr[1]), dv=rel(g[2], gr[2]))
+                if w is not None:
+                    errs["dw"] = rel(g[3], gr[3])
                 tol = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3, jnp.float32: 5e-3}[dtype]
                 rec.add(section="check", name=name, options=copts, finite=finite, rel_err=errs, tol=tol,
                         passed=finite and max(errs.values()) < tol)
@@ -334,18 +345,22 @@ def main():
 
                 rec.guard("bench", f"cudnn S={S}", base)
             for d in dens:
-                def one(S=S, d=d, q=q, k=k, v=v, ct=ct):
-                    mask = random_causal_mask(rng, H, S // blk, d)
-                    lay = BlockLayout.from_mask(mask, blk, blk)
-                    flops = 4 * D * kept_pairs(mask, blk)
-                    t = timeit(jax.jit(bs(opts)), q, k, v, lay, reps=args.reps, inner=args.inner)
-                    tb = timeit(fwd_bwd(bs(opts)), q, k, v, ct, lay, reps=args.reps, inner=args.inner)
-                    rec.add(section="bench", impl="pallas_gpu", S=S, density=d,
-                            kept_fraction=float(mask.sum() / (H * (S // blk) * (S // blk + 1) / 2)),
-                            fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3, fwd_tflops=flops / t / 1e12,
-                            fwdbwd_tflops=3.5 * flops / tb / 1e12, options=opts)
+                mask = random_causal_mask(rng, H, S // blk, d)  # one layout for every forward kernel
+                for fwd in args.forwards.split(","):
+                    o = {**(opts or {}), "forward": fwd}
 
-                rec.guard("bench", f"S={S} d={d}", one)
+                    def one(S=S, d=d, q=q, k=k, v=v, ct=ct, mask=mask, o=o, fwd=fwd):
+                        lay = BlockLayout.from_mask(mask, blk, blk)
+                        flops = 4 * D * kept_pairs(mask, blk)
+                        t = timeit(jax.jit(bs(o)), q, k, v, lay, reps=args.reps, inner=args.inner)
+                        tb = timeit(fwd_bwd(bs(o)), q, k, v, ct, lay, reps=args.reps, inner=args.inner)
+                        rec.add(section="bench", impl="pallas_gpu" if fwd == "auto" else f"pallas_gpu[{fwd}]",
+                                S=S, density=d,
+                                kept_fraction=float(mask.sum() / (H * (S // blk) * (S // blk + 1) / 2)),
+                                fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3, fwd_tflops=flops / t / 1e12,
+                                fwdbwd_tflops=3.5 * flops / tb / 1e12, options=o)
+
+                    rec.guard("bench", f"S={S} d={d} {fwd}", one)
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)
     # final table
     print(f"{'impl':>20} {'S':>6} {'dens':>6} {'fwd ms':>8} {'fwd TF':>7} {'f+b ms':>8} {'f+b TF':>7}")

@@ -37,6 +37,11 @@ with warnings.catch_warnings():  # the Triton backend is deprecated (not removed
     warnings.simplefilter("ignore")
     from jax.experimental.pallas import triton as pltriton
 
+from sea_jax.kernels.gpu_block_sparse_mosaic import (
+    MosaicForwardConfig,
+    block_sparse_forward_mosaic,
+    mosaic_forward_supported,
+)
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 
 __all__ = ["block_sparse_attention_gpu", "BlockSparseGpuConfig"]
@@ -94,6 +99,9 @@ class BlockSparseGpuConfig:
     dkv_warps: int
     dkv_stages: int
     always_mask: bool  # True: mask every tile with jnp.where; False: branch per tile
+    fwd_impl: str = "triton"  # "triton" or "mosaic" (gpu_block_sparse_mosaic, Hopper only)
+    mosaic_block_kv: int = 128
+    mosaic_stages: int = 2
 
 
 # --------------------------------------------------------------------------- masking
@@ -228,6 +236,13 @@ def _full_spec(x):
 def _forward(cfg, q, k, v, w, seg, kv_index, kv_count):
     """q: [B, Sq_pad, H, Dp]; k, v: [B, Skv_pad, K, Dp]; w: [B, K, Skv_pad] f32 or None;
     seg: [B, S_pad] int32 or None. Returns o [B, Sq_pad, H, Dp], lse2 [B, H, Sq_pad]."""
+    if cfg.fwd_impl == "mosaic":
+        mcfg = MosaicForwardConfig(
+            seq_q=cfg.seq_q, seq_k=cfg.seq_k, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, num_groups=cfg.num_groups, block_q=cfg.block_q,
+            block_k=cfg.block_k, causal=cfg.causal, window=cfg.window, scale=cfg.scale,
+            block_kv=cfg.mosaic_block_kv, stages=cfg.mosaic_stages)
+        return block_sparse_forward_mosaic(mcfg, q, k, v, kv_index, kv_count)
     B, Sq_pad, H, Dp = q.shape
     Skv_pad, K = k.shape[1], k.shape[2]
     rep = H // K
@@ -504,6 +519,34 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ---------------------------------------------------------------------------- public
+FORWARD_IMPLS = ("auto", "triton", "mosaic")
+
+
+def _forward_impl(forward, dtype, head_dim, bq, bk, has_weights, has_segments, interpret) -> str:
+    if forward not in FORWARD_IMPLS:
+        raise ValueError(f"forward must be one of {FORWARD_IMPLS}, got {forward!r}")
+    if forward == "triton":
+        return "triton"
+    ok, why = mosaic_forward_supported(
+        dtype=dtype, head_dim=head_dim, block_q=bq, block_k=bk, has_weights=has_weights,
+        has_segments=has_segments, interpret=interpret)
+    if forward == "mosaic" and not ok:
+        raise ValueError(f"forward='mosaic' cannot run this call: {why}")
+    return "mosaic" if ok else "triton"
+
+
+def _mosaic_block_kv(value, block_k) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 64 or block_k % value:
+        raise ValueError(f"mosaic_block_kv must be a multiple of 64 dividing block_k={block_k}, got {value!r}")
+    return value
+
+
+def _stages(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"mosaic_stages must be an int >= 2, got {value!r}")
+    return value
+
+
 def _tile(name, value, block):
     value = validate_block_size(name, value)
     if block % value:
@@ -530,6 +573,9 @@ def block_sparse_attention_gpu(
     num_warps: tuple[int, int, int] | None = None,
     num_stages: tuple[int, int, int] | None = None,
     always_mask: bool = False,
+    forward: str = "auto",
+    mosaic_block_kv: int | None = None,
+    mosaic_stages: int = 2,
 ) -> jax.Array:
     """Block-sparse attention with the Pallas Triton kernels (forward and backward).
 
@@ -541,6 +587,15 @@ def block_sparse_attention_gpu(
         memory), (min(64, block_q), min(64, block_k)) backward.
       num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
       always_mask: mask every tile elementwise instead of branching per tile.
+      forward: "auto" | "triton" | "mosaic": the forward kernel. "mosaic" is the Mosaic GPU
+        (wgmma/TMA) forward of :mod:`.gpu_block_sparse_mosaic` (Hopper, bf16/fp16, head_dim
+        64/128, no key weights or segment ids, block_q % 128 == 0, block_k % 64 == 0; a
+        ValueError says which condition fails); "auto" takes it whenever those hold and the
+        Triton forward otherwise. The backward is Triton either way (it reads the same
+        output and log-sum-exp).
+      mosaic_block_kv, mosaic_stages: keys per pipeline step (a multiple of 64 dividing
+        block_k; default min(128, block_k)) and shared-memory K/V slots (>= 2) of the Mosaic
+        forward.
     Measured in benchmarks/results/block_sparse_bench.json (H100, S = 32k, 12.5 % of the
     causal blocks, D = 128, bf16, forward): 128 x 128 tiles 307 TFLOP/s against 275 for
     128 x 64 (hence the default); always_mask=True raises 128 x 128 to 344 TFLOP/s (and
@@ -565,6 +620,11 @@ def block_sparse_attention_gpu(
     warps = num_warps or (8 if fq >= 128 else 4, 4, 4)
     stages = num_stages or (3, 2, 2)
     scale = D**-0.5 if scale is None else float(scale)
+    fwd_impl = _forward_impl(forward, q.dtype, D, bq, bk, key_weights is not None,
+                             segment_ids is not None, bool(interpret))
+    m_block_kv = min(128, bk) if mosaic_block_kv is None else mosaic_block_kv
+    if fwd_impl == "mosaic":
+        m_block_kv, mosaic_stages = _mosaic_block_kv(m_block_kv, bk), _stages(mosaic_stages)
     cfg = BlockSparseGpuConfig(
         seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, num_groups=layout.num_groups,
         block_q=bq, block_k=bk, causal=bool(causal), window=window, weight_mode=weight_mode,
@@ -574,6 +634,7 @@ def block_sparse_attention_gpu(
         dq_tq=dqq, dq_tk=dqk, dq_warps=warps[1], dq_stages=stages[1],
         dkv_tq=kq, dkv_tk=kk, dkv_warps=warps[2], dkv_stages=stages[2],
         always_mask=bool(always_mask),
+        fwd_impl=fwd_impl, mosaic_block_kv=m_block_kv, mosaic_stages=mosaic_stages,
     )
     nq, nk = num_blocks(Sq, bq), num_blocks(Skv, bk)
     qp = _pad_to(_pad_to(q, 1, nq * bq), 3, Dp)
