@@ -37,11 +37,7 @@ with warnings.catch_warnings():  # the Triton backend is deprecated (not removed
     warnings.simplefilter("ignore")
     from jax.experimental.pallas import triton as pltriton
 
-from sea_jax.kernels.gpu_block_sparse_mosaic import (
-    MosaicForwardConfig,
-    block_sparse_forward_mosaic,
-    mosaic_forward_supported,
-)
+from sea_jax.kernels.gpu_block_sparse_mosaic import block_sparse_forward_mosaic, mosaic_forward_supported
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 
 __all__ = ["block_sparse_attention_gpu", "BlockSparseGpuConfig"]
@@ -237,12 +233,10 @@ def _forward(cfg, q, k, v, w, seg, kv_index, kv_count):
     """q: [B, Sq_pad, H, Dp]; k, v: [B, Skv_pad, K, Dp]; w: [B, K, Skv_pad] f32 or None;
     seg: [B, S_pad] int32 or None. Returns o [B, Sq_pad, H, Dp], lse2 [B, H, Sq_pad]."""
     if cfg.fwd_impl == "mosaic":
-        mcfg = MosaicForwardConfig(
-            seq_q=cfg.seq_q, seq_k=cfg.seq_k, num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads, num_groups=cfg.num_groups, block_q=cfg.block_q,
-            block_k=cfg.block_k, causal=cfg.causal, window=cfg.window, scale=cfg.scale,
-            block_kv=cfg.mosaic_block_kv, stages=cfg.mosaic_stages)
-        return block_sparse_forward_mosaic(mcfg, q, k, v, kv_index, kv_count)
+        return block_sparse_forward_mosaic(
+            q, k, v, kv_index, kv_count, seq_k=cfg.seq_k, block_q=cfg.block_q, block_k=cfg.block_k,
+            causal=cfg.causal, window=cfg.window, scale=cfg.scale, block_kv=cfg.mosaic_block_kv,
+            stages=cfg.mosaic_stages)
     B, Sq_pad, H, Dp = q.shape
     Skv_pad, K = k.shape[1], k.shape[2]
     rep = H // K

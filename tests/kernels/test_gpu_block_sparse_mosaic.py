@@ -54,13 +54,12 @@ def _lower_for_h100(fn, *avals):
 )
 def test_lowers_to_mosaic_gpu_for_h100(dtype, D, H, K, G, block_q, block_k, block_kv, stages, causal, window):
     B, S = 2, 1024
-    cfg = mosaic.MosaicForwardConfig(
-        seq_q=S - 37, seq_k=S - 37, num_heads=H, num_kv_heads=K, num_groups=G, block_q=block_q,
-        block_k=block_k, causal=causal, window=window, scale=D**-0.5, block_kv=block_kv, stages=stages)
+    kw = dict(seq_k=S - 37, block_q=block_q, block_k=block_k, causal=causal, window=window,
+              scale=D**-0.5, block_kv=block_kv, stages=stages)
     sds = jax.ShapeDtypeStruct
     nq, nk = S // block_q, S // block_k
     text = _lower_for_h100(
-        lambda *a: mosaic.block_sparse_forward_mosaic(cfg, *a),
+        lambda *a: mosaic.block_sparse_forward_mosaic(*a, **kw),
         sds((B, S, H, D), dtype), sds((B, S, K, D), dtype), sds((B, S, K, D), dtype),
         sds((B, G, nq, nk), jnp.int32), sds((B, G, nq), jnp.int32))
     assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
