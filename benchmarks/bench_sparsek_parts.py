@@ -6,10 +6,15 @@ block_q = 64, extra = k, method "bracket"), one process times:
 * ``select``: ``sea_jax.ops.sparsek_select.causal_prefix_select`` on random scores u
   [B, S, K] (fwd: the union index, mask and weights; fwd+bwd: grad of sum(weight * ct)
   w.r.t. u), i.e. what SparseKAttention runs before its attention kernel; one row per
-  ``--schedules`` entry (column ``schedule``: "parallel" = prefix merge + blocks in batches of
-  ``--block_batch``, default auto; "scan" = one serial step per query block). When both run,
-  the parallel row records whether its output equals the scan's (``equal_to_scan``:
-  union index, mask and overflow identical; ``max_weight_diff``);
+  ``--schedules`` entry (column ``schedule``: "fast" = global ranks, bitonic prefix merge,
+  per-query rows generated on the fly; "parallel" = prefix merge + blocks in batches of
+  ``--block_batch``, default auto; "scan" = one serial step per query block; ``name@N`` runs
+  that schedule with N blocks per batched step). Every row after the first records whether
+  its output equals the reference's (the scan's when it ran first, else the first schedule's:
+  ``equal_to``, ``equal`` = union index, mask and overflow identical; ``max_weight_diff``,
+  ``max_tau_diff``, ``max_grad_diff`` of the fwd+bwd gradient);
+* ``prefix`` (``--prefix``): the carries alone, forward (fast: global ranks + bitonic prefix
+  merge; parallel: the 3-key associative merge), for the breakdown;
 * ``gathered_<gather>``: ``sea_jax.kernels.gathered_attention`` (Pallas Triton) on that
   selection (fwd and fwd+bwd w.r.t. q, k, v and the weights), gather "kernel" and "xla".
 
@@ -34,7 +39,32 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRows, compile_with_memory, env_info, time_ms  # noqa: E402
 
 from sea_jax.kernels import gathered_attention  # noqa: E402
-from sea_jax.ops.sparsek_select import causal_prefix_select  # noqa: E402
+from sea_jax.ops import sparsek_select_fast as fast  # noqa: E402
+from sea_jax.ops.sparsek_select import KeyTable, causal_prefix_select, prefix_candidates  # noqa: E402
+
+
+def prefix_fn(schedule, S, H, k, w, bq):
+    """The carry computation of a schedule alone: u [1, S, H] -> carries (no gradient)."""
+    nq = -(-S // bq)
+    qpos = jnp.arange(nq * bq, dtype=jnp.int32)
+    enter = jnp.where((qpos - w >= 0) & (qpos < S), qpos - w, -1).reshape(nq, 1, bq)
+
+    def f(u):
+        score = jnp.moveaxis(u, 1, 2)
+        run = jnp.zeros(score.shape, jnp.int32)
+        table = KeyTable(score, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), score.shape), run)
+        if schedule == "parallel":
+            return tuple(prefix_candidates(table, enter, 2 * k))
+        order, rank = fast.global_ranks(score, run)
+        ent = jnp.broadcast_to(enter, (nq, H, bq))[:, None]
+        er = jnp.where(ent >= 0, jax.vmap(lambda i: jnp.take_along_axis(rank, jnp.clip(i, 0, None), -1))(ent), fast.EMPTY)
+        return fast.prefix_ranks(er, 2 * k)
+
+    return f
+
+
+def compiled_fwd_out(select_fwd, u):
+    return jax.block_until_ready(select_fwd(u))
 
 
 def main():
@@ -44,7 +74,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--schedules", default="parallel", help="comma list of parallel, scan")
+    ap.add_argument("--schedules", default="fast", help="comma list of fast, parallel, scan (name@N: N blocks per step)")
+    ap.add_argument("--prefix", default="", help="comma list of schedules whose carry computation is timed alone")
     ap.add_argument("--block_batch", type=int, default=None, help="parallel schedule: blocks per step")
     ap.add_argument("--gathers", default="kernel,xla", help="gathered kernel variants ('' = none)")
     args = ap.parse_args()
@@ -64,38 +95,56 @@ def main():
     for S in seqs:
         ks = jax.random.split(jax.random.PRNGKey(S), 6)
         u = jax.random.normal(ks[0], (1, S, H), jnp.float32)
+        for schedule in [p for p in args.prefix.split(",") if p]:
+            def pre_part(row, schedule=schedule):
+                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(prefix_fn(schedule, S, H, k, w, bq)), (u,))
+                row["fwd_ms"] = time_ms(compiled, (u,), args.reps)
+
+            if not late():
+                rec.guarded(dict(part="prefix", schedule=schedule, S=S), pre_part)
         outputs = {}
-        for schedule in args.schedules.split(","):
-            sel_fn = lambda u, schedule=schedule: causal_prefix_select(  # noqa: E731
-                u, k, window=w, extra=k, block_q=bq, schedule=schedule, block_batch=args.block_batch)
-            select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow))(sel_fn(u)))
+        for spec in args.schedules.split(","):
+            schedule, _, bb = spec.partition("@")
+            bb = int(bb) if bb else args.block_batch
+            sel_fn = lambda u, schedule=schedule, bb=bb: causal_prefix_select(  # noqa: E731
+                u, k, window=w, extra=k, block_q=bq, schedule=schedule, block_batch=bb)
+            select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow, s.tau))(sel_fn(u)))
 
             def select_fb(u, ct, sel_fn=sel_fn):
-                return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct))(u)
+                return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct) + jnp.sum(sel_fn(u).tau))(u)
 
-            def sel_part(row, select_fwd=select_fwd, select_fb=select_fb, schedule=schedule):
+            def sel_part(row, select_fwd=select_fwd, select_fb=select_fb, spec=spec):
                 compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))
                 row["fwd_ms"] = time_ms(compiled, (u,), args.reps)
                 out = compiled(u)
-                outputs[schedule] = out
                 row["union_width"] = int(out[0].shape[-1])
-                if len(outputs) == 2:  # compare the two schedules on the device
-                    a, b = outputs["scan"], outputs["parallel"]
-                    row["equal_to_scan"] = bool(all(jnp.array_equal(x, y) for x, y in zip(
-                        (a[0], a[1], a[3]), (b[0], b[1], b[3]))))
-                    row["max_weight_diff"] = float(jnp.max(jnp.abs(a[2] - b[2])))
-                ct = jax.random.normal(ks[1], out[2].shape, jnp.float32)
+                ref = outputs.get("ref")
+                if ref is not None:  # compare with the reference schedule on the device
+                    a = ref[0]
+                    row["equal_to"] = ref[2]
+                    row["equal"] = bool(all(jnp.array_equal(x, y) for x, y in zip(
+                        (a[0], a[1], a[3]), (out[0], out[1], out[3]))))
+                    row["max_weight_diff"] = float(jnp.max(jnp.abs(a[2] - out[2])))
+                    row["max_tau_diff"] = float(jnp.max(jnp.abs(a[4] - out[4])))
+                del out
+                ct = jax.random.normal(ks[1], (1, H, S, row["union_width"]), jnp.float32)
                 compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(select_fb), (u, ct))
                 row["fwd_bwd_ms"] = time_ms(compiled, (u, ct), args.reps)
+                grad = compiled(u, ct)
+                if ref is not None:
+                    row["max_grad_diff"] = float(jnp.max(jnp.abs(ref[1] - grad)))
+                    row["max_grad"] = float(jnp.max(jnp.abs(ref[1])))
+                else:
+                    outputs["ref"] = (compiled_fwd_out(select_fwd, u), grad, spec)
 
             if late():
-                rec.add(dict(part="select", schedule=schedule, S=S, error="skipped: deadline passed"))
+                rec.add(dict(part="select", schedule=spec, S=S, error="skipped: deadline passed"))
                 continue
-            rec.guarded(dict(part="select", schedule=schedule, S=S), sel_part)
+            rec.guarded(dict(part="select", schedule=spec, S=S), sel_part)
+        outputs.clear()
         gathers = [g for g in args.gathers.split(",") if g]
         if not gathers or late():
             continue
-        outputs.clear()
         union, mask, weight, _ = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight, s.overflow))(
             causal_prefix_select(u, k, window=w, extra=k, block_q=bq)))(u)
         weight = weight.astype(jnp.float32)
@@ -123,8 +172,8 @@ def main():
     print("\n| S | part | schedule | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rec.data["rows"]:
         gib = lambda m: m["peak_bytes"] / 2**30 if m else float("nan")  # noqa: E731
-        if "fwd_bwd_ms" in r:
-            print(f"| {r['S']} | {r['part']} | {r.get('schedule', '')} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+        if "fwd_ms" in r:
+            print(f"| {r['S']} | {r['part']} | {r.get('schedule', '')} | {r['fwd_ms']:.2f} | {r.get('fwd_bwd_ms', float('nan')):.2f} | "
                   f"{gib(r.get('fwd_mem')):.2f} | {gib(r.get('fwd_bwd_mem')):.2f} |")
         else:
             print(f"| {r['S']} | {r['part']} | {r.get('schedule', '')} | error: {r.get('error', '')[:80]} | | | |")

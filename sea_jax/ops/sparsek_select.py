@@ -71,7 +71,7 @@ __all__ = [
     "SCHEDULES",
 ]
 
-SCHEDULES = ("parallel", "scan")
+SCHEDULES = ("fast", "parallel", "scan")
 
 
 class CandidateState(NamedTuple):
@@ -354,6 +354,33 @@ def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int
     return max(1, budget_bytes // per_block)
 
 
+def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch) -> BlockSelection:
+    """schedule="fast": BlockSelection with a leading block axis (slots hold positions)."""
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    qpos, qrun, enter = xs  # [nQ, Bq], [nQ, B, Bq], [nQ, B, Bq]
+    nq, B, Bq = enter.shape
+    K = table.run.shape[1]
+    order, rank = fast.global_ranks(table.score, table.run)
+    # rank of the key entering at each query (EMPTY: none, or not a key)
+    ent = jnp.broadcast_to(jnp.moveaxis(enter, 0, 1).reshape(B, 1, nq * Bq), (B, K, nq * Bq))
+    ok = (ent >= 0) & (_take(table.run, ent) >= 0)
+    ent_rank = jnp.where(ok, _take(rank, ent), fast.EMPTY)
+    ent_rank = jnp.moveaxis(ent_rank.reshape(B, K, nq, Bq), 2, 0)  # [nQ, B, K, Bq]
+    carry, ev = fast.prefix_ranks(ent_rank, c)
+
+    def one_block(args):
+        carry_q, ev_q, ent_q, qpos_q, qrun_q = args
+        pos, mask, weight, tau, overflow = fast.fast_select_blocks(
+            carry_q, ev_q, ent_q, qpos_q, qrun_q, order=order, score=table.score, run=table.run,
+            k=k, c=c, window=window, union=union, method=method)
+        return BlockSelection(pos, pos, mask, weight, tau, overflow)
+
+    if block_batch is None:
+        block_batch = default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
+    return lax.map(jax.checkpoint(one_block), (carry, ev, ent_rank, qpos, qrun), batch_size=min(block_batch, nq))
+
+
 def causal_prefix_select(
     scores: jax.Array,
     k: int,
@@ -363,7 +390,7 @@ def causal_prefix_select(
     block_q: int = 64,
     segment_ids: jax.Array | None = None,
     method: str = "bracket",
-    schedule: str = "parallel",
+    schedule: str = "fast",
     block_batch: int | None = None,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
@@ -376,10 +403,13 @@ def causal_prefix_select(
       block_q: queries per block (int >= 1).
       segment_ids: optional int [B, T], contiguous runs (0 = padding).
       method: SparseK threshold method ("bracket" or "sort").
-      schedule: "parallel" (default: prefix merge over blocks, then blocks in batches) or
-        "scan" (one serial step per block); identical results (module docstring).
-      block_batch: parallel schedule only: query blocks per batched step (int >= 1); default
-        :func:`default_block_batch` (about 1 GiB of working set).
+      schedule: "fast" (default: global ranks, bitonic prefix merge, per-query rows generated
+        on the fly; :mod:`sea_jax.ops.sparsek_select_fast`), "parallel" (prefix merge over
+        blocks, then blocks in batches) or "scan" (one serial step per block); identical
+        results (module docstring).
+      block_batch: fast and parallel schedules: query blocks per batched step (int >= 1);
+        default :func:`default_block_batch` (about 1 GiB of working set; the fast schedule
+        stores no [block_q, C + block_q] arrays, so its default batch is larger).
     Returns:
       :class:`Selection` (union_index holds key positions, -1 empty).
     """
@@ -419,6 +449,9 @@ def causal_prefix_select(
           jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))
     if schedule == "scan":
         _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
+    elif schedule == "fast":
+        sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=method,
+                             block_batch=block_batch)
     else:
         states = prefix_candidates(table, xs[2], k + extra)
 

@@ -1,0 +1,306 @@
+"""The "fast" schedule of the causal SparseK selection: same outputs, far fewer passes.
+
+It computes exactly what :func:`sea_jax.ops.sparsek_select.select_block` computes for every
+query block (same sorted block list, candidate sets, masks, overflow flags; weights and tau
+by the same solver, to float rounding), organised for a GPU:
+
+1. **Global ranks.** Keys are ordered once per (batch row, KV head) by (run, score, position)
+   descending, the order every list of the selection uses. From then on a key *is* its rank
+   (int32, 0 = best, ``EMPTY`` = none), so every later sort or merge has one int key instead
+   of three float/int keys, and run / score / position are gathered back through ``order``.
+2. **Carries by a bitonic prefix merge.** Each block's carry is the top-C ranks of the keys
+   that entered before it (an exclusive ``lax.associative_scan``, as in the "parallel"
+   schedule). Two sorted lists merge without a sort: ``min(a, reverse(b))`` holds the C
+   smallest of the union as a bitonic sequence (log2 elementwise min/max stages sort it) and
+   the smallest of ``max(a, reverse(b))`` is the (C + 1)-th, the evicted key.
+3. **Per query without cumsum.** A block's list (carry + the block_q entering keys, sorted by
+   rank) is shared by its queries. Query i sees the entries of its own run (one contiguous
+   range [s_i, e_i) of the list, since runs sort first) except the entering keys of later
+   queries of the block (at most block_q - 1). So "the j-th visible entry" is s_i + j - 1
+   plus the number of invisible entries ahead of it, a [block_q, block_q] computation (one
+   tiny matmul counts the invisible entries ahead of each other). With the positions of the
+   k-th, C-th and (C + 1)-th visible entries, every mask of the block is a comparison of
+   small arrays, and the SparseK solver runs on rows generated on the fly inside its fused
+   reductions: no [block_q, C + block_q] array is stored, forward or backward.
+4. **Closed-form VJP on the list.** The backward of the weights and tau (the SparseK VJP of
+   :mod:`sea_jax.ops.sparsek`: free set, its mean cotangent, tau's cotangent to the argmin /
+   k-th entry for rows without a free set) is written against the same generated rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sea_jax.ops.sparsek import solve_shifted_threshold, sort_shifted_threshold
+
+__all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fast_select_blocks"]
+
+EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
+
+
+def _take(a, idx):
+    """a: [..., S] (leading axes broadcast against idx's), idx: int [..., N] clipped -> [..., N]."""
+    return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[-1] - 1), axis=-1)
+
+
+def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """order, rank: int32 [B, K, T] of keys sorted by (run, score, position) descending.
+
+    Args:
+      score: [B, K, T] key scores (read without gradient).
+      run: int32 [B, K, T] segment-run ids, -1 = not a key (those rank last).
+    Returns:
+      order[r] = position of the key of rank r; rank[j] = rank of the key at position j.
+    """
+    T = score.shape[-1]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), score.shape)
+    has = run >= 0
+    key = jnp.where(has, lax.stop_gradient(score), -jnp.inf)
+    # the tie rules of select_block's sort: later run first, then higher score, then later position
+    _, _, neg_pos = lax.sort((-jnp.where(has, run, -1), -key, -pos), dimension=-1, num_keys=3)
+    order = -neg_pos
+    _, rank = lax.sort((order, pos), dimension=-1, num_keys=1)
+    return order, rank
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_to(x, n, value=EMPTY):
+    if x.shape[-1] == n:
+        return x
+    return jnp.concatenate([x, jnp.full(x.shape[:-1] + (n - x.shape[-1],), value, x.dtype)], -1)
+
+
+def _bitonic_to_sorted(x):
+    """Sort a bitonic sequence [..., n] (n a power of 2) ascending: log2(n) half-cleaner stages."""
+    n = x.shape[-1]
+    h = n // 2
+    while h >= 1:
+        y = x.reshape(x.shape[:-1] + (n // (2 * h), 2, h))
+        lo, hi = y[..., 0, :], y[..., 1, :]
+        x = jnp.stack([jnp.minimum(lo, hi), jnp.maximum(lo, hi)], axis=-2).reshape(x.shape)
+        h //= 2
+    return x
+
+
+def bitonic_merge_lowest(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The n smallest of two ascending int lists [..., n] (n a power of 2), sorted, and the (n+1)-th.
+
+    Distinct values except EMPTY. ``min(a, reverse(b))`` is bitonic and holds the n smallest
+    of the union; ``max(a, reverse(b))`` holds the n largest, whose minimum is the (n+1)-th.
+    """
+    rb = jnp.flip(b, axis=-1)
+    return _bitonic_to_sorted(jnp.minimum(a, rb)), jnp.min(jnp.maximum(a, rb), axis=-1)
+
+
+class _RankList(NamedTuple):
+    """Top-P ranks of a key set (ascending, EMPTY-padded) and its (P + 1)-th rank (EMPTY: none)."""
+
+    ranks: jax.Array
+    ev: jax.Array
+
+
+def _merge(a: _RankList, b: _RankList) -> _RankList:
+    ranks, ev = bitonic_merge_lowest(a.ranks, b.ranks)
+    return _RankList(ranks, jnp.minimum(ev, jnp.minimum(a.ev, b.ev)))
+
+
+def prefix_ranks(enter_ranks: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """The carry of every query block: the top-C ranks entered before it and the (C + 1)-th.
+
+    Args:
+      enter_ranks: int32 [nQ, ..., Bq] ranks of the keys entering at each query (EMPTY: none).
+      c: C, the carry length.
+    Returns:
+      ranks int32 [nQ, ..., C] ascending (EMPTY-padded), ev int32 [nQ, ...] (EMPTY: none);
+      entry q covers the keys entering in blocks < q (an exclusive prefix).
+    """
+    P = _next_pow2(c)
+    leaf = jnp.sort(enter_ranks, axis=-1)
+    if leaf.shape[-1] > P:
+        leaves = _RankList(leaf[..., :P], leaf[..., P])
+    else:
+        leaves = _RankList(_pad_to(leaf, P), jnp.full(leaf.shape[:-1], EMPTY, jnp.int32))
+    incl = lax.associative_scan(_merge, leaves, axis=0)
+    excl = jax.tree.map(lambda a: jnp.concatenate([jnp.full((1,) + a.shape[1:], EMPTY, jnp.int32), a[:-1]], 0), incl)
+    # the lists hold the top P >= C exactly: the (C + 1)-th is inside them unless P = C
+    ev = excl.ranks[..., c] if P > c else excl.ev
+    return excl.ranks[..., :c], ev
+
+
+class _Rows(NamedTuple):
+    """Per-query structure of a block list ([..., Bq] unless noted), all without gradient.
+
+    s, e: the query's run range [s, e) in the list; tin: int32 [..., M] the query index at
+    which each list entry entered (-1 carried; entry m is visible to query i iff s <= m < e
+    and tin[m] <= i); last: list index of the last candidate; kpos: of the k-th visible
+    entry (the last selected); nvis: visible entries (0: the query selects nothing);
+    theta: the k-th score where active (nvis > k), else 0.
+    """
+
+    s: jax.Array
+    e: jax.Array
+    tin: jax.Array
+    last: jax.Array
+    kpos: jax.Array
+    nvis: jax.Array
+    theta: jax.Array
+
+
+def _masks(r: _Rows, cols: int, k: int):
+    """(candidate, selected, active) masks [..., Bq, cols] / [..., Bq] generated from _Rows."""
+    Bq = r.s.shape[-1]
+    m = jnp.arange(cols, dtype=jnp.int32)
+    i = jnp.arange(Bq, dtype=jnp.int32)[:, None]
+    ok = ((m >= r.s[..., None]) & (m < r.e[..., None]) & (r.tin[..., None, :cols] <= i)
+          & (r.nvis[..., None] > 0))
+    cand = ok & (m <= r.last[..., None])
+    sel = ok & (m <= r.kpos[..., None])
+    return cand, sel, r.nvis > k
+
+
+def _shifted(z, r: _Rows, cand):
+    """d = z - theta on candidates (0 elsewhere), [..., Bq, cols]."""
+    return jnp.where(cand, z[..., None, : cand.shape[-1]] - r.theta[..., None], 0)
+
+
+def _solve(z, r: _Rows, k: int, method: str):
+    M = z.shape[-1]
+    cand, _, active = _masks(r, M, k)
+    if method == "sort":
+        d = _shifted(z, r, cand)
+        return sort_shifted_threshold(d, cand & active[..., None], k, active=active)
+
+    def rows():  # regenerated inside every solver pass (fused, never stored)
+        cand, _, active = _masks(r, M, k)
+        return _shifted(z, r, cand), cand & active[..., None]
+
+    return solve_shifted_threshold(rows, k, r.s.shape, z.dtype, active=active)
+
+
+def _outputs(z, r: _Rows, tau_s, k: int, union: int):
+    cand, sel, active = _masks(r, union, k)
+    x = _shifted(z, r, cand) - tau_s[..., None]
+    p = jnp.where(cand, jnp.where(active[..., None], jnp.clip(x, 0, 1), 1), 0)
+    weight = jnp.where(sel, p, 0).astype(z.dtype)
+    zmin = _take(z, r.last)  # the candidates of a run sort by score: the last is the minimum
+    tau = jnp.where(active, r.theta + tau_s, jnp.where(r.nvis > 0, zmin - 1, 0)).astype(z.dtype)
+    return weight, tau
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _list_sparsek(z, r: _Rows, k: int, union: int, method: str):
+    """weight [..., Bq, U] and tau [..., Bq] of every query of a block from its list scores z [..., M]."""
+    return _outputs(z, r, _solve(z, r, k, method), k, union)
+
+
+def _list_sparsek_fwd(z, r, k, union, method):
+    tau_s = _solve(z, r, k, method)
+    return _outputs(z, r, tau_s, k, union), (z, r, tau_s)
+
+
+def _list_sparsek_bwd(k, union, method, res, g):
+    """The SparseK VJP (sea_jax.ops.sparsek._sparsek_bwd) over generated rows."""
+    z, r, tau_s = res
+    g_w, g_tau = g
+    M = z.shape[-1]
+    dtype = z.dtype
+    cand, sel, active = _masks(r, M, k)
+    x = _shifted(z, r, cand) - tau_s[..., None]
+    free = cand & active[..., None] & (x > 0) & (x < 1)
+    n_free = jnp.sum(free, axis=-1).astype(dtype)
+    denom = jnp.where(n_free > 0, n_free, 1)
+    # weight = where(sel, p, 0)[:U]: p's cotangent is g_w on selected entries (all within U)
+    g_p = jnp.where(sel[..., :union], g_w, 0)
+    sum_g = jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-1)
+    shift = (g_tau - sum_g) / denom  # every free entry gets g_p - mean_g + g_tau / |S|
+    # rows without a free set send tau's cotangent to one entry: the first minimum (prefix
+    # rule) or the first k-th value (exact saturation), as the dense operator's argmin/argmax
+    m = jnp.arange(M, dtype=jnp.int32)
+    inactive = ~active & (r.nvis > 0)
+    saturated = active & (n_free == 0)
+    target = jnp.where(inactive, _take(z, r.last), r.theta)
+    first = jnp.min(jnp.where(cand & (z[..., None, :] == target[..., None]), m, M), axis=-1)
+    first = jnp.where(inactive | saturated, first, -1)
+    dz = jnp.sum(jnp.where(free, shift[..., None], 0) + jnp.where(m == first[..., None], g_tau[..., None], 0),
+                 axis=-2)
+    dz = dz + jnp.pad(jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-2), [(0, 0)] * (dz.ndim - 1) + [(0, M - union)])
+    r_zero = jax.tree.map(lambda a: None, r)
+    return dz.astype(dtype), r_zero
+
+
+_list_sparsek.defvjp(_list_sparsek_fwd, _list_sparsek_bwd)
+
+
+def _nth_visible(s, inv, vb, j):
+    """List index of the j-th (1-based, [..., Bq]) visible entry: s + j - 1 plus the invisible
+    entries ahead of it (those with fewer than j visible entries before them)."""
+    return s + j - 1 + jnp.sum(inv & (vb < j[..., None]), axis=-1, dtype=jnp.int32)
+
+
+def fast_select_blocks(
+    carry_ranks, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
+    k: int, c: int, window: int, union: int, method: str,
+):
+    """Selection of one query block from its carry (what select_block returns).
+
+    Args:
+      carry_ranks: int32 [B, K, C] ascending ranks carried into the block (EMPTY-padded).
+      ev_rank: int32 [B, K] the (C + 1)-th rank of the prefix (EMPTY: none).
+      enter_ranks: int32 [B, K, Bq] rank of the key entering at each query (EMPTY: none).
+      query_pos: int32 [Bq]; query_run: int32 [B, Bq] (-1: padding query).
+      order, score, run: [B, K, T] the global order, the (differentiable) scores, the runs.
+      k, c: budget and carry length C; window: w; union: U.
+    Returns:
+      (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
+      tau [B, K, Bq], overflow bool [B, K, Bq]).
+    """
+    Bq = enter_ranks.shape[-1]
+    lst = jnp.sort(jnp.concatenate([carry_ranks, enter_ranks], -1), axis=-1)  # [B, K, M]
+    M = lst.shape[-1]
+    has = lst != EMPTY
+    slot = jnp.where(has, _take(order, lst), -1)
+    lrun = jnp.where(has, _take(run, slot), -1)
+    z = jnp.where(has, _take(score, slot), 0)  # differentiable gather
+    zs = lax.stop_gradient(z)
+    base = query_pos[0] - window
+    tin = jnp.where(has & (slot >= base), slot - base, -1)
+
+    qrun = query_run[:, None, :]  # [B, 1, Bq]
+    s = jnp.sum(lrun[..., None, :] > qrun[..., None], axis=-1, dtype=jnp.int32)  # [B, K, Bq]
+    e = jnp.sum(lrun[..., None, :] >= qrun[..., None], axis=-1, dtype=jnp.int32)
+    spos = jnp.where(enter_ranks != EMPTY,
+                     jnp.sum(lst[..., None, :] < enter_ranks[..., None], axis=-1, dtype=jnp.int32), M)
+    t = jnp.arange(Bq, dtype=jnp.int32)
+    # inv[i, t]: the key entering at query t > i lies in query i's run range (hidden from it)
+    inv = (t > t[:, None]) & (spos[..., None, :] >= s[..., None]) & (spos[..., None, :] < e[..., None])
+    ahead = (spos[..., :, None] < spos[..., None, :]).astype(jnp.float32)  # [t', t]: t' ahead of t
+    before = jnp.einsum("...it,...tu->...iu", inv.astype(jnp.float32), ahead,
+                        precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    vb = spos[..., None, :] - s[..., None] - before  # visible entries ahead of hidden entry t
+    nvis = jnp.where(qrun >= 0, e - s - jnp.sum(inv, axis=-1, dtype=jnp.int32), 0)
+    kpos = _nth_visible(s, inv, vb, jnp.minimum(nvis, k))
+    last = _nth_visible(s, inv, vb, jnp.minimum(nvis, c))
+    nxt_pos = _nth_visible(s, inv, vb, jnp.full_like(nvis, c + 1))
+    active = nvis > k
+    theta = jnp.where(active, _take(zs, kpos), 0)
+    r = _Rows(s, e, tin, last, kpos, nvis, theta)
+    weight, tau = _list_sparsek(z, r, k, union, method)
+    cand, sel, _ = _masks(r, union, k)
+
+    # exactness: the best key outside the candidate set must not clear the threshold
+    nxt = jnp.where(nvis > c, _take(zs, nxt_pos), -jnp.inf)
+    ev_has = ev_rank != EMPTY
+    ev_slot = _take(order, ev_rank[..., None])[..., 0]
+    ev_run = jnp.where(ev_has, _take(run, ev_slot[..., None])[..., 0], -1)
+    ev_score = lax.stop_gradient(_take(score, ev_slot[..., None])[..., 0])
+    ev = jnp.where(ev_has[..., None] & (ev_run[..., None] == qrun), ev_score[..., None], -jnp.inf)
+    overflow = jnp.maximum(nxt, ev) > lax.stop_gradient(tau)
+    return slot[..., :union], sel, weight, tau, overflow
