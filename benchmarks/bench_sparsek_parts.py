@@ -23,6 +23,8 @@ Median of ``--reps`` calls after compile and one warm call.
     python benchmarks/bench_sparsek_parts.py --out benchmarks/results/sparsek_parts.json   # GPU
     python benchmarks/bench_sparsek_parts.py --smoke --out /tmp/p.json                     # CPU
     python benchmarks/bench_sparsek_parts.py --seqs 8192,32768 --schedules parallel,scan --gathers ""
+    python benchmarks/bench_sparsek_parts.py --seqs 8192,32768 --schedules parallel,fast,fast@8,fast@24 \
+        --prefix fast,parallel --gathers "" --deadline 235   # -> results/sparsek_parts_fast.json
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--schedules", default="fast", help="comma list of fast, parallel, scan (name@N: N blocks per step)")
+    ap.add_argument("--schedules", default="parallel", help="comma list of fast, parallel, scan (name@N: N blocks per step)")
     ap.add_argument("--prefix", default="", help="comma list of schedules whose carry computation is timed alone")
     ap.add_argument("--block_batch", type=int, default=None, help="parallel schedule: blocks per step")
     ap.add_argument("--gathers", default="kernel,xla", help="gathered kernel variants ('' = none)")
@@ -111,7 +113,7 @@ def main():
             select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow, s.tau))(sel_fn(u)))
 
             def select_fb(u, ct, sel_fn=sel_fn):
-                return jax.grad(lambda u: jnp.sum(sel_fn(u).weight * ct) + jnp.sum(sel_fn(u).tau))(u)
+                return jax.grad(lambda u: (lambda s: jnp.sum(s.weight * ct) + jnp.sum(s.tau))(sel_fn(u)))(u)
 
             def sel_part(row, select_fwd=select_fwd, select_fb=select_fb, spec=spec):
                 compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))

@@ -40,6 +40,14 @@ Schedules (``causal_prefix_select(schedule=...)``):
   their carries independently, ``block_batch`` blocks at a time (``lax.map``), which bounds
   the live working set (see :func:`default_block_batch`). Both schedules produce bit-identical
   slots, masks and overflow flags (the merge uses the same total order and tie rules).
+* ``"fast"``: :mod:`sea_jax.ops.sparsek_select_fast` (int ranks, bitonic prefix merge, no
+  stored [block_q, C + block_q] arrays, closed-form VJP without recomputing the forward).
+  Same outputs (bit-identical on an H100 too). Not the default: on an H100 at T = 32k
+  (K = 16, k = c = 1024, block_q = 64) its carries take 1.8 ms (the 3-key merge: 11.2 ms)
+  and everything but the threshold solver 3.5 ms, but the bracket solver's 10-25
+  data-dependent full passes over the candidates (each batch runs as many as its slowest
+  row) cost ~126 ms, so the whole is 134 / 139 ms fwd / fwd+bwd vs 113 / 127 ms here
+  (benchmarks/results/sparsek_parts_fast.json, sparsek_select_stages.json).
 
 Segments: ``run`` ids are the start position of each key's contiguous segment run (-1 for
 padding / empty). Sorting by (run, score, position) keeps the latest run's keys ahead of
@@ -71,7 +79,7 @@ __all__ = [
     "SCHEDULES",
 ]
 
-SCHEDULES = ("fast", "parallel", "scan")
+SCHEDULES = ("parallel", "fast", "scan")
 
 
 class CandidateState(NamedTuple):
@@ -378,7 +386,9 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
 
     if block_batch is None:
         block_batch = default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
-    return lax.map(jax.checkpoint(one_block), (carry, ev, ent_rank, qpos, qrun), batch_size=min(block_batch, nq))
+    # no checkpoint: the residuals are the block lists' scores and per-query scalars (the
+    # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
+    return lax.map(one_block, (carry, ev, ent_rank, qpos, qrun), batch_size=min(block_batch, nq))
 
 
 def causal_prefix_select(
@@ -390,7 +400,7 @@ def causal_prefix_select(
     block_q: int = 64,
     segment_ids: jax.Array | None = None,
     method: str = "bracket",
-    schedule: str = "fast",
+    schedule: str = "parallel",
     block_batch: int | None = None,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
@@ -403,10 +413,10 @@ def causal_prefix_select(
       block_q: queries per block (int >= 1).
       segment_ids: optional int [B, T], contiguous runs (0 = padding).
       method: SparseK threshold method ("bracket" or "sort").
-      schedule: "fast" (default: global ranks, bitonic prefix merge, per-query rows generated
-        on the fly; :mod:`sea_jax.ops.sparsek_select_fast`), "parallel" (prefix merge over
-        blocks, then blocks in batches) or "scan" (one serial step per block); identical
-        results (module docstring).
+      schedule: "parallel" (default: prefix merge over blocks, then blocks in batches),
+        "fast" (global ranks, bitonic prefix merge, per-query rows generated on the fly;
+        :mod:`sea_jax.ops.sparsek_select_fast`) or "scan" (one serial step per block);
+        identical results (module docstring).
       block_batch: fast and parallel schedules: query blocks per batched step (int >= 1);
         default :func:`default_block_batch` (about 1 GiB of working set; the fast schedule
         stores no [block_q, C + block_q] arrays, so its default batch is larger).

@@ -306,13 +306,14 @@ def test_bitonic_merge_lowest_against_sort(n):
     np.testing.assert_array_equal(np.asarray(nxt), want[:, n])
 
 
-def test_brute_force_with_scan_schedule():
-    """The serial schedule (kept for reference) against the brute force too."""
+@pytest.mark.parametrize("schedule", ["scan", "fast"])
+def test_brute_force_with_other_schedules(schedule):
+    """The serial schedule (kept for reference) and the fast one against the brute force too."""
     rng = np.random.default_rng(14)
     u = (np.round(rng.standard_normal((1, 22, 2)) * 2) / 4).astype(np.float32)
     seg = np.array([[1] * 9 + [2] * 10 + [0] * 3])
     sel = select_jit(jnp.asarray(u), k=2, window=1, extra=1, block_q=4,
-                     segment_ids=jnp.asarray(seg), schedule="scan")
+                     segment_ids=jnp.asarray(seg), schedule=schedule)
     ref = brute_force(u, 2, 1, 1, seg)
     mask, idx = np.asarray(sel.mask), np.asarray(sel.union_index)
     for (b, h, i), (want, _, ovf) in ref.items():
