@@ -6,10 +6,12 @@ selection), so differences between rows are the cost of a stage:
 * ``carries``: global ranks + bitonic prefix merge;
 * ``list``: + each block's sorted list and its gathers (slots, runs, scores);
 * ``structure``: + per-query run ranges, hidden entering keys, k-th / C-th positions;
-* ``solve``: + the SparseK threshold (bracket solver over generated rows);
+* ``solve``: + the SparseK threshold (``--solver bracket``: the reference solver over
+  generated rows; ``sorted``: the iteration on statistics read off the sorted list);
 * ``forward``: the whole selection; ``fwd_bwd``: with the gradient of sum(weight * ct) + sum(tau).
 
     python benchmarks/profile_sparsek_select.py --seqs 32768 --out benchmarks/results/sparsek_select_stages.json
+    python benchmarks/profile_sparsek_select.py --seqs 32768 --solver sorted --out /tmp/stages_sorted.json
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sea_jax.ops import sparsek_select_fast as fast  # noqa: E402
 from sea_jax.ops.sparsek_select import causal_prefix_select, default_block_batch  # noqa: E402
 
 
-def staged(u, k, w, bq, stage, block_batch):
+def staged(u, k, w, bq, stage, block_batch, solver):
     B, S, K = u.shape
     c = 2 * k
     score = jnp.moveaxis(u, 1, 2)
@@ -71,10 +73,10 @@ def staged(u, k, w, bq, stage, block_batch):
         kpos = fast._nth_visible(s, inv, vb, jnp.minimum(nvis, k))
         last = fast._nth_visible(s, inv, vb, jnp.minimum(nvis, c))
         theta = jnp.where(nvis > k, fast._take(z, kpos), 0)
-        r = fast._Rows(s, e, tin, last, kpos, nvis, theta)
+        r = fast._Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
         if stage == "structure":
             return (kpos + last).astype(jnp.float32) + theta
-        return fast._solve(z, r, k, "bracket")
+        return fast._solve(z, r, k, solver)
 
     bb = block_batch or default_block_batch(B, K, bq, c, budget_bytes=1 << 32)
     return lax.map(one, (carry, ev, er, qpos.reshape(nq, bq), qrun), batch_size=min(bb, nq))
@@ -85,6 +87,7 @@ def main():
     ap.add_argument("--seqs", default="32768")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--block_batch", type=int, default=None)
+    ap.add_argument("--solver", default="bracket", help="bracket (schedule fast) or sorted (schedule fast_sorted)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
@@ -94,9 +97,10 @@ def main():
     for S in seqs:
         u = jax.random.normal(jax.random.PRNGKey(S), (1, S, H), jnp.float32)
         for stage in ("carries", "list", "structure", "solve"):
-            f = jax.jit(lambda u, stage=stage: staged(u, k, w, bq, stage, args.block_batch))
+            f = jax.jit(lambda u, stage=stage: staged(u, k, w, bq, stage, args.block_batch, args.solver))
             rec.guarded(dict(stage=stage, S=S), lambda row, f=f: row.update(ms=time_ms(f, (u,), args.reps)))
-        sel = lambda u: causal_prefix_select(u, k, window=w, extra=k, block_q=bq, schedule="fast",  # noqa: E731
+        schedule = "fast_sorted" if args.solver == "sorted" else "fast"
+        sel = lambda u: causal_prefix_select(u, k, window=w, extra=k, block_q=bq, schedule=schedule,  # noqa: E731
                                              block_batch=args.block_batch)
         fwd = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight, s.tau, s.overflow))(sel(u)))
         rec.guarded(dict(stage="forward", S=S), lambda row: row.update(ms=time_ms(fwd, (u,), args.reps)))

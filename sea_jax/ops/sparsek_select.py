@@ -48,6 +48,12 @@ Schedules (``causal_prefix_select(schedule=...)``):
   data-dependent full passes over the candidates (each batch runs as many as its slowest
   row) cost ~126 ms, so the whole is 134 / 139 ms fwd / fwd+bwd vs 113 / 127 ms here
   (benchmarks/results/sparsek_parts_fast.json, sparsek_select_stages.json).
+* ``"fast_sorted"``: "fast" with the bracket iteration run on statistics read off the sorted
+  block list (two binary searches and [block_q] corrections per query and step instead of a
+  pass over C + block_q entries), then one exact pass for the closed form; same outputs
+  (tests). Not measured on a GPU yet; on CPU (T = 8192, K = 2, k = c = 256) it is no faster
+  than "fast" (792 vs 518 ms fwd), where C + block_q = 576 is close to its per-query
+  [block_q] corrections; the GPU configuration has C + block_q = 2112.
 
 Segments: ``run`` ids are the start position of each key's contiguous segment run (-1 for
 padding / empty). Sorting by (run, score, position) keeps the latest run's keys ahead of
@@ -79,7 +85,7 @@ __all__ = [
     "SCHEDULES",
 ]
 
-SCHEDULES = ("parallel", "fast", "scan")
+SCHEDULES = ("parallel", "fast", "fast_sorted", "scan")
 
 
 class CandidateState(NamedTuple):
@@ -415,8 +421,9 @@ def causal_prefix_select(
       method: SparseK threshold method ("bracket" or "sort").
       schedule: "parallel" (default: prefix merge over blocks, then blocks in batches),
         "fast" (global ranks, bitonic prefix merge, per-query rows generated on the fly;
-        :mod:`sea_jax.ops.sparsek_select_fast`) or "scan" (one serial step per block);
-        identical results (module docstring).
+        :mod:`sea_jax.ops.sparsek_select_fast`), "fast_sorted" (the same with the bracket
+        iteration run on statistics read off the sorted block list; not yet measured on a
+        GPU) or "scan" (one serial step per block); identical results (module docstring).
       block_batch: fast and parallel schedules: query blocks per batched step (int >= 1);
         default :func:`default_block_batch` (about 1 GiB of working set; the fast schedule
         stores no [block_q, C + block_q] arrays, so its default batch is larger).
@@ -459,8 +466,9 @@ def causal_prefix_select(
           jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))
     if schedule == "scan":
         _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
-    elif schedule == "fast":
-        sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=method,
+    elif schedule in ("fast", "fast_sorted"):
+        solver = "sorted" if schedule == "fast_sorted" and method == "bracket" else method
+        sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=solver,
                              block_batch=block_batch)
     else:
         states = prefix_candidates(table, xs[2], k + extra)

@@ -36,7 +36,8 @@ bracket; on CPU at T = 4096, k = 256: median ~9, max 22), and a batch runs as ma
 as its slowest row (all 512 blocks in one batch: 205 ms). The next step is a solver that
 uses the sorted list: each query's candidates are one sorted range minus at most
 block_q - 1 hidden entries, so f(t) is two binary searches plus a [block_q] correction
-instead of an O(C) pass.
+instead of an O(C) pass. That solver is here as ``method="sorted"`` (schedule
+"fast_sorted" of causal_prefix_select), tested for equal outputs but not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class _Rows(NamedTuple):
     and tin[m] <= i); last: list index of the last candidate; kpos: of the k-th visible
     entry (the last selected); nvis: visible entries (0: the query selects nothing);
     theta: the k-th score where active (nvis > k), else 0.
+    inv: bool [..., Bq, Bq] entering key t is hidden from query i; spos: int32 [..., Bq]
+    list index of entering key t; vb: int32 [..., Bq, Bq] visible entries ahead of it.
     """
 
     s: jax.Array
@@ -164,6 +167,9 @@ class _Rows(NamedTuple):
     kpos: jax.Array
     nvis: jax.Array
     theta: jax.Array
+    inv: jax.Array
+    spos: jax.Array
+    vb: jax.Array
 
 
 def _masks(r: _Rows, cols: int, k: int):
@@ -183,6 +189,99 @@ def _shifted(z, r: _Rows, cand):
     return jnp.where(cand, z[..., None, : cand.shape[-1]] - r.theta[..., None], 0)
 
 
+def _visible(r: _Rows, lo, hi):
+    """Visible entries of each query's list in [lo, hi) ([..., Bq] bounds)."""
+    hidden = r.inv & (r.spos[..., None, :] >= lo[..., None]) & (r.spos[..., None, :] < hi[..., None])
+    return hi - lo - jnp.sum(hidden, axis=-1, dtype=jnp.int32), hidden
+
+
+def _first_not_above(z, theta, t, c0, lo, hi):
+    """First list index m in [lo, hi) with not((z[m] - theta) - t > c0) (hi if none), by
+    binary search: z is non-increasing on every query's candidate range."""
+    for _ in range(max(1, (z.shape[-1] + 1).bit_length())):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        above = (_take(z, mid) - theta) - t > c0  # the old solver's rounding: d = z - theta, x = d - t
+        lo = jnp.where(open_ & above, mid + 1, lo)
+        hi = jnp.where(open_ & ~above, mid, hi)
+    return lo
+
+
+def _sorted_stats(z, zc, r: _Rows, t):
+    """sea_jax.ops.sparsek._stats_at (f, |S|, sum_S d, U, next breakpoint) of every query at
+    t [..., Bq], from the sorted list: two binary searches, prefix sums of z and [Bq]
+    corrections for the hidden entries instead of a pass over the candidates. Counts and
+    the breakpoint are exact; f and sum_S d are rounded differently (prefix sums)."""
+    end = r.last + 1
+    a = _first_not_above(z, r.theta, t, 1, r.s, end)  # [s, a): x > 1
+    b = _first_not_above(z, r.theta, t, 0, a, end)    # [a, b): 0 < x <= 1
+    u, _ = _visible(r, r.s, a)
+    n_free, hidden = _visible(r, a, b)
+    z_hidden = jnp.sum(jnp.where(hidden, _take(z, r.spos)[..., None, :], 0), axis=-1)
+    sd = (_take(zc, b) - _take(zc, a) - z_hidden) - n_free.astype(z.dtype) * r.theta
+    f = u.astype(z.dtype) + sd - n_free.astype(z.dtype) * t
+    jb = u + n_free  # visible entries with x > 0; the last of them holds the smallest such d
+    ib = _nth_visible(r.s, r.inv, r.vb, jb)
+    ia = _nth_visible(r.s, r.inv, r.vb, u)
+    inf = jnp.asarray(jnp.inf, z.dtype)
+    nb = jnp.minimum(jnp.where(jb > 0, _take(z, ib) - r.theta, inf),
+                     jnp.where(u > 0, (_take(z, ia) - r.theta) - 1, inf))
+    return f, n_free, sd, u, nb
+
+
+def _sorted_threshold(z, r: _Rows, k: int, rows, active, max_passes: int = 64):
+    """solve_shifted_threshold's Newton / bisection over _sorted_stats, then one exact pass.
+
+    The loop locates the segment holding the root with cheap statistics; the closed form is
+    then evaluated with the exact pass of the reference solver (same sums, same rounding).
+    Rows whose located segment fails the exact check (rounding at a breakpoint) are solved
+    again by the reference solver (only when some row of the batch needs it).
+    """
+    dtype = z.dtype
+    zc = jnp.concatenate([jnp.zeros(z.shape[:-1] + (1,), dtype), jnp.cumsum(z, axis=-1)], -1)
+    kf = jnp.asarray(k, dtype)
+    shape = r.s.shape
+
+    def finished(lo, s, sd, u, nb):
+        tc = (sd + u.astype(dtype) - kf) / jnp.where(s > 0, s.astype(dtype), 1)
+        tc = jnp.where(s > 0, tc, lo)
+        return tc, jnp.where(s > 0, tc <= nb, u == k)
+
+    def cond(st):
+        return (st[0] < max_passes) & jnp.any(~st[7])
+
+    def body(st):
+        it, lo, hi, s, sd, u, nb, done = st
+        tc, ok = finished(lo, s, sd, u, nb)
+        done = done | ok
+        newton = (s > 0) & (tc > lo) & (tc < hi)
+        split = jnp.where(newton, tc, 0.5 * (lo + hi))
+        f2, s2, sd2, u2, nb2 = _sorted_stats(z, zc, r, split)
+        move = (f2 >= kf) & ~done
+        lo = jnp.where(move, split, lo)
+        hi = jnp.where(~move & ~done, split, hi)
+        pick = lambda x, y: jnp.where(move, x, y)  # noqa: E731
+        return it + 1, lo, hi, pick(s2, s), pick(sd2, sd), pick(u2, u), pick(nb2, nb), done
+
+    lo = jnp.full(shape, -1.0, dtype)
+    st = (jnp.int32(0), lo, jnp.zeros(shape, dtype), *_sorted_stats(z, zc, r, lo)[1:], ~active)
+    _, lo, hi, *_ = lax.while_loop(cond, body, st)
+    # the exact closed form on the located segment (the reference solver's statistics)
+    from sea_jax.ops.sparsek import _closed_form, _stats_at
+
+    _, s, sd, u, nb = _stats_at(rows, lo, dtype)
+    tc = _closed_form(kf, lo, s, sd, u)
+    ok = jnp.where(s > 0, tc <= nb, u == k) | ~active
+    tau = jnp.clip(tc, lo, hi)
+    # a while loop of at most one step rather than lax.cond: under vmap (lax.map batches) a
+    # cond with a batched predicate becomes a select that would always run the fallback
+    def fallback(c):
+        return jnp.bool_(False), jnp.where(ok, c[1], solve_shifted_threshold(rows, k, shape, dtype, active=active))
+
+    _, tau = lax.while_loop(lambda c: c[0], fallback, (jnp.any(~ok), tau))
+    return jnp.where(active, tau, 0)
+
+
 def _solve(z, r: _Rows, k: int, method: str):
     M = z.shape[-1]
     cand, _, active = _masks(r, M, k)
@@ -194,6 +293,8 @@ def _solve(z, r: _Rows, k: int, method: str):
         cand, _, active = _masks(r, M, k)
         return _shifted(z, r, cand), cand & active[..., None]
 
+    if method == "sorted":
+        return _sorted_threshold(z, r, k, rows, active)
     return solve_shifted_threshold(rows, k, r.s.shape, z.dtype, active=active)
 
 
@@ -270,6 +371,9 @@ def fast_select_blocks(
       query_pos: int32 [Bq]; query_run: int32 [B, Bq] (-1: padding query).
       order, score, run: [B, K, T] the global order, the (differentiable) scores, the runs.
       k, c: budget and carry length C; window: w; union: U.
+      method: "bracket" (sea_jax.ops.sparsek.solve_shifted_threshold over generated rows),
+        "sort" (its sort solver on materialised rows) or "sorted" (:func:`_sorted_threshold`:
+        the bracket iteration on statistics read off the sorted list, one exact pass).
     Returns:
       (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
       tau [B, K, Bq], overflow bool [B, K, Bq]).
@@ -303,7 +407,7 @@ def fast_select_blocks(
     nxt_pos = _nth_visible(s, inv, vb, jnp.full_like(nvis, c + 1))
     active = nvis > k
     theta = jnp.where(active, _take(zs, kpos), 0)
-    r = _Rows(s, e, tin, last, kpos, nvis, theta)
+    r = _Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
     weight, tau = _list_sparsek(z, r, k, union, method)
     cand, sel, _ = _masks(r, union, k)
 

@@ -235,7 +235,7 @@ def _fast_carries(table, enters, c):
     return slots, ev_run, ev_score
 
 
-@pytest.mark.parametrize("schedule", ["parallel", "fast"])
+@pytest.mark.parametrize("schedule", ["parallel", "fast", "fast_sorted"])
 @pytest.mark.parametrize("B,T,K,k,window,extra,block_q,block_batch,ties,segments", PARALLEL_CASES)
 def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block_batch, ties, segments, schedule):
     from sea_jax.ops.sparsek_select import prefix_candidates
@@ -270,6 +270,7 @@ def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block
     ("fast", 2, False, "bracket"),
     ("fast", 0, True, "bracket"),   # c = 0: prefix-rule rows send tau's cotangent to their minimum
     ("fast", 30, True, "sort"),     # ties: saturated rows and first-occurrence rules; sort solver
+    ("fast_sorted", 2, True, "bracket"),
 ])
 def test_parallel_gradient_equals_scan(schedule, extra, ties, method):
     u, seg = _random_case(7, 2, 29, 2, ties, True)
@@ -284,6 +285,28 @@ def test_parallel_gradient_equals_scan(schedule, extra, ties, method):
     g_par = np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(u, schedule))
     np.testing.assert_allclose(g_par, g_scan, atol=2e-6, rtol=0)
     assert np.abs(g_scan).max() > 1e-2
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_sorted_solver_locates_every_segment(monkeypatch, ties):
+    """fast_sorted's cheap iteration must find the root's segment itself: its fallback (the
+    reference solver, for rows that fail the exact check) is replaced by NaN here, and the
+    thresholds must equal the reference path's."""
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    u, seg = _random_case(21, 1, 300, 2, ties, True)
+    kw = dict(k=16, window=8, extra=16, block_q=8, segment_ids=seg)
+    ref = select_jit(u, schedule="fast", **kw)
+    monkeypatch.setattr(fast, "solve_shifted_threshold",
+                        lambda rows, k, shape, dtype, active=None: jnp.full(shape, jnp.nan, dtype))
+    got = jax.jit(causal_prefix_select, static_argnames=("k", "window", "extra", "block_q", "schedule"))(
+        u, schedule="fast_sorted", **kw)
+    assert not np.isnan(np.asarray(got.tau)).any()
+    assert (np.asarray(got.tau) != 0).sum() > 100  # active rows were solved
+    np.testing.assert_allclose(np.asarray(got.tau), np.asarray(ref.tau), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.weight), np.asarray(ref.weight), atol=1e-6, rtol=0)
+    for name in ("union_index", "mask", "overflow"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)))
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64])
@@ -321,7 +344,7 @@ def test_brute_force_with_other_schedules(schedule):
         assert got == set(want) and bool(sel.overflow[b, h, i]) == ovf
 
 
-@pytest.mark.parametrize("schedule", ["fast", "parallel", "scan"])
+@pytest.mark.parametrize("schedule", ["fast", "fast_sorted", "parallel", "scan"])
 def test_no_quadratic_array_at_8192(schedule):
     T, k, bq = 8192, 16, 64
 
