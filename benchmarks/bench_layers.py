@@ -9,6 +9,7 @@ Forward and forward+backward time and peak memory of one attention core at B = 1
   impl "auto" -> the Pallas gathered kernel on GPU), *selection included*: the scorer on x
   [B, S, E = H D], the causal prefix top-k / threshold and the union layout are inside the
   timed function; fwd+bwd = grad of mean(out) w.r.t. q, k, v, x and the scorer weights.
+* ``sparsek@<schedule>``: the same with another selection schedule (``SparseKOptions.schedule``).
 * ``sea``: ``SEAAttention`` with k = 64, t_m = 256, granularity "block", impl "auto" (-> the
   Pallas block-sparse kernel on GPU), other options default; fwd+bwd = grad of mean(out) +
   mean(estimate) w.r.t. q, k, v and every SEA parameter (the estimate term stands in for
@@ -27,6 +28,7 @@ what the function needs, not what the allocator happened to keep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -177,7 +179,8 @@ def main():
                 config=dict(B=1, H=H, K=H, D=D, E=H * D, dtype=jnp.dtype(dtype).name, causal=True),
                 sparsek_options=dict(k=sk.k, window=sk.window, extra=sk.extra, block_q=sk.block_q,
                                      weight_mode=sk.weight_mode, impl=sk.impl,
-                                     resolved_impl=sk.resolved_impl(), method=sk.method),
+                                     resolved_impl=sk.resolved_impl(), method=sk.method,
+                                     schedule=sk.schedule),
                 sea_options=dict(k=sea.k, t_m=sea.t_m, block_q=sea.block_q, block_k=sea.block_k,
                                  granularity=sea.granularity, impl=sea.impl, resolved_impl=sea.resolved_impl()),
                 dense=dict(implementation=dense_impl),
@@ -189,6 +192,10 @@ def main():
         "sparsek": lambda: sparsek_functions(dims, sk),
         "sea": lambda: sea_functions(dims, sea),
     }
+    for name in layers:  # "sparsek@fast_sorted": SparseK with another selection schedule
+        if name.startswith("sparsek@"):
+            builders[name] = lambda name=name: sparsek_functions(
+                dims, dataclasses.replace(sk, schedule=name.split("@", 1)[1]))
     fns = {}
     for S in seqs:
         ks = jax.random.split(jax.random.PRNGKey(S), 4)
@@ -203,7 +210,7 @@ def main():
                 if name not in fns:
                     fns[name] = builders[name]()
                 extra, fwd, fwd_bwd = fns[name]
-                inputs = (*extra, q, k, v, x) if name == "sparsek" else (*extra, q, k, v)
+                inputs = (*extra, q, k, v, x) if name.startswith("sparsek") else (*extra, q, k, v)
                 measure(row, fwd, fwd_bwd, inputs, args.reps)
 
             rec.guarded(dict(name=name, S=S), one)

@@ -43,6 +43,7 @@ from sea_jax.attention.base import (
 from sea_jax.model.partitioning import logical_param
 from sea_jax.ops.sparsek import METHODS, check_budget
 from sea_jax.ops.sparsek_select import (
+    SCHEDULES,
     CandidateState,
     KeyTable,
     causal_prefix_select,
@@ -64,6 +65,8 @@ class SparseKOptions:
     position_slope: the fixed position term (score += slope * position). impl: "auto" (Pallas
     on GPU/TPU, XLA on CPU) | "xla" | "pallas_gpu" | "pallas_tpu". interpret: run the Pallas
     kernel in interpret mode (CPU tests). method: SparseK threshold solver ("bracket"|"sort").
+    schedule: how the kernel path runs the causal selection (sea_jax.ops.sparsek_select.SCHEDULES:
+    "parallel" default, "fast", "fast_sorted", "scan"; identical results, different speed).
     """
 
     k: int = 64
@@ -75,6 +78,7 @@ class SparseKOptions:
     impl: str = "auto"
     interpret: bool = False
     method: str = "bracket"
+    schedule: str = "parallel"
 
     def __post_init__(self):
         check_budget("k", self.k)
@@ -88,6 +92,8 @@ class SparseKOptions:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         slope = self.position_slope
         if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
             raise ValueError(f"position_slope must be a finite float, got {slope!r}")
@@ -265,7 +271,8 @@ class SparseKAttention(nnx.Module):
 
         o = self.options
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
-                                   block_q=o.block_q, segment_ids=segment_ids, method=o.method)
+                                   block_q=o.block_q, segment_ids=segment_ids, method=o.method,
+                                   schedule=o.schedule)
         # the kernel masks by segment-id equality; hand it the run ids (start + 1, 0 = padding)
         # so that a repeated id after a gap is a new sequence on both paths
         runs = None if segment_ids is None else segment_runs(segment_ids, *q.shape[:2]) + 1

@@ -432,11 +432,14 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
         return out, [gr[0]["w_score"][...]] + list(gr[1:])
 
     out_x, g_x = grads(m_xla)
-    out_g, g_g = grads(m_gpu)
-    np.testing.assert_allclose(np.asarray(out_g), np.asarray(out_x), atol=2e-5, rtol=0)
-    for name, a, b in zip(("w_score", "q", "k", "v", "x"), g_g, g_x):
-        assert np.abs(np.asarray(b)).max() > 0, name
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=name)
+    # the kernel path with the default selection schedule and with the "fast_sorted" one
+    m_fast = module(H, K, D, E, impl="pallas_gpu", interpret=True, schedule="fast_sorted", **opts)
+    for m in (m_gpu, m_fast):
+        out_g, g_g = grads(m)
+        np.testing.assert_allclose(np.asarray(out_g), np.asarray(out_x), atol=2e-5, rtol=0)
+        for name, a, b in zip(("w_score", "q", "k", "v", "x"), g_g, g_x):
+            assert np.abs(np.asarray(b)).max() > 0, name
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=name)
     assert np.all(np.asarray(out_x)[:, 34:] == 0)
 
 
@@ -459,6 +462,7 @@ def test_registered_as_attention_core():
         (dict(weight_mode="mul"), "weight_mode must be one of"),
         (dict(impl="cuda"), "impl must be one of"),
         (dict(method="heap"), "method must be one of"),
+        (dict(schedule="serial"), "schedule must be one of"),
         (dict(position_slope="small"), "position_slope must be a finite float"),
         (dict(position_slope=float("nan")), "position_slope must be a finite float"),
         (dict(interpret=1), "interpret must be a bool"),
