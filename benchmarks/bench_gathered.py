@@ -1,5 +1,7 @@
 """Gathered (token-level, SparseK-shaped) attention with the Pallas Triton kernels on GPU:
-correctness, gather strategy (in-kernel index loads vs XLA pre-gather), tuning, timings.
+correctness and timings of the strategies (STRATEGIES: how the slot K/V rows are read,
+in-kernel index loads vs an XLA pre-gather, and how the backward's slot dK/dV reach the keys:
+sorted per-key-tile reduction, XLA scatter-add or in-kernel atomics; plus tuning variants).
 
 B = 1, H = 16, D = 128, bf16, causal; per (KV head, query block of 128) a union of
 U = k + 127 distinct key positions drawn from the keys the block's last query may select
@@ -10,6 +12,7 @@ per pair forward and 3.5x that forward+backward. cuDNN dense causal runs in the 
 
     python benchmarks/bench_gathered.py --out results.json               # GPU
     python benchmarks/bench_gathered.py --smoke                          # tiny CPU run
+    python benchmarks/bench_gathered.py --strategies kernel_sorted,kernel_atomic --seqs 32768
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ from bench_block_sparse import (  # noqa: E402
     rel,
     timeit,
 )
+
+
+# name -> kernel_options (on top of tq = 64, tu = tk = 64, 4 warps, 2 stages), most important first;
+# the first N_MAIN are checked and timed at every length, the rest (tuning) at the longest only
+N_MAIN = 5
+STRATEGIES = [
+    ("kernel_sorted", dict(gather="kernel", dkv_reduce="sorted")),
+    ("kernel_scatter", dict(gather="kernel", dkv_reduce="scatter")),
+    ("hybrid_xla_bwd_scatter", dict(gather="kernel", bwd_gather="xla", dkv_reduce="scatter")),
+    ("kernel_atomic", dict(gather="kernel", dkv_reduce="atomic")),
+    ("xla_scatter", dict(gather="xla", dkv_reduce="scatter")),
+    ("kernel_sorted_slot8w", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 4, 4, 8, 4))),
+    ("kernel_sorted_chunk128", dict(gather="kernel", dkv_reduce="sorted", reduce_chunk=128)),
+    ("kernel_sorted_dq8w", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 8, 4, 4, 4))),
+    ("kernel_sorted_stages3", dict(gather="kernel", dkv_reduce="sorted", num_stages=(3, 3, 3, 3, 2))),
+]
 
 
 def make_union(rng, K, S, bq, topk, window):
@@ -66,16 +85,16 @@ def visible_pairs(union, sel, S, bq, window, H):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", default="check,tune,bench")
-    ap.add_argument("--seqs", default="8192,32768")
+    ap.add_argument("--sections", default="check,bench")
+    ap.add_argument("--seqs", default="32768,8192", help="the first one also runs the tuning variants")
     ap.add_argument("--topk", type=int, default=1024)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--kv_heads", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--budget_s", type=float, default=300.0)
-    ap.add_argument("--options", default=None, help="JSON kernel_options for the bench section")
+    ap.add_argument("--budget_s", type=float, default=250.0, help="skip what starts after this")
+    ap.add_argument("--strategies", default=None, help="comma-separated names of STRATEGIES")
     args = ap.parse_args()
     import_kernels()
     from sea_jax.kernels import gathered_attention
@@ -110,89 +129,58 @@ def main():
         w = jax.random.uniform(ks[5], (B, Kh, S, U), jnp.float32)
         return q, k, v, ct, jnp.asarray(union), sel, w
 
+    base = dict(tq=min(64, bq), tu=64, tk=64)
+    strategies = dict(STRATEGIES)
+    main_names = [n for n, _ in STRATEGIES[:N_MAIN]]
+    if args.strategies:
+        strategies = {n: strategies[n] for n in args.strategies.split(",")}
+        main_names = list(strategies)
+    over_budget = lambda: time.perf_counter() - t_start > args.budget_s
+
     # ---------------------------------------------------------------- correctness
     if "check" in sections:
         S = 256 if args.smoke else 3000
-        for gather, am in [("kernel", False), ("xla", False), ("kernel", True)]:
-            def run_check(gather=gather, am=am):
-                ks = jax.random.split(jax.random.PRNGKey(2), 6)
-                Hc, Kc = (4, 2) if args.smoke else (16, 4)
-                q = jax.random.normal(ks[0], (B, S, Hc, D), jnp.float32).astype(jnp.bfloat16)
-                k = jax.random.normal(ks[1], (B, S, Kc, D), jnp.float32).astype(jnp.bfloat16)
-                v = jax.random.normal(ks[2], (B, S, Kc, D), jnp.float32).astype(jnp.bfloat16)
-                ct = jax.random.normal(ks[3], (B, S, Hc, D), jnp.float32).astype(jnp.bfloat16)
-                nq = -(-S // bq)
-                U = topk + bq - 1
-                union = np.full((1, Kc, nq, U), -1, np.int32)
-                for kh in range(Kc):
-                    for i in range(nq):
-                        n = int(rng.integers(0, min(U, S) + 1))
-                        union[0, kh, i, rng.choice(U, n, replace=False)] = rng.choice(S, n, replace=False)
-                union = jnp.asarray(union)
-                sel = jax.random.bernoulli(ks[4], 0.8, (B, Kc, S, U))
-                w = jax.random.uniform(ks[5], (B, Kc, S, U), jnp.float32)
-                up = lambda x: x.astype(jnp.float32)
+        ks = jax.random.split(jax.random.PRNGKey(2), 6)
+        Hc, Kc = (4, 2) if args.smoke else (16, 4)
+        q = jax.random.normal(ks[0], (B, S, Hc, D), jnp.float32).astype(jnp.bfloat16)
+        k = jax.random.normal(ks[1], (B, S, Kc, D), jnp.float32).astype(jnp.bfloat16)
+        v = jax.random.normal(ks[2], (B, S, Kc, D), jnp.float32).astype(jnp.bfloat16)
+        ct = jax.random.normal(ks[3], (B, S, Hc, D), jnp.float32).astype(jnp.bfloat16)
+        nq = -(-S // bq)
+        U = topk + bq - 1
+        union = np.full((1, Kc, nq, U), -1, np.int32)
+        for kh in range(Kc):
+            for i in range(nq):
+                n = int(rng.integers(0, min(U, S) + 1))
+                union[0, kh, i, rng.choice(U, n, replace=False)] = rng.choice(S, n, replace=False)
+        union = jnp.asarray(union)
+        sel = jax.random.bernoulli(ks[4], 0.8, (B, Kc, S, U))
+        w = jax.random.uniform(ks[5], (B, Kc, S, U), jnp.float32)
+        up = lambda x: x.astype(jnp.float32)
 
-                def f(impl, opts, q, k, v, w):
-                    return gathered_attention(q, k, v, union, block_q=bq, window=W, selection_mask=sel,
-                                              selection_weights=w, impl=impl, interpret=interpret,
-                                              kernel_options=opts)
+        def f(impl, opts, q, k, v, w):
+            return gathered_attention(q, k, v, union, block_q=bq, window=W, selection_mask=sel,
+                                      selection_weights=w, impl=impl, interpret=interpret,
+                                      kernel_options=opts)
 
-                opts = dict(gather=gather, always_mask=am, tq=min(64, bq))
+        ref = jax.jit(lambda *a: f("xla", None, *a))(up(q), up(k), up(v), w)
+        gr = jax.jit(lambda *a: jax.vjp(lambda *b: f("xla", None, *b), *a)[1](up(ct)))(up(q), up(k), up(v), w)
+        for sname, sopts in strategies.items():
+            if over_budget() or sname not in main_names:
+                continue
+
+            def run_check(sname=sname, sopts=sopts):
+                opts = {**base, **sopts}
                 out = jax.jit(lambda *a: f("pallas_gpu", opts, *a))(q, k, v, w)
-                ref = jax.jit(lambda *a: f("xla", None, *a))(up(q), up(k), up(v), w)
                 g = jax.jit(lambda *a: jax.vjp(lambda *b: f("pallas_gpu", opts, *b), *a)[1](ct))(q, k, v, w)
-                gr = jax.jit(lambda *a: jax.vjp(lambda *b: f("xla", None, *b), *a)[1](up(ct)))(up(q), up(k), up(v), w)
                 finite = bool(np.isfinite(np.asarray(out, np.float32)).all()) and all(
                     bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in g)
                 errs = dict(out=rel(out, ref), dq=rel(g[0], gr[0]), dk=rel(g[1], gr[1]), dv=rel(g[2], gr[2]),
                             dw=rel(g[3], gr[3]))
-                rec.add(section="check", name=f"S{S}_gather_{gather}_always_mask_{am}", finite=finite, rel_err=errs, tol=2e-2,
-                        passed=finite and max(errs.values()) < 2e-2)
+                rec.add(section="check", name=f"S{S}_{sname}", options=opts, finite=finite, rel_err=errs,
+                        tol=2e-2, passed=finite and max(errs.values()) < 2e-2)
 
-            rec.guard("check", f"gather {gather}", run_check)
-
-    best = dict(json.loads(args.options)) if args.options else {}
-    # ------------------------------------------------------------- tuning + strategy
-    if "tune" in sections:
-        S = seqs[-1]
-        q, k, v, ct, union, sel, w = inputs(S, 0)
-        flops = 4 * D * visible_pairs(union, sel, S, bq, W, H)
-        # both gather strategies side by side, most promising first (the loop stops at --budget_s)
-        grid = [dict(gather=g, tq=tq, tu=tu, tk=tk, num_warps=(nw,) * 4, num_stages=(ns,) * 4, always_mask=am)
-                for tq, tu, tk, nw, ns, am in [(128, 64, 64, 8, 2, False), (64, 64, 64, 4, 2, False),
-                                               (128, 64, 64, 4, 2, False), (128, 64, 64, 8, 3, False),
-                                               (128, 128, 128, 8, 2, False), (128, 64, 64, 8, 2, True)]
-                for g in ["kernel", "xla"]]
-        if args.smoke:
-            grid = [dict(gather=g, tq=16, tu=16, tk=16, always_mask=False) for g in ["kernel", "xla"]]
-        results = []
-        for opts in grid:
-            if time.perf_counter() - t_start > args.budget_s:
-                break
-
-            def one(opts=opts):
-                t = timeit(jax.jit(ga(opts)), q, k, v, union, sel, w, reps=args.reps, inner=args.inner)
-                rec.add(section="tune_fwd", S=S, options=opts, ms=t * 1e3, tflops=flops / t / 1e12)
-                results.append((t, opts))
-
-            rec.guard("tune_fwd", str(opts), one)
-        # fwd+bwd for the best forward config of each gather strategy
-        for g in ["kernel", "xla"]:
-            cands = sorted([r for r in results if r[1]["gather"] == g], key=lambda r: r[0])[:2]
-            for _, opts in cands:
-                def one(opts=opts):
-                    t = timeit(fwd_bwd(ga(opts)), q, k, v, ct, union, sel, w, reps=args.reps, inner=args.inner)
-                    rec.add(section="tune_fwdbwd", S=S, options=opts, ms=t * 1e3, tflops=3.5 * flops / t / 1e12)
-                    results.append((t * 1e6, opts, "fb"))  # keep fwd+bwd apart (x1e6)
-
-                rec.guard("tune_fwdbwd", str(opts), one)
-        fb = [r for r in results if len(r) == 3]
-        if fb:
-            best = dict(min(fb, key=lambda r: r[0])[1])
-        elif results:
-            best = dict(min(results, key=lambda r: r[0])[1])
-        rec.add(section="tune_best", options=best)
+            rec.guard("check", sname, run_check)
 
     # ----------------------------------------------------------------------- bench
     if "bench" in sections:
@@ -201,27 +189,34 @@ def main():
             flops = 4 * D * visible_pairs(union, sel, S, bq, W, H)
             causal_flops = 4 * D * H * S * (S + 1) // 2
             if not args.smoke:
-                def base(S=S, q=q, ct=ct, causal_flops=causal_flops):
+                def cudnn(S=S, q=q, ct=ct, causal_flops=causal_flops):
                     kk = jax.random.normal(jax.random.PRNGKey(9), (B, S, H, D), jnp.float32).astype(jnp.bfloat16)
                     t = timeit(jax.jit(cudnn_causal), q, kk, kk, reps=args.reps, inner=args.inner)
                     tb = timeit(fwd_bwd(cudnn_causal), q, kk, kk, ct, reps=args.reps, inner=args.inner)
                     rec.add(section="bench", impl="cudnn_dense_causal", S=S, fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3,
                             fwd_tflops=causal_flops / t / 1e12, fwdbwd_tflops=3.5 * causal_flops / tb / 1e12)
 
-                rec.guard("bench", f"cudnn S={S}", base)
-            strategies = [best.get("gather", "kernel")]
-            strategies += [g for g in ["kernel", "xla"] if g not in strategies]
-            for g in strategies:
-                opts = {**best, "gather": g}
+                rec.guard("bench", f"cudnn S={S}", cudnn)
+            fwd_ms = {}  # the forward depends on `gather` only: timed once per gather mode
+            for sname, sopts in strategies.items():
+                if S != seqs[0] and sname not in main_names:
+                    continue
+                if over_budget():
+                    print(f"budget: skipped S={S} {sname}", flush=True)
+                    continue
 
-                def one(S=S, opts=opts):
-                    t = timeit(jax.jit(ga(opts)), q, k, v, union, sel, w, reps=args.reps, inner=args.inner)
+                def one(S=S, sname=sname, opts={**base, **sopts}):
+                    fkey = opts.get("gather", "kernel")
+                    if fkey not in fwd_ms:
+                        fwd_ms[fkey] = timeit(jax.jit(ga(opts)), q, k, v, union, sel, w,
+                                              reps=args.reps, inner=args.inner) * 1e3
                     tb = timeit(fwd_bwd(ga(opts)), q, k, v, ct, union, sel, w, reps=args.reps, inner=args.inner)
-                    rec.add(section="bench", impl=f"pallas_gpu_gather_{opts['gather']}", S=S, options=opts,
+                    t = fwd_ms[fkey] / 1e3
+                    rec.add(section="bench", impl=f"pallas_gpu_{sname}", S=S, options=opts,
                             visible_pairs_per_head=flops / (4 * D * H), fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3,
-                            fwd_tflops=flops / t / 1e12, fwdbwd_tflops=3.5 * flops / tb / 1e12)
+                            bwd_ms=(tb - t) * 1e3, fwd_tflops=flops / t / 1e12, fwdbwd_tflops=3.5 * flops / tb / 1e12)
 
-                rec.guard("bench", f"S={S} {opts}", one)
+                rec.guard("bench", f"S={S} {sname}", one)
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)
     print(f"{'impl':>28} {'S':>6} {'fwd ms':>8} {'fwd TF':>7} {'f+b ms':>8} {'f+b TF':>7}")
     for e in rec.data["entries"]:

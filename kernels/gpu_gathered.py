@@ -54,6 +54,7 @@ from sea_jax.kernels.layout import num_blocks, validate_block_size
 __all__ = ["gathered_attention_gpu", "GatheredGpuConfig"]
 
 GATHER_MODES = ("kernel", "xla")
+DKV_REDUCE_MODES = ("sorted", "scatter", "atomic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +72,16 @@ class GatheredGpuConfig:
     has_segments: bool
     scale: float
     interpret: bool
-    gather: str
+    gather: str  # forward and dQ (and the rest of the backward unless bwd_gather differs)
+    bwd_gather: str  # slot dK/dV (and dQ) loads in the backward
+    dkv_reduce: str
+    reduce_chunk: int
     tq: int
     tk: int
     tu: int
     always_mask: bool  # window tiles: element mask always (True) or branch per tile
-    warps: tuple[int, int, int, int]  # fwd, dq, window dkv, slot dkv
-    stages: tuple[int, int, int, int]
+    warps: tuple[int, int, int, int, int]  # fwd, dq, window dkv, slot dkv, sorted reduce
+    stages: tuple[int, int, int, int, int]
 
     @property
     def w(self) -> int:
@@ -212,46 +216,28 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
     r.lse[...] = jnp.where(ok, m + jnp.log2(safe_l), jnp.inf)
 
 
-def _specs(cfg, shapes, mode):
-    """BlockSpecs of the common inputs for a grid (tiles, heads-or-kv-heads, batch).
-
-    mode "q": programs are (query tile, query head h, batch); "kvq": (query tile, kv head,
-    batch) with all heads of the group in the q block; "kvk": (key tile, kv head, batch).
-    """
+def _specs(cfg, shapes):
+    """BlockSpecs of the common inputs for a grid (query tile, query head h, batch)."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
     rep = H // K
     tq = cfg.tq
     n_q_tiles = Sq_pad // tq
     sub_q = cfg.block_q // tq
-    if mode == "q":
-        kvh = lambda h: h // rep
-        qt = lambda t: n_q_tiles - 1 - t
-    else:
-        kvh = lambda h: h
-        qt = lambda t: n_q_tiles - 1 - t
+    kvh = lambda h: h // rep
+    qt = lambda t: n_q_tiles - 1 - t  # latest tiles (most work) first
     full = lambda x_shape: pl.BlockSpec(x_shape, lambda *_: (0,) * len(x_shape))
     specs = {
         "union": full((B, K, Sq_pad // cfg.block_q, U_pad)),
         "slot_tiles": full((B, K, Sq_pad // cfg.block_q)),
         "k": pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, kvh(h), 0)),
-    }
-    specs["v"] = specs["k"]
-    if mode == "q":
-        specs["q"] = pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, qt(t), h, 0))
-        specs["row"] = pl.BlockSpec((None, None, tq), lambda t, h, b: (b, h, qt(t)))
-    elif mode == "kvq":
-        specs["q"] = pl.BlockSpec((None, tq, rep, Dp), lambda t, h, b: (b, qt(t), h, 0))
-        specs["row"] = pl.BlockSpec((None, rep, tq), lambda t, h, b: (b, h, qt(t)))
-    else:
-        specs["q"] = pl.BlockSpec((None, Sq_pad, rep, Dp), lambda t, h, b: (b, 0, h, 0))
-        specs["row"] = pl.BlockSpec((None, rep, Sq_pad), lambda t, h, b: (b, h, 0))
-    if mode != "kvk":
-        specs["kg"] = pl.BlockSpec(
+        "q": pl.BlockSpec((None, tq, None, Dp), lambda t, h, b: (b, qt(t), h, 0)),
+        "row": pl.BlockSpec((None, None, tq), lambda t, h, b: (b, h, qt(t))),
+        "kg": pl.BlockSpec(
             (None, None, None, U_pad, Dp), lambda t, h, b: (b, kvh(h), qt(t) // sub_q, 0, 0)
-        )
-        specs["sel"] = pl.BlockSpec((None, None, tq, U_pad), lambda t, h, b: (b, kvh(h), qt(t), 0))
-    specs["vg"] = specs.get("kg")
-    specs["wsel"] = specs.get("sel")
+        ),
+        "sel": pl.BlockSpec((None, None, tq, U_pad), lambda t, h, b: (b, kvh(h), qt(t), 0)),
+    }
+    specs["v"], specs["vg"], specs["wsel"] = specs["k"], specs["kg"], specs["sel"]
     return specs
 
 
@@ -265,7 +251,7 @@ def _common_args(cfg, names, specs, arrays):
 
 def _forward(cfg, arrays, shapes):
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
-    specs = _specs(cfg, shapes, "q")
+    specs = _specs(cfg, shapes)
     specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
     names = _in_names(cfg)
     in_specs, args = _common_args(cfg, names, specs, arrays)
@@ -428,23 +414,22 @@ def _dkv_window(cfg, arrays, shapes):
 
 # ---------------------------------------------------------- slot dK/dV and weights
 def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
+    """One program per (query block, KV head, batch): every slot tile of the block's union,
+    summed over the block's query tiles and the group's query heads (the gathered K/V rows
+    are loaded once per slot tile, not once per query tile)."""
     outs = (["dw"] if cfg.has_weights else [])
-    if cfg.gather == "kernel":
+    if cfg.dkv_reduce == "atomic":
         ins = _in_names(cfg, "do", "lse", "delta", "dk_in", "dv_in")
         outs += ["dk", "dv"]
     else:
         ins = _in_names(cfg, "do", "lse", "delta")
         outs += ["dks", "dvs"]
     r = _Refs(refs, ins + outs)
-    tq, tu = cfg.tq, cfg.tu
+    tq, tu, bq = cfg.tq, cfg.tu, cfg.block_q
     rep = cfg.num_heads // cfg.num_kv_heads
-    tile = pl.num_programs(0) - 1 - pl.program_id(0)
+    i = pl.num_programs(0) - 1 - pl.program_id(0)  # latest blocks (most slots) first
     kh, b = pl.program_id(1), pl.program_id(2)
-    i = _split(tile, cfg.block_q // tq)[0]
-    q0 = tile * tq
     qk_scale = cfg.scale * LOG2E
-    segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
-    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
     d = r.q.shape[-1]
     n_slot_tiles = r.slot_tiles[b, kh, i]
 
@@ -453,42 +438,50 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
         idx = r.union[b, kh, i, pl.ds(u0, tu)]
         idx_safe = jnp.maximum(idx, 0)
         k, v = _load_slots(cfg, r, u0, idx_safe)
-        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
         segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
-        allowed = _slot_allowed(cfg, idx, qpos, sel, segq, segk)
-        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
 
-        def head(hr, carry):
-            dk, dv, dw = carry
-            q = r.q[:, hr, :]
-            do = r.do[:, hr, :]
-            lse = r.lse[hr, :][:, None]
-            delta = r.delta[hr, :][:, None]
-            s = jnp.where(allowed, _dot(q, k, 1, 1) * qk_scale, -jnp.inf)  # [tq, tu]
-            p = jnp.exp2(s - lse)
-            dp = _dot(do, v, 1, 1)
-            if wf is None:
-                pw = p
-                ds = p * (dp - delta)
-            elif cfg.weight_mode == "gate":
-                pw = p * wf
-                ds = p * (wf * dp - delta)
-                dw = dw + p * dp
-            else:
-                pw = p * wf
-                ds = pw * (dp - delta)
-                dw = dw + p * (dp - delta)
-            dv = dv + _dot(pw.astype(do.dtype), do, 0, 0)  # [tu, D]
-            dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
-            return dk, dv, dw
+        def sub_tile(j, acc):
+            s0 = pl.multiple_of(j * tq, tq)
+            q0 = i * bq + s0
+            qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
+            segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
+            sel = r.sel[pl.ds(s0, tq), pl.ds(u0, tu)] if cfg.has_mask else None
+            allowed = _slot_allowed(cfg, idx, qpos, sel, segq, segk)
+            wf = r.wsel[pl.ds(s0, tq), pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
 
-        init = (jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu, d), jnp.float32),
-                jnp.zeros((tq, tu), jnp.float32))
-        dk, dv, dw = lax.fori_loop(0, rep, head, init)
+            def head(hr, carry):
+                dk, dv, dw = carry
+                q = r.q[pl.ds(s0, tq), hr, :]
+                do = r.do[pl.ds(s0, tq), hr, :]
+                lse = r.lse[hr, pl.ds(s0, tq)][:, None]
+                delta = r.delta[hr, pl.ds(s0, tq)][:, None]
+                s = jnp.where(allowed, _dot(q, k, 1, 1) * qk_scale, -jnp.inf)  # [tq, tu]
+                p = jnp.exp2(s - lse)
+                dp = _dot(do, v, 1, 1)
+                if wf is None:
+                    pw = p
+                    ds = p * (dp - delta)
+                elif cfg.weight_mode == "gate":
+                    pw = p * wf
+                    ds = p * (wf * dp - delta)
+                    dw = dw + p * dp
+                else:
+                    pw = p * wf
+                    ds = pw * (dp - delta)
+                    dw = dw + p * (dp - delta)
+                dv = dv + _dot(pw.astype(do.dtype), do, 0, 0)  # [tu, D]
+                dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+                return dk, dv, dw
+
+            dk, dv, dw = lax.fori_loop(0, rep, head, acc + (jnp.zeros((tq, tu), jnp.float32),))
+            if cfg.has_weights:
+                r.dw[pl.ds(s0, tq), pl.ds(u0, tu)] = dw
+            return dk, dv
+
+        init = (jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu, d), jnp.float32))
+        dk, dv = lax.fori_loop(0, bq // tq, sub_tile, init)
         dk = dk * cfg.scale
-        if cfg.has_weights:
-            r.dw[:, pl.ds(u0, tu)] = dw
-        if cfg.gather == "kernel":
+        if cfg.dkv_reduce == "atomic":
             # Rows of empty slots are exactly zero. They go to the spare padding row (never a
             # real key), and on the GPU the mask drops them altogether (interpret mode's
             # discharge rule takes no mask). Valid slots of a row are distinct keys.
@@ -506,40 +499,49 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
     if cfg.has_weights:
         # slot tiles never visited hold no selected key: zero gradient
         def zero(t, carry):
-            r.dw[:, pl.ds(pl.multiple_of(t * tu, tu), tu)] = jnp.zeros((tq, tu), jnp.float32)
+            r.dw[:, pl.ds(pl.multiple_of(t * tu, tu), tu)] = jnp.zeros((bq, tu), jnp.float32)
             return carry
 
         lax.fori_loop(n_slot_tiles, r.union.shape[-1] // tu, zero, jnp.int32(0))
 
 
 def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
+    """Slot dK/dV (and the weight gradient): dK, dV [B, Skv_pad, K, Dp] with the window part
+    dk_win / dv_win included, in float32 ("atomic", "scatter") or k's dtype ("sorted")."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
-    specs = _specs(cfg, shapes, "kvq")
-    specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
+    rep, bq = H // K, cfg.block_q
+    nq = Sq_pad // bq
+    qb = lambda t: nq - 1 - t
+    full = lambda x_shape: pl.BlockSpec(x_shape, lambda *_: (0,) * len(x_shape))
+    kvspec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h, 0))
+    qspec = pl.BlockSpec((None, bq, rep, Dp), lambda t, h, b: (b, qb(t), h, 0))
+    rowspec = pl.BlockSpec((None, rep, bq), lambda t, h, b: (b, h, qb(t)))
+    selspec = pl.BlockSpec((None, None, bq, U_pad), lambda t, h, b: (b, h, qb(t), 0))
+    slotspec = pl.BlockSpec((None, None, None, U_pad, Dp), lambda t, h, b: (b, h, qb(t), 0, 0))
+    specs = dict(
+        union=full((B, K, nq, U_pad)), slot_tiles=full((B, K, nq)), q=qspec, k=kvspec, v=kvspec,
+        kg=slotspec, vg=slotspec, sel=selspec, wsel=selspec, do=qspec, lse=rowspec, delta=rowspec,
+        seg=pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0)),
+    )
     names = _in_names(cfg) + ["do", "lse", "delta"]
-    specs["do"], specs["lse"], specs["delta"] = specs["q"], specs["row"], specs["row"]
     in_specs, args = _common_args(cfg, names, specs, arrays)
-    n_tiles = Sq_pad // cfg.tq
-    qt = lambda t: n_tiles - 1 - t
     out_specs, out_shape = [], []
     if cfg.has_weights:
-        out_specs.append(specs["sel"])
+        out_specs.append(selspec)
         out_shape.append(jax.ShapeDtypeStruct((B, K, Sq_pad, U_pad), jnp.float32))
     aliases = {}
-    if cfg.gather == "kernel":
-        acc_spec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, h, b: (b, 0, h, 0))
+    if cfg.dkv_reduce == "atomic":
         aliases = {len(args): len(out_shape), len(args) + 1: len(out_shape) + 1}
-        in_specs += [acc_spec, acc_spec]
+        in_specs += [kvspec, kvspec]
         args += [dk_win, dv_win]
-        out_specs += [acc_spec, acc_spec]
+        out_specs += [kvspec, kvspec]
         out_shape += [jax.ShapeDtypeStruct(dk_win.shape, jnp.float32)] * 2
     else:
-        sspec = pl.BlockSpec((None, None, None, U_pad, Dp), lambda t, h, b: (b, h, qt(t), 0, 0))
-        out_specs += [sspec, sspec]
-        out_shape += [jax.ShapeDtypeStruct((B, K, n_tiles, U_pad, Dp), jnp.float32)] * 2
+        out_specs += [slotspec, slotspec]
+        out_shape += [jax.ShapeDtypeStruct((B, K, nq, U_pad, Dp), jnp.float32)] * 2
     outs = pl.pallas_call(
         functools.partial(_dkv_slots_kernel, cfg=cfg),
-        grid=(n_tiles, K, B),
+        grid=(nq, K, B),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -550,24 +552,112 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
     )(*args)
     dw = outs[0] if cfg.has_weights else None
     dk, dv = outs[-2], outs[-1]
-    if cfg.gather == "xla":
-        # scatter-add the per-slot gradients of tile t (block t // sub_q) into the keys
-        sub_q = cfg.block_q // cfg.tq
-        idx = jnp.repeat(arrays["union"], sub_q, axis=2)  # [B, K, n_tiles, U_pad]
-        safe = jnp.where(idx >= 0, idx, Skv_pad)  # out of range -> dropped
-
-        def scatter(acc, part):  # acc [B, Skv_pad, K, Dp]; part [B, K, n_tiles, U_pad, Dp]
-            bi = jnp.arange(B)[:, None, None, None]
-            ki = jnp.arange(K)[None, :, None, None]
-            return acc.at[bi, safe, ki].add(part, mode="drop")
-
-        dk, dv = scatter(dk_win, dk), scatter(dv_win, dv)
+    if cfg.dkv_reduce == "scatter":
+        # XLA scatter-add of the per-slot sums of block i into the keys
+        union = arrays["union"]
+        safe = jnp.where(union >= 0, union, Skv_pad)  # out of range -> dropped
+        bi = jnp.arange(B)[:, None, None, None]
+        ki = jnp.arange(K)[None, :, None, None]
+        dk = dk_win.at[bi, safe, ki].add(dk, mode="drop")
+        dv = dv_win.at[bi, safe, ki].add(dv, mode="drop")
+    elif cfg.dkv_reduce == "sorted":
+        dk, dv = _reduce_sorted(cfg, arrays["union"], dk, dv, dk_win, dv_win, arrays["k"].dtype)
     return dw, dk, dv
+
+
+# ------------------------------------------------- sorted (atomic-free) slot reduction
+def _sorted_slots(union, Skv_pad: int, tk: int, chunk: int):
+    """The slots of each (batch, KV head) sorted by key: for the key-tile reduction kernel.
+
+    union: int32 [B, K, nQ, U_pad] (-1 = empty). Returns ``keys`` and ``pos`` int32
+    [B, K, nQ * U_pad + chunk] (key of each slot in ascending order, empty slots last with key
+    Skv_pad, then ``chunk`` sentinel entries so that a chunk read never leaves the array; pos =
+    the slot's flat index i * U_pad + u) and ``starts`` int32 [B, K, Skv_pad // tk + 1]: key
+    tile t owns sorted entries [starts[t], starts[t + 1]).
+    """
+    B, K, nq, U = union.shape
+    flat = union.reshape(B, K, nq * U)
+    keys = jnp.where(flat >= 0, flat, Skv_pad)
+    pos = jnp.broadcast_to(jnp.arange(nq * U, dtype=jnp.int32), keys.shape)
+    keys, pos = lax.sort((keys, pos), dimension=2, num_keys=1)
+    bounds = jnp.arange(0, Skv_pad + 1, tk, dtype=jnp.int32)
+    starts = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(keys)
+    keys = _pad_to(keys, 2, nq * U + chunk, Skv_pad)
+    pos = _pad_to(pos, 2, nq * U + chunk, 0)
+    return keys, pos, starts.astype(jnp.int32)
+
+
+def _reduce_kernel(keys_ref, pos_ref, starts_ref, pk_ref, pv_ref, dkw_ref, dvw_ref, dk_ref, dv_ref,
+                   *, cfg: GatheredGpuConfig, sentinel: int):
+    """dK/dV of key tile [k0, k0 + tk) of one (KV head, batch): the window part plus every
+    per-slot partial sum whose key lies in the tile, read in chunks of the key-sorted slot
+    list. A chunk is reduced into the tile by a one-hot [tk, chunk] matmul (tensor cores, no
+    atomics, deterministic); the float32 partials are split into bfloat16 high and low parts
+    so that the one-hot products keep ~16 mantissa bits (error <= 2^-17 of each partial)."""
+    tk, chunk = cfg.tk, cfg.reduce_chunk
+    t, kh, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = starts_ref[b, kh, t]
+    end = starts_ref[b, kh, t + 1]
+    n = lax.div(end - start + chunk - 1, jnp.int32(chunk))
+    key_of_row = t * tk + lax.broadcasted_iota(jnp.int32, (tk, chunk), 0)
+    d = dk_ref.shape[-1]
+
+    def split_dot(onehot, x):
+        hi = x.astype(jnp.bfloat16)
+        lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        return _dot(onehot, hi) + _dot(onehot, lo)
+
+    def step(c, carry):
+        dk, dv = carry
+        p0 = start + c * chunk
+        keys = keys_ref[b, kh, pl.ds(p0, chunk)]
+        pos = pos_ref[b, kh, pl.ds(p0, chunk)]
+        # entries past `end` belong to later tiles (or are sentinels): they match no row
+        onehot = jnp.where(keys[None, :] == key_of_row, 1.0, 0.0).astype(jnp.bfloat16)
+        # sentinels (empty slots) point at partial rows the slot kernel never wrote: zero
+        # them, 0 * garbage could be NaN
+        real = (keys < sentinel)[:, None]
+        pk = jnp.where(real, pk_ref[pos, :], 0.0)
+        pv = jnp.where(real, pv_ref[pos, :], 0.0)
+        return dk + split_dot(onehot, pk), dv + split_dot(onehot, pv)
+
+    init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32))
+    dk, dv = lax.fori_loop(0, n, step, init)
+    dk_ref[...] = (dkw_ref[...] + dk).astype(dk_ref.dtype)
+    dv_ref[...] = (dvw_ref[...] + dv).astype(dv_ref.dtype)
+
+
+def _reduce_sorted(cfg, union, part_k, part_v, dk_win, dv_win, out_dtype):
+    """dK = dk_win + sum over slots (i, u) with union[..., i, u] = key of part_k[..., i, u, :].
+
+    part_k, part_v: float32 [B, K, nQ, U_pad, Dp]; dk_win, dv_win: float32 [B, Skv_pad, K, Dp].
+    Returns dK, dV [B, Skv_pad, K, Dp] in out_dtype.
+    """
+    B, Skv_pad, K, Dp = dk_win.shape
+    tk, chunk = cfg.tk, cfg.reduce_chunk
+    keys, pos, starts = _sorted_slots(union, Skv_pad, tk, chunk)
+    n_slots = part_k.shape[2] * part_k.shape[3]
+    part_k = part_k.reshape(B, K, n_slots, Dp)
+    part_v = part_v.reshape(B, K, n_slots, Dp)
+    full = lambda x_shape: pl.BlockSpec(x_shape, lambda *_: (0,) * len(x_shape))
+    pspec = pl.BlockSpec((None, None, n_slots, Dp), lambda t, h, b: (b, h, 0, 0))
+    kspec = pl.BlockSpec((None, tk, None, Dp), lambda t, h, b: (b, t, h, 0))
+    shape = jax.ShapeDtypeStruct(dk_win.shape, out_dtype)
+    return pl.pallas_call(
+        functools.partial(_reduce_kernel, cfg=cfg, sentinel=Skv_pad),  # Skv_pad: empty slots' key
+        grid=(Skv_pad // tk, K, B),
+        in_specs=[full(keys.shape), full(pos.shape), full(starts.shape), pspec, pspec, kspec, kspec],
+        out_specs=[kspec, kspec],
+        out_shape=[shape, shape],
+        compiler_params=compiler_params(cfg.warps[4], cfg.stages[4]),
+        interpret=cfg.interpret,
+        name="gathered_dkv_reduce",
+    )(keys, pos, starts, part_k, part_v, dk_win, dv_win)
 
 
 def _dq(cfg, arrays, shapes):
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
-    specs = _specs(cfg, shapes, "q")
+    specs = _specs(cfg, shapes)
     specs["seg"] = pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0))
     specs["do"], specs["lse"], specs["delta"] = specs["q"], specs["row"], specs["row"]
     names = _in_names(cfg) + ["do", "lse", "delta"]
@@ -618,6 +708,7 @@ def _attention_fwd(cfg, q, k, v, wsel, sel, seg, union, slot_tiles):
 
 def _attention_bwd(cfg, res, do):
     q, k, v, wsel, sel, seg, union, slot_tiles, o, lse = res
+    cfg = dataclasses.replace(cfg, gather=cfg.bwd_gather)
     shapes = _shapes(q, k, union)
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     arrays = _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles)
@@ -653,28 +744,53 @@ def gathered_attention_gpu(
     scale: float | None = None,
     interpret: bool = False,
     gather: str = "kernel",
+    bwd_gather: str | None = None,
+    dkv_reduce: str = "sorted",
+    reduce_chunk: int = 64,
     tq: int | None = None,
     tk: int = 64,
     tu: int = 64,
-    num_warps: tuple[int, int, int, int] = (4, 4, 4, 4),
-    num_stages: tuple[int, int, int, int] = (2, 2, 2, 2),
+    num_warps: tuple[int, ...] = (4, 4, 4, 4, 4),
+    num_stages: tuple[int, ...] = (2, 2, 2, 2, 2),
     always_mask: bool = False,
 ) -> jax.Array:
     """Gathered attention with the Pallas Triton kernels (forward and backward).
 
     Arguments as :func:`sea_jax.kernels.gathered_attention` (validated there), plus the
-    tuning knobs (``kernel_options``): ``gather`` "kernel" (index loads inside the kernel,
-    default: chosen by measurement, see benchmarks/bench_gathered.py) or "xla" (pre-gathered
-    [B, K, nQ, U, D] copies); ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk``
-    (window key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd, dq,
-    window dkv, slot dkv); ``always_mask``: mask every window tile elementwise instead of
-    branching per tile.
+    tuning knobs (``kernel_options``; defaults chosen by measurement, see the module
+    docstring and benchmarks/bench_gathered.py):
+
+    * ``gather``: how the slot K/V rows are read: "kernel" (index loads inside the kernel) or
+      "xla" (pre-gathered [B, K, nQ, U, D] copies); ``bwd_gather``: the same for the backward
+      only (default: ``gather``; "xla" with gather="kernel" is the hybrid);
+    * ``dkv_reduce``: how the slot dK/dV reach the keys: "sorted" (per-slot partial sums per
+      query block [B, K, nQ, U, D], reduced per key tile over the key-sorted slot list by a
+      Pallas kernel: no atomics, deterministic), "scatter" (the same partials, XLA
+      scatter-add) or "atomic" (float32 atomics into dK/dV inside the slot kernel);
+      ``reduce_chunk``: slots per step of the "sorted" reduction (power of two >= 16);
+    * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
+      reduction key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd,
+      dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2);
+      ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
     selection_mask bool / selection_weights float [B, K, Sq, U]. Returns [B, Sq, H, D].
     """
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+    bwd_gather = gather if bwd_gather is None else bwd_gather
+    if bwd_gather not in GATHER_MODES:
+        raise ValueError(f"bwd_gather must be one of {GATHER_MODES} or None, got {bwd_gather!r}")
+    if dkv_reduce not in DKV_REDUCE_MODES:
+        raise ValueError(f"dkv_reduce must be one of {DKV_REDUCE_MODES}, got {dkv_reduce!r}")
+    reduce_chunk = validate_block_size("reduce_chunk", reduce_chunk)
+    num_warps, num_stages = tuple(num_warps), tuple(num_stages)
+    for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
+        if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
+            raise ValueError(f"{name} must be 4 or 5 positive ints (fwd, dq, window dkv, slot dkv"
+                             f"[, sorted reduce]), got {val!r}")
+    num_warps += (4,) * (5 - len(num_warps))
+    num_stages += (2,) * (5 - len(num_stages))
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     # default query tile 64: with tq = 128 and D = 128 a backward kernel needs 265 KiB of shared
@@ -690,8 +806,8 @@ def gathered_attention_gpu(
         window=window if window > 0 else None, causal=bool(causal), weight_mode=weight_mode,
         has_mask=selection_mask is not None, has_weights=selection_weights is not None,
         has_segments=segment_ids is not None, scale=scale, interpret=bool(interpret),
-        gather=gather, tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask),
-        warps=tuple(num_warps), stages=tuple(num_stages),
+        gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
+        tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
     )
     nq = num_blocks(Sq, block_q)
     Dp = _next_pow2(D)
