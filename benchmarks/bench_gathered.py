@@ -52,20 +52,24 @@ STRATEGIES = [
     ("kernel_sorted_chunk128", dict(gather="kernel", dkv_reduce="sorted", reduce_chunk=128)),
     ("kernel_sorted_dq8w", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 8, 4, 4, 4))),
     ("kernel_sorted_stages3", dict(gather="kernel", dkv_reduce="sorted", num_stages=(3, 3, 3, 3, 2))),
+    # U = topk + bq = 1152, a multiple of the slot tile: the kernel pads neither the selection
+    # mask / weights [B, K, S, U] in the forward nor slices their gradient in the backward
+    # (the extra slot stays empty: same visible pairs)
+    ("kernel_sorted_u_tile_multiple", dict(gather="kernel", dkv_reduce="sorted", union_slots="topk+bq")),
 ]
 
 
-def make_union(rng, K, S, bq, topk, window):
-    """int32 [1, K, nQ, U], U = topk + bq - 1: sorted distinct keys in [0, q_last - window]."""
+def make_union(rng, K, S, bq, U, window, n_max):
+    """int32 [1, K, nQ, U] (SparseK: U = topk + bq - 1): sorted distinct keys in
+    [0, q_last - window], min(n_max, eligible) of them; the rest -1."""
     nq = S // bq
-    U = topk + bq - 1
     out = np.full((1, K, nq, U), -1, np.int32)
     for kh in range(K):
         for i in range(nq):
             hi = (i + 1) * bq - 1 - window  # last eligible key of the block's last query
             if hi < 0:
                 continue
-            n = min(U, hi + 1)
+            n = min(U, n_max, hi + 1)
             out[0, kh, i, :n] = np.sort(rng.choice(hi + 1, size=n, replace=False))
     return out
 
@@ -95,6 +99,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget_s", type=float, default=250.0, help="skip what starts after this")
     ap.add_argument("--strategies", default=None, help="comma-separated names of STRATEGIES")
+    ap.add_argument("--options", default=None, help="JSON kernel_options under every strategy's own")
     args = ap.parse_args()
     import_kernels()
     from sea_jax.kernels import gathered_attention
@@ -117,19 +122,18 @@ def main():
                                       kernel_options=opts)
         return f
 
-    def inputs(S, seed):
+    def inputs(S, seed, U):
         ks = jax.random.split(jax.random.PRNGKey(seed), 7)
         q = jax.random.normal(ks[0], (B, S, H, D), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(ks[1], (B, S, Kh, D), jnp.float32).astype(jnp.bfloat16)
         v = jax.random.normal(ks[2], (B, S, Kh, D), jnp.float32).astype(jnp.bfloat16)
         ct = jax.random.normal(ks[3], (B, S, H, D), jnp.float32).astype(jnp.bfloat16)
-        union = make_union(rng, Kh, S, bq, topk, W)
-        U = union.shape[-1]
+        union = make_union(rng, Kh, S, bq, U, W, topk + bq - 1)
         sel = jax.random.bernoulli(ks[4], min(1.0, topk / U), (B, Kh, S, U))
         w = jax.random.uniform(ks[5], (B, Kh, S, U), jnp.float32)
         return q, k, v, ct, jnp.asarray(union), sel, w
 
-    base = dict(tq=min(64, bq), tu=64, tk=64)
+    base = dict(tq=min(64, bq), tu=64, tk=64, **(json.loads(args.options) if args.options else {}))
     strategies = dict(STRATEGIES)
     main_names = [n for n, _ in STRATEGIES[:N_MAIN]]
     if args.strategies:
@@ -184,11 +188,25 @@ def main():
 
     # ----------------------------------------------------------------------- bench
     if "bench" in sections:
-        for S in seqs:
-            q, k, v, ct, union, sel, w = inputs(S, S)
+        # the main strategies at every length first, then the tuning variants at seqs[0]
+        plan = [(S, n) for S in seqs for n in main_names]
+        plan += [(seqs[0], n) for n in strategies if n not in main_names]
+        data, fwd_ms, done_cudnn = {}, {}, set()
+        for S, sname in plan:
+            if over_budget():
+                print(f"budget: skipped S={S} {sname}", flush=True)
+                continue
+            sopts = dict(strategies[sname])
+            U = topk + bq if sopts.pop("union_slots", None) == "topk+bq" else topk + bq - 1
+            if (S, U) not in data:
+                data.clear()  # one input set on the device at a time
+                data[(S, U)] = inputs(S, S, U)
+            q, k, v, ct, union, sel, w = data[(S, U)]
             flops = 4 * D * visible_pairs(union, sel, S, bq, W, H)
-            causal_flops = 4 * D * H * S * (S + 1) // 2
-            if not args.smoke:
+            if not args.smoke and S not in done_cudnn:
+                done_cudnn.add(S)
+                causal_flops = 4 * D * H * S * (S + 1) // 2
+
                 def cudnn(S=S, q=q, ct=ct, causal_flops=causal_flops):
                     kk = jax.random.normal(jax.random.PRNGKey(9), (B, S, H, D), jnp.float32).astype(jnp.bfloat16)
                     t = timeit(jax.jit(cudnn_causal), q, kk, kk, reps=args.reps, inner=args.inner)
@@ -197,31 +215,25 @@ def main():
                             fwd_tflops=causal_flops / t / 1e12, fwdbwd_tflops=3.5 * causal_flops / tb / 1e12)
 
                 rec.guard("bench", f"cudnn S={S}", cudnn)
-            fwd_ms = {}  # the forward depends on `gather` only: timed once per gather mode
-            for sname, sopts in strategies.items():
-                if S != seqs[0] and sname not in main_names:
-                    continue
-                if over_budget():
-                    print(f"budget: skipped S={S} {sname}", flush=True)
-                    continue
 
-                def one(S=S, sname=sname, opts={**base, **sopts}):
-                    fkey = opts.get("gather", "kernel")
-                    if fkey not in fwd_ms:
-                        fwd_ms[fkey] = timeit(jax.jit(ga(opts)), q, k, v, union, sel, w,
-                                              reps=args.reps, inner=args.inner) * 1e3
-                    tb = timeit(fwd_bwd(ga(opts)), q, k, v, ct, union, sel, w, reps=args.reps, inner=args.inner)
-                    t = fwd_ms[fkey] / 1e3
-                    rec.add(section="bench", impl=f"pallas_gpu_{sname}", S=S, options=opts,
-                            visible_pairs_per_head=flops / (4 * D * H), fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3,
-                            bwd_ms=(tb - t) * 1e3, fwd_tflops=flops / t / 1e12, fwdbwd_tflops=3.5 * flops / tb / 1e12)
+            def one(S=S, U=U, sname=sname, opts={**base, **sopts}):
+                # the forward depends on `gather` and the tiles only: timed once per such key
+                fkey = (S, U, opts.get("gather", "kernel"), str(opts.get("num_warps")), str(opts.get("num_stages")))
+                if fkey not in fwd_ms:
+                    fwd_ms[fkey] = timeit(jax.jit(ga(opts)), q, k, v, union, sel, w,
+                                          reps=args.reps, inner=args.inner)
+                t = fwd_ms[fkey]
+                tb = timeit(fwd_bwd(ga(opts)), q, k, v, ct, union, sel, w, reps=args.reps, inner=args.inner)
+                rec.add(section="bench", impl=f"pallas_gpu_{sname}", S=S, union_slots=U, options=opts,
+                        visible_pairs_per_head=flops / (4 * D * H), fwd_ms=t * 1e3, fwdbwd_ms=tb * 1e3,
+                        bwd_ms=(tb - t) * 1e3, fwd_tflops=flops / t / 1e12, fwdbwd_tflops=3.5 * flops / tb / 1e12)
 
-                rec.guard("bench", f"S={S} {sname}", one)
+            rec.guard("bench", f"S={S} {sname}", one)
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)
-    print(f"{'impl':>28} {'S':>6} {'fwd ms':>8} {'fwd TF':>7} {'f+b ms':>8} {'f+b TF':>7}")
+    print(f"{'impl':>44} {'S':>6} {'fwd ms':>8} {'fwd TF':>7} {'f+b ms':>8} {'f+b TF':>7}")
     for e in rec.data["entries"]:
         if e.get("section") == "bench" and "fwd_ms" in e:
-            print(f"{e['impl']:>28} {e['S']:>6} {e['fwd_ms']:8.3f} {e['fwd_tflops']:7.1f} "
+            print(f"{e['impl']:>44} {e['S']:>6} {e['fwd_ms']:8.3f} {e['fwd_tflops']:7.1f} "
                   f"{e['fwdbwd_ms']:8.3f} {e['fwdbwd_tflops']:7.1f}")
     for e in rec.data["entries"]:
         if "error" in e or (e.get("section") == "check" and not e.get("passed")):
