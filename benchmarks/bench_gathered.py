@@ -133,7 +133,7 @@ def main():
         w = jax.random.uniform(ks[5], (B, Kh, S, U), jnp.float32)
         return q, k, v, ct, jnp.asarray(union), sel, w
 
-    base = dict(tq=min(64, bq), tu=64, tk=64, **(json.loads(args.options) if args.options else {}))
+    base = {**dict(tq=min(64, bq), tu=64, tk=64), **(json.loads(args.options) if args.options else {})}
     strategies = dict(STRATEGIES)
     main_names = [n for n, _ in STRATEGIES[:N_MAIN]]
     if args.strategies:
