@@ -76,6 +76,7 @@ class GatheredGpuConfig:
     bwd_gather: str  # slot dK/dV (and dQ) loads in the backward
     dkv_reduce: str
     reduce_chunk: int
+    partial_dtype: str  # per-slot partial sums ("scatter", "sorted"): "float32" or "bfloat16"
     tq: int
     tk: int
     tu: int
@@ -491,8 +492,8 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
             pltriton.atomic_add(r.dk, (rows, cols), dk, mask=valid)
             pltriton.atomic_add(r.dv, (rows, cols), dv, mask=valid)
         else:
-            r.dks[pl.ds(u0, tu), :] = dk
-            r.dvs[pl.ds(u0, tu), :] = dv
+            r.dks[pl.ds(u0, tu), :] = dk.astype(r.dks.dtype)
+            r.dvs[pl.ds(u0, tu), :] = dv.astype(r.dvs.dtype)
         return carry  # (a literal would not lower: scf.yield needs a value)
 
     lax.fori_loop(0, n_slot_tiles, slot_step, jnp.int32(0))
@@ -538,7 +539,7 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
         out_shape += [jax.ShapeDtypeStruct(dk_win.shape, jnp.float32)] * 2
     else:
         out_specs += [slotspec, slotspec]
-        out_shape += [jax.ShapeDtypeStruct((B, K, nq, U_pad, Dp), jnp.float32)] * 2
+        out_shape += [jax.ShapeDtypeStruct((B, K, nq, U_pad, Dp), jnp.dtype(cfg.partial_dtype))] * 2
     outs = pl.pallas_call(
         functools.partial(_dkv_slots_kernel, cfg=cfg),
         grid=(nq, K, B),
@@ -558,8 +559,8 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
         safe = jnp.where(union >= 0, union, Skv_pad)  # out of range -> dropped
         bi = jnp.arange(B)[:, None, None, None]
         ki = jnp.arange(K)[None, :, None, None]
-        dk = dk_win.at[bi, safe, ki].add(dk, mode="drop")
-        dv = dv_win.at[bi, safe, ki].add(dv, mode="drop")
+        dk = dk_win.at[bi, safe, ki].add(dk.astype(jnp.float32), mode="drop")
+        dv = dv_win.at[bi, safe, ki].add(dv.astype(jnp.float32), mode="drop")
     elif cfg.dkv_reduce == "sorted":
         dk, dv = _reduce_sorted(cfg, arrays["union"], dk, dv, dk_win, dv_win, arrays["k"].dtype)
     return dw, dk, dv
@@ -603,6 +604,8 @@ def _reduce_kernel(keys_ref, pos_ref, starts_ref, pk_ref, pv_ref, dkw_ref, dvw_r
     d = dk_ref.shape[-1]
 
     def split_dot(onehot, x):
+        if x.dtype == jnp.bfloat16:  # bfloat16 partials: the one-hot products are exact
+            return _dot(onehot, x)
         hi = x.astype(jnp.bfloat16)
         lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
         return _dot(onehot, hi) + _dot(onehot, lo)
@@ -630,7 +633,7 @@ def _reduce_kernel(keys_ref, pos_ref, starts_ref, pk_ref, pv_ref, dkw_ref, dvw_r
 def _reduce_sorted(cfg, union, part_k, part_v, dk_win, dv_win, out_dtype):
     """dK = dk_win + sum over slots (i, u) with union[..., i, u] = key of part_k[..., i, u, :].
 
-    part_k, part_v: float32 [B, K, nQ, U_pad, Dp]; dk_win, dv_win: float32 [B, Skv_pad, K, Dp].
+    part_k, part_v: float32 or bfloat16 [B, K, nQ, U_pad, Dp]; dk_win, dv_win: float32 [B, Skv_pad, K, Dp].
     Returns dK, dV [B, Skv_pad, K, Dp] in out_dtype.
     """
     B, Skv_pad, K, Dp = dk_win.shape
@@ -747,10 +750,11 @@ def gathered_attention_gpu(
     bwd_gather: str | None = None,
     dkv_reduce: str = "sorted",
     reduce_chunk: int = 64,
+    partial_dtype: str = "float32",
     tq: int | None = None,
     tk: int = 64,
     tu: int = 64,
-    num_warps: tuple[int, ...] = (4, 4, 4, 4, 4),
+    num_warps: tuple[int, ...] = (4, 4, 4, 8, 4),
     num_stages: tuple[int, ...] = (2, 2, 2, 2, 2),
     always_mask: bool = False,
 ) -> jax.Array:
@@ -768,6 +772,8 @@ def gathered_attention_gpu(
       Pallas kernel: no atomics, deterministic), "scatter" (the same partials, XLA
       scatter-add) or "atomic" (float32 atomics into dK/dV inside the slot kernel);
       ``reduce_chunk``: slots per step of the "sorted" reduction (power of two >= 16);
+      ``partial_dtype``: "float32" or "bfloat16" (half the partials' traffic; each partial
+      rounded to bfloat16 before the float32 sum);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2);
@@ -784,6 +790,8 @@ def gathered_attention_gpu(
     if dkv_reduce not in DKV_REDUCE_MODES:
         raise ValueError(f"dkv_reduce must be one of {DKV_REDUCE_MODES}, got {dkv_reduce!r}")
     reduce_chunk = validate_block_size("reduce_chunk", reduce_chunk)
+    if partial_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"partial_dtype must be 'float32' or 'bfloat16', got {partial_dtype!r}")
     num_warps, num_stages = tuple(num_warps), tuple(num_stages)
     for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
         if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
@@ -807,6 +815,7 @@ def gathered_attention_gpu(
         has_mask=selection_mask is not None, has_weights=selection_weights is not None,
         has_segments=segment_ids is not None, scale=scale, interpret=bool(interpret),
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
+        partial_dtype=partial_dtype,
         tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
     )
     nq = num_blocks(Sq, block_q)
