@@ -39,31 +39,25 @@ from bench_block_sparse import (  # noqa: E402
 )
 
 
-# name -> kernel_options (on top of tq = 64, tu = tk = 64, 4 warps, 2 stages), most important first;
+# name -> kernel_options (on top of tq = 64, tu = tk = 64 and the kernel defaults), most important first;
 # the first N_MAIN are checked and timed at every length, the rest (tuning) at the longest only
-N_MAIN = 6
-W8 = (4, 4, 8, 8, 8)  # 8 warps for the window dK/dV, slot dK/dV and sorted-reduce kernels
+N_MAIN = 7
 STRATEGIES = [
     ("kernel_sorted", dict(gather="kernel", dkv_reduce="sorted")),
     ("kernel_scatter", dict(gather="kernel", dkv_reduce="scatter")),
     ("hybrid_xla_bwd_scatter", dict(gather="kernel", bwd_gather="xla", dkv_reduce="scatter")),
     ("kernel_atomic", dict(gather="kernel", dkv_reduce="atomic")),
     ("xla_scatter", dict(gather="xla", dkv_reduce="scatter")),
-    ("kernel_sorted_bf16_partials", dict(gather="kernel", dkv_reduce="sorted", partial_dtype="bfloat16")),
-    # tuning (the kernel defaults: 4 warps, 8 for the slot dK/dV kernel; 2 stages)
-    ("kernel_sorted_win8w", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 4, 8, 8, 4))),
-    ("kernel_sorted_reduce8w", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 4, 4, 8, 8))),
-    ("kernel_sorted_stages3", dict(gather="kernel", dkv_reduce="sorted", num_stages=(3, 3, 3, 3, 2))),
-    ("kernel_sorted_chunk32", dict(gather="kernel", dkv_reduce="sorted", reduce_chunk=32)),
+    ("kernel_sorted_fp32_partials", dict(gather="kernel", dkv_reduce="sorted", partial_dtype="float32")),
     # U = topk + bq = 1152, a multiple of the slot tile: the kernel pads neither the selection
     # mask / weights [B, K, S, U] in the forward nor slices their gradient in the backward
     # (the extra slot stays empty: same visible pairs)
     ("kernel_sorted_u_tile_multiple", dict(gather="kernel", dkv_reduce="sorted", union_slots="topk+bq")),
-    ("kernel_scatter_w8_stages3_u_tile_multiple", dict(gather="kernel", dkv_reduce="scatter", num_warps=W8,
-                                                       num_stages=(3, 3, 3, 3, 2), union_slots="topk+bq")),
-    ("kernel_sorted_w8_stages3_bf16_u_tile_multiple", dict(
-        gather="kernel", dkv_reduce="sorted", num_warps=W8, num_stages=(3, 3, 3, 3, 2),
-        partial_dtype="bfloat16", union_slots="topk+bq")),
+    # tuning around the kernel defaults (warps 4, 4, 4, 8, 4; stages 3, 3, 3, 3, 2; chunk 32)
+    ("kernel_sorted_chunk64", dict(gather="kernel", dkv_reduce="sorted", reduce_chunk=64)),
+    ("kernel_sorted_w8", dict(gather="kernel", dkv_reduce="sorted", num_warps=(4, 4, 8, 8, 8))),
+    ("kernel_sorted_stages2", dict(gather="kernel", dkv_reduce="sorted", num_stages=(2, 2, 2, 2, 2))),
+    ("kernel_scatter_u_tile_multiple", dict(gather="kernel", dkv_reduce="scatter", union_slots="topk+bq")),
 ]
 
 

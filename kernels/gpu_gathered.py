@@ -749,13 +749,13 @@ def gathered_attention_gpu(
     gather: str = "kernel",
     bwd_gather: str | None = None,
     dkv_reduce: str = "sorted",
-    reduce_chunk: int = 64,
-    partial_dtype: str = "float32",
+    reduce_chunk: int = 32,
+    partial_dtype: str = "auto",
     tq: int | None = None,
     tk: int = 64,
     tu: int = 64,
     num_warps: tuple[int, ...] = (4, 4, 4, 8, 4),
-    num_stages: tuple[int, ...] = (2, 2, 2, 2, 2),
+    num_stages: tuple[int, ...] = (3, 3, 3, 3, 2),
     always_mask: bool = False,
 ) -> jax.Array:
     """Gathered attention with the Pallas Triton kernels (forward and backward).
@@ -772,8 +772,9 @@ def gathered_attention_gpu(
       Pallas kernel: no atomics, deterministic), "scatter" (the same partials, XLA
       scatter-add) or "atomic" (float32 atomics into dK/dV inside the slot kernel);
       ``reduce_chunk``: slots per step of the "sorted" reduction (power of two >= 16);
-      ``partial_dtype``: "float32" or "bfloat16" (half the partials' traffic; each partial
-      rounded to bfloat16 before the float32 sum);
+      ``partial_dtype``: "float32", "bfloat16" (half the partials' traffic; each partial
+      rounded to bfloat16 before the float32 sum) or "auto" (bfloat16 when k is bfloat16,
+      whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2);
@@ -790,8 +791,10 @@ def gathered_attention_gpu(
     if dkv_reduce not in DKV_REDUCE_MODES:
         raise ValueError(f"dkv_reduce must be one of {DKV_REDUCE_MODES}, got {dkv_reduce!r}")
     reduce_chunk = validate_block_size("reduce_chunk", reduce_chunk)
-    if partial_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"partial_dtype must be 'float32' or 'bfloat16', got {partial_dtype!r}")
+    if partial_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"partial_dtype must be 'auto', 'float32' or 'bfloat16', got {partial_dtype!r}")
+    if partial_dtype == "auto":
+        partial_dtype = "bfloat16" if k.dtype == jnp.bfloat16 else "float32"
     num_warps, num_stages = tuple(num_warps), tuple(num_stages)
     for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
         if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
