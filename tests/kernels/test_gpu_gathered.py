@@ -3,7 +3,9 @@ reference and an explicit dense masked softmax.
 
 Index lists come from ``random_union``: empty rows, full rows, -1 holes in random places,
 random counts, keys in random order. Both gather strategies ("kernel": index loads inside
-the kernel; "xla": pre-gathered copies) are run. Interpret mode starts outputs as NaN (see
+the kernel; "xla": pre-gathered copies) and every backward strategy (dK/dV of the slots
+reduced by the sorted per-key-tile kernel, an XLA scatter-add or atomics; float32 or
+bfloat16 per-slot partials; the hybrid with pre-gathered copies in the backward only) are run. Interpret mode starts outputs as NaN (see
 test_gpu_block_sparse.test_interpret_outputs_start_poisoned), so a finite output proves
 every element was written; rows with nothing visible must be exactly 0.
 
@@ -103,26 +105,38 @@ def test_forward(case):
         assert np.all(out64[empty] == 0)
 
 
+# Backward strategies (kernel_options; see kernels/gpu_gathered.py): every one appears below.
+SORTED = dict(dkv_reduce="sorted")  # the default
+SCATTER = dict(dkv_reduce="scatter")
+ATOMIC = dict(dkv_reduce="atomic")
+HYBRID = dict(gather="kernel", bwd_gather="xla", dkv_reduce="scatter")
+XLA_SCATTER = dict(gather="xla", dkv_reduce="scatter")
+XLA_SORTED = dict(gather="xla", dkv_reduce="sorted")
+
 BWD_CASES = [
     # name, B, S, H, K, D, bq, U, dtype, window, causal, mask, wmode, seg, options
-    ("gqa4_window_mask_gate_kernel", 1, 70, 4, 1, 64, 32, 20, jnp.float32, 10, True, True, "gate", False,
-     dict(tq=16, tu=16, tk=16)),
-    ("gqa1_log_segments_xla", 2, 48, 2, 2, 64, 16, 12, jnp.float32, 0, True, False, "log", True,
-     dict(tu=16, tk=16, gather="xla")),
-    ("gqa8_d128_noncausal", 1, 40, 8, 1, 128, 16, 16, jnp.float32, 0, False, False, None, False,
-     dict(tu=16, tk=16)),
-    ("bf16_gate_window", 1, 64, 4, 2, 64, 32, 16, jnp.bfloat16, 6, True, True, "gate", False,
-     dict(tu=16, tk=16)),
+    ("gqa4_window_mask_gate_sorted", 1, 70, 4, 1, 64, 32, 20, jnp.float32, 10, True, True, "gate", False,
+     dict(tq=16, tu=16, tk=16, reduce_chunk=16, **SORTED)),
+    ("gqa1_log_segments_xla_scatter", 2, 48, 2, 2, 64, 16, 12, jnp.float32, 0, True, False, "log", True,
+     dict(tu=16, tk=16, **XLA_SCATTER)),
+    ("gqa8_d128_noncausal_atomic", 1, 40, 8, 1, 128, 16, 16, jnp.float32, 0, False, False, None, False,
+     dict(tu=16, tk=16, **ATOMIC)),
+    ("gqa2_odd_d48_window_log_hybrid", 1, 53, 4, 2, 48, 16, 10, jnp.float32, 7, True, True, "log", False,
+     dict(tu=16, tk=16, **HYBRID)),
+    ("gqa1_xla_sorted_tk32", 1, 45, 2, 2, 64, 16, 20, jnp.float32, 4, True, False, "gate", False,
+     dict(tu=16, tk=32, reduce_chunk=32, **XLA_SORTED)),
+    # bf16: partial_dtype "auto" keeps bfloat16 per-slot partial sums
+    ("bf16_gate_window_sorted_bf16_partials", 1, 64, 4, 2, 64, 32, 16, jnp.bfloat16, 6, True, True, "gate",
+     False, dict(tu=16, tk=16)),
+    ("bf16_segments_scatter_fp32_partials", 1, 80, 2, 1, 64, 16, 24, jnp.bfloat16, 5, True, False, "gate",
+     True, dict(tu=16, tk=16, partial_dtype="float32", **SCATTER)),
 ]
 
 
-@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
-def test_gradients(case):
-    """dQ, dK, dV and the selection-weight gradient against autodiff of the dense reference
-    in float64 (first case also against the XLA reference's autodiff)."""
-    name, B, S, H, K, D, bq, U, dtype, W, causal, use_mask, wmode, use_seg, opts = case
+def _check_gradients(name, B, S, H, K, D, bq, U, dtype, W, causal, use_mask, wmode, use_seg, opts, union=None):
     rng = _rng(name, "bwd")
-    q, k, v, union, sel, wsel, seg = _inputs(rng, B, S, H, K, D, bq, U, dtype, use_mask, wmode, use_seg)
+    q, k, v, union_r, sel, wsel, seg = _inputs(rng, B, S, H, K, D, bq, U, dtype, use_mask, wmode, use_seg)
+    union = union_r if union is None else union
     if wsel is None:
         wsel = jnp.ones((B, K, S, U), jnp.float32)
     wm = wmode or "gate"
@@ -132,12 +146,12 @@ def test_gradients(case):
                   segment_ids=None if seg is None else jnp.asarray(seg))
     uj = jnp.asarray(union)
 
-    def grads(impl, **extra):
+    def grads(impl, q, k, v, ct, **extra):
         f = lambda q, k, v, w: gathered_attention(q, k, v, uj, selection_weights=w, impl=impl, **common, **extra)
         out, vjp = jax.vjp(jax.jit(f), q, k, v, wsel)
         return out, vjp(ct)
 
-    out, g = grads("pallas_gpu", interpret=True, kernel_options=opts)
+    out, g = grads("pallas_gpu", q, k, v, ct, interpret=True, kernel_options=opts)
     assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in (out,) + g)
     onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=causal, selection_mask=sel, segment_ids=seg)
     with enable_x64():
@@ -155,10 +169,34 @@ def test_gradients(case):
     # the weight gradient of slots that no query uses is exactly zero
     used = (onehot.sum(-1) > 0).reshape(B, K, H // K, S, U).any(2)  # [B, K, S, U]
     assert np.all(np.asarray(g[3])[~used] == 0)
-    if name == BWD_CASES[0][0]:
-        _, gx = grads("xla")
-        for a, r in zip(g, gx):
-            assert rel_err(a, r) < GRAD_TOL[dtype]
+    # and against autodiff of the XLA reference (float32 inputs: the more accurate one)
+    f32 = lambda x: x.astype(jnp.float32)
+    _, gx = grads("xla", f32(q), f32(k), f32(v), f32(ct))
+    for name_, a, r in zip("qkvw", g, gx):
+        assert rel_err(a, r) < GRAD_TOL[dtype], name_
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_gradients(case):
+    """dQ, dK, dV and the selection-weight gradient of each backward strategy against
+    autodiff of the dense masked softmax in float64 and of the XLA reference."""
+    _check_gradients(*case)
+
+
+def test_sorted_reduction_many_repeats():
+    """Every query block selects the same keys (one key tile gets nQ * U slots: many reduction
+    chunks, chunks straddling key tiles), in random order with holes; the sorted and scatter
+    reductions against the references."""
+    rng = np.random.default_rng(7)
+    B, S, H, K, bq, U = 1, 112, 2, 1, 16, 16
+    nq = num_blocks(S, bq)
+    keys = rng.choice(40, size=12, replace=False)
+    union = np.full((B, K, nq, U), -1, np.int32)
+    for i in range(nq):
+        union[0, 0, i, rng.choice(U, size=keys.size, replace=False)] = rng.permutation(keys)
+    for opts in (dict(tu=16, tk=16, reduce_chunk=16, **SORTED), dict(tu=16, tk=32, **SCATTER)):
+        _check_gradients("repeats", B, S, H, K, 64, bq, U, jnp.float32, 3, True, True, "gate", False, opts,
+                         union=union)
 
 
 def test_empty_union_gives_zero_and_zero_grads():
@@ -176,6 +214,12 @@ def test_empty_union_gives_zero_and_zero_grads():
 
 @pytest.mark.parametrize("opts,match", [
     (dict(gather="tma"), "gather"),
+    (dict(bwd_gather="gpu"), "bwd_gather"),
+    (dict(dkv_reduce="sum"), "dkv_reduce"),
+    (dict(reduce_chunk=24), "reduce_chunk"),
+    (dict(partial_dtype="float16"), "partial_dtype"),
+    (dict(num_warps=(4, 4, 4)), "num_warps"),
+    (dict(num_stages=(2, 2, 2, 2, 0)), "num_stages"),
     (dict(tq=64), "tq"),
     (dict(tu=24), "tu"),
     (dict(tk=8), "tk"),
