@@ -13,16 +13,49 @@ softmax over two phases:
 
 Slot tiles past the last non-empty slot of a row are not visited.
 
-Backward (``jax.custom_vjp``), four pieces:
+Backward (``jax.custom_vjp``; ``bwd_gather`` picks the slot loads of the backward alone):
 
 * dQ: per (query tile, head), both phases again, from the saved log-sum-exp;
 * window dK/dV: per (key tile, KV head), the query tiles whose window covers it, for every
   query head of the GQA group (single writer, no atomics);
-* slot dK/dV and the selection-weight gradient: per (query tile, KV head), each slot tile
-  summed over the group's query heads; the weight gradient tile is stored directly, the
-  dK/dV rows are added into the window result with fp32 atomics at the slot's key index
-  (``gather="kernel"``) or written per slot and summed by an XLA scatter-add
-  (``gather="xla"``).
+* slot dK/dV and the selection-weight gradient: per (query block, KV head), each slot tile's
+  K/V rows loaded once and its dK/dV summed over the block's query tiles and the group's
+  query heads; the weight gradient tile is stored directly. The slot dK/dV reach the keys
+  (``dkv_reduce``) as
+
+  - "sorted" (default): per-slot partial sums [B, K, nQ, U, D] (bfloat16 for bfloat16 K/V,
+    ``partial_dtype``), then one Pallas program per (key tile, KV head) walks the slots of
+    its keys in the key-sorted slot list (an XLA sort of the union) and adds them with
+    one-hot [tk, chunk] matmuls: no atomics, deterministic, no K/V copies;
+  - "scatter": the same partials summed by an XLA scatter-add;
+  - "atomic": float32 atomics into dK/dV inside the slot kernel.
+
+Why these defaults (H100, jax 0.11.2, B = 1, H = K = 16, D = 128, bf16, k = 1024, w = 512,
+block_q = 128, U = 1151, mask + float32 gate weights; benchmarks/bench_gathered.py, all
+strategies checked against the XLA reference on the GPU, cuDNN dense causal in the same run:
+benchmarks/results/gathered_bwd.json):
+
+    ms, fwd / fwd+bwd                 S = 8k          S = 32k
+    cuDNN dense causal                0.61 / 2.05     7.20 / 27.7
+    kernel gather, sorted (default)   1.26 / 4.87     4.81 / 19.4
+    kernel gather, scatter            1.26 / 4.75     4.81 / 19.2
+    hybrid (xla gather in bwd only)   1.26 / 4.85     4.81 / 19.7
+    kernel gather, atomic             1.26 / 6.23     4.81 / 25.8
+    xla gather, scatter               1.66 / 5.02     6.61 / 20.5
+    sorted, float32 partials          1.26 / 5.33     4.81 / 21.2
+    sorted, U = 1152 (no padding)     0.86 / 4.47     3.26 / 17.8
+
+In-kernel index loads beat the pre-gather (4.8 vs 6.6 ms forward at 32k: no 2.4 GB of K/V
+copies); atomics lose 6 ms at 32k (hot keys serialise); "sorted" and "scatter" are within
+noise (19.4 / 19.2 ms) and "sorted" is deterministic, so it is the default. The slot kernel
+needs 8 warps (fwd+bwd at 32k 29.0 ms with 4, 22.9 with 8: two [tu, D] float32 accumulators
+per program; gathered_bwd_run1.json), 3 pipeline stages save 1.2-1.6 ms (2 stages: 20.6 ms
+here, run 2: 23.0 -> 21.4), bfloat16 partials 1.9 ms (float32 partials are ~2.4 GB per
+tensor at 32k); 8 warps for the window / reduction kernels (19.9 ms) or reduction chunks of 64 slots
+instead of 32 (19.2 ms) change nothing beyond noise. A slot count U that is a multiple of
+``tu`` (e.g. k + block_q instead of k + block_q - 1) saves another ~1.6 ms: the selection
+mask and weights [B, K, S, U] are then neither padded in the forward nor sliced in the
+backward.
 
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
