@@ -51,8 +51,8 @@ noise (19.4 / 19.2 ms) and "sorted" is deterministic, so it is the default. The 
 needs 8 warps (fwd+bwd at 32k 29.0 ms with 4, 22.9 with 8: two [tu, D] float32 accumulators
 per program; gathered_bwd_run1.json), 3 pipeline stages save 1.2-1.6 ms (2 stages: 20.6 ms
 here, run 2: 23.0 -> 21.4), bfloat16 partials 1.9 ms (float32 partials are ~2.4 GB per
-tensor at 32k); 8 warps for the window / reduction kernels (19.9 ms) or reduction chunks of 64 slots
-instead of 32 (19.2 ms) change nothing beyond noise. A slot count U that is a multiple of
+tensor at 32k); 8 warps for the window / reduction kernels (19.9 ms) or reduction chunks
+of 64 slots instead of 32 (19.2 ms) change nothing beyond noise. A slot count U that is a multiple of
 ``tu`` (e.g. k + block_q instead of k + block_q - 1) saves another ~1.6 ms: the selection
 mask and weights [B, K, S, U] are then neither padded in the forward nor sliced in the
 backward.
