@@ -41,7 +41,7 @@ for p in "$@"; do
           --sections check,bench --options "$GA_OPTIONS" --reps 5
       else
         part ga "${GA_S:-130}" $PY benchmarks/bench_gathered.py --out "$OUT/gathered_bench.json" \
-          --sections "${GA_SECTIONS:-check,tune,bench}" --budget_s "$(( ${GA_S:-130} * 5 / 10 ))" --reps 5
+          --sections "${GA_SECTIONS:-check,bench}" --budget_s "$(( ${GA_S:-130} - 10 ))" --reps 5
       fi ;;
     bsx)  # extra forward tuning at S = 32k, d = 12.5 % (BSX_GRID: JSON list; BS_OPTIONS: backward knobs)
       part bsx "${BSX_S:-60}" $PY benchmarks/bench_block_sparse.py --out "$OUT/block_sparse_extra.json" \
