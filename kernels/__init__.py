@@ -13,7 +13,9 @@ Both take ``impl``:
 
 * ``"xla"``: :mod:`sea_jax.kernels.reference` (blockwise, never T x T; autodiff backward);
 * ``"pallas_gpu"``: Pallas kernels with the Triton lowering (:mod:`.gpu_block_sparse`,
-  :mod:`.gpu_gathered`), forward and backward via ``jax.custom_vjp``;
+  :mod:`.gpu_gathered`), forward and backward via ``jax.custom_vjp``; on Hopper GPUs the
+  block-sparse forward is the Mosaic GPU (wgmma/TMA) kernel of :mod:`.gpu_block_sparse_mosaic`
+  where it applies (``kernel_options={"forward": ...}``);
 * ``"pallas_tpu"``: Pallas Mosaic TPU kernels, imported lazily from
   ``sea_jax.kernels.tpu_block_sparse.block_sparse_attention_tpu`` and
   ``sea_jax.kernels.tpu_gathered.gathered_attention_tpu``. Those functions receive the same
