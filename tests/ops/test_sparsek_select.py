@@ -235,8 +235,21 @@ def _fast_carries(table, enters, c):
     return slots, ev_run, ev_score
 
 
-@pytest.mark.parametrize("schedule", ["parallel", "fast", "fast_sorted"])
-@pytest.mark.parametrize("B,T,K,k,window,extra,block_q,block_batch,ties,segments", PARALLEL_CASES)
+def _schedule_cases():
+    """Every case with "parallel" (the default); "fast" / "fast_sorted" on four cases in the
+    default run (c = 0, segments + ties, many blocks, C > T between them) and on all six with
+    --runslow (CI time: the rest repeat what these cover)."""
+    fast_on = {"fast": (1, 3, 5, 2), "fast_sorted": (0, 3, 4, 5)}
+    out = []
+    for i, case in enumerate(PARALLEL_CASES):
+        out.append(pytest.param(*case, "parallel"))
+        for sched, keep in fast_on.items():
+            marks = () if i in keep else (pytest.mark.slow,)
+            out.append(pytest.param(*case, sched, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("B,T,K,k,window,extra,block_q,block_batch,ties,segments,schedule", _schedule_cases())
 def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block_batch, ties, segments, schedule):
     from sea_jax.ops.sparsek_select import prefix_candidates
 
