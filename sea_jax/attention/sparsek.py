@@ -272,7 +272,7 @@ class SparseKAttention(nnx.Module):
         o = self.options
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
                                    block_q=o.block_q, segment_ids=segment_ids, method=o.method,
-                                   schedule=o.schedule)
+                                   schedule=o.schedule, interpret=o.interpret)
         # the kernel masks by segment-id equality; hand it the run ids (start + 1, 0 = padding)
         # so that a repeated id after a gap is a new sequence on both paths
         runs = None if segment_ids is None else segment_runs(segment_ids, *q.shape[:2]) + 1

@@ -85,7 +85,7 @@ __all__ = [
     "SCHEDULES",
 ]
 
-SCHEDULES = ("parallel", "fast", "fast_sorted", "scan")
+SCHEDULES = ("parallel", "fused", "fast", "fast_sorted", "scan")
 
 
 class CandidateState(NamedTuple):
@@ -408,6 +408,7 @@ def causal_prefix_select(
     method: str = "bracket",
     schedule: str = "parallel",
     block_batch: int | None = None,
+    interpret: bool = False,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
 
@@ -466,8 +467,10 @@ def causal_prefix_select(
           jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))
     if schedule == "scan":
         _, sel = lax.scan(jax.checkpoint(body), empty_candidates(B, K, k, extra, dtype), xs)
-    elif schedule in ("fast", "fast_sorted"):
+    elif schedule in ("fused", "fast", "fast_sorted"):
         solver = "sorted" if schedule == "fast_sorted" and method == "bracket" else method
+        if schedule == "fused" and method == "bracket":
+            solver = "pallas_interpret" if interpret else "pallas"
         sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=solver,
                              block_batch=block_batch)
     else:

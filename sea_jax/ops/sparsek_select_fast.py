@@ -282,8 +282,26 @@ def _sorted_threshold(z, r: _Rows, k: int, rows, active, max_passes: int = 64):
     return jnp.where(active, tau, 0)
 
 
+def _kernel_threshold(z, r: _Rows, k: int, interpret: bool):
+    """tau - theta by the on-chip solver (sea_jax.kernels.gpu_sparsek_threshold): one Pallas
+    program per block list instead of 10-25 XLA passes over generated rows."""
+    from sea_jax.kernels.gpu_sparsek_threshold import list_threshold
+
+    M, Bq = z.shape[-1], r.s.shape[-1]
+    lead = r.s.shape[:-1]
+    flat = lambda a, n: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)  # noqa: E731
+    tau = list_threshold(
+        flat(lax.stop_gradient(z), M), flat(r.tin.astype(jnp.int32), M), flat(r.s, Bq), flat(r.last, Bq),
+        flat((r.nvis > k) & (r.nvis > 0), Bq), flat(r.theta.astype(jnp.float32), Bq), k=k, interpret=interpret)
+    return tau.reshape(lead + (Bq,))
+
+
 def _solve(z, r: _Rows, k: int, method: str):
     M = z.shape[-1]
+    if method in ("pallas", "pallas_interpret"):
+        if z.dtype == jnp.float32:
+            return _kernel_threshold(z, r, k, interpret=method == "pallas_interpret")
+        method = "bracket"  # float64 runs: the XLA solver
     cand, _, active = _masks(r, M, k)
     if method == "sort":
         d = _shifted(z, r, cand)

@@ -13,7 +13,8 @@ from x64 import enable_x64
 
 # jitted once per static configuration: eager op-by-op dispatch dominated these tests' time
 select_jit = jax.jit(causal_prefix_select,
-                     static_argnames=("k", "window", "extra", "block_q", "method", "schedule", "block_batch"))
+                     static_argnames=("k", "window", "extra", "block_q", "method", "schedule", "block_batch",
+                                      "interpret"))
 
 
 def bisect_capped_simplex(z, k, iters=200):
@@ -236,10 +237,10 @@ def _fast_carries(table, enters, c):
 
 
 def _schedule_cases():
-    """Every case with "parallel" (the default); "fast" / "fast_sorted" on four cases in the
+    """Every case with "parallel" (the default); "fast" / "fast_sorted" / "fused" on four cases in the
     default run (c = 0, segments + ties, many blocks, C > T between them) and on all six with
     --runslow (CI time: the rest repeat what these cover)."""
-    fast_on = {"fast": (1, 3, 5, 2), "fast_sorted": (0, 3, 4, 5)}
+    fast_on = {"fast": (1, 3, 5, 2), "fast_sorted": (0, 3, 4, 5), "fused": (0, 2, 3, 5)}
     out = []
     for i, case in enumerate(PARALLEL_CASES):
         out.append(pytest.param(*case, "parallel"))
@@ -270,7 +271,8 @@ def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block
 
     kw = dict(window=window, extra=extra, block_q=block_q, segment_ids=seg)
     a = select_jit(u, k=k, schedule="scan", **kw)
-    b = select_jit(u, k=k, schedule=schedule, block_batch=block_batch, **kw)
+    # "fused" runs its threshold kernel in interpret mode here (Pallas, on CPU)
+    b = select_jit(u, k=k, schedule=schedule, block_batch=block_batch, interpret=schedule == "fused", **kw)
     for name in ("union_index", "mask", "overflow", "overflow_count"):
         np.testing.assert_array_equal(np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), err_msg=name)
     np.testing.assert_allclose(np.asarray(b.weight), np.asarray(a.weight), atol=1e-6, rtol=0)
@@ -284,6 +286,7 @@ def test_parallel_schedule_equals_scan(B, T, K, k, window, extra, block_q, block
     ("fast", 0, True, "bracket"),   # c = 0: prefix-rule rows send tau's cotangent to their minimum
     ("fast", 30, True, "sort"),     # ties: saturated rows and first-occurrence rules; sort solver
     ("fast_sorted", 2, True, "bracket"),
+    ("fused", 2, True, "bracket"),  # the threshold kernel (interpret mode), fast's VJP
 ])
 def test_parallel_gradient_equals_scan(schedule, extra, ties, method):
     u, seg = _random_case(7, 2, 29, 2, ties, True)
@@ -291,7 +294,8 @@ def test_parallel_gradient_equals_scan(schedule, extra, ties, method):
 
     def loss(u, schedule):
         sel = causal_prefix_select(u, 3, window=1, extra=extra, block_q=4, segment_ids=seg,
-                                   schedule=schedule, block_batch=3, method=method)
+                                   schedule=schedule, block_batch=3, method=method,
+                                   interpret=schedule == "fused")
         return jnp.sum(sel.weight * ct) + jnp.sum(jnp.where(jnp.isfinite(sel.tau), sel.tau, 0))
 
     g_scan = np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(u, "scan"))
@@ -357,7 +361,7 @@ def test_brute_force_with_other_schedules(schedule):
         assert got == set(want) and bool(sel.overflow[b, h, i]) == ovf
 
 
-@pytest.mark.parametrize("schedule", ["fast", "fast_sorted", "parallel", "scan"])
+@pytest.mark.parametrize("schedule", ["fused", "fast", "fast_sorted", "parallel", "scan"])
 def test_no_quadratic_array_at_8192(schedule):
     T, k, bq = 8192, 16, 64
 

@@ -1,0 +1,115 @@
+"""The on-chip SparseK list threshold (kernels/gpu_sparsek_threshold.py), interpret mode on CPU.
+
+Checked against a float64 NumPy solver written here (enumerate the breakpoints of
+f(t) = sum clip(d - t, 0, 1) over each row's visible entries, take the segment holding k and
+its closed form) and against the XLA solver on materialised rows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sea_jax.kernels.gpu_sparsek_threshold import list_threshold, list_threshold_reference
+
+
+def _exact_root(d: np.ndarray, k: int) -> float:
+    """t with sum clip(d - t, 0, 1) = k (float64; d has more than k entries)."""
+    f = lambda t: np.clip(d - t, 0, 1).sum()  # noqa: E731
+    bps = np.unique(np.concatenate([d, d - 1]))
+    bps = bps[(bps >= -1) & (bps <= 0)]
+    bps = np.concatenate([[-1.0], bps, [0.0]])
+    vals = np.array([f(t) for t in bps])
+    j = np.max(np.nonzero(vals >= k)[0])  # f is non-increasing: the last probe with f >= k
+    lo = bps[j]
+    free = (d - lo > 0) & (d - lo <= 1)
+    if not free.any():
+        return lo
+    return (d[free].sum() + (d - lo > 1).sum() - k) / free.sum()
+
+
+def _lists(rng, rows, bq, m, k, *, ties=False):
+    """Random block lists in the selection's structure (sorted scores, carried and entering
+    entries, per-query ranges)."""
+    z = -np.sort(-rng.normal(size=(rows, m)) * rng.uniform(0.2, 3.0, size=(rows, 1)), axis=1)
+    if ties:
+        z = np.round(z * 4) / 4
+    tin = np.full((rows, m), -1, np.int64)
+    s = np.zeros((rows, bq), np.int64)
+    last = np.zeros((rows, bq), np.int64)
+    theta = np.zeros((rows, bq))
+    active = np.zeros((rows, bq), bool)
+    for r in range(rows):
+        n_enter = rng.integers(0, bq + 1)
+        at = rng.choice(m, size=n_enter, replace=False)
+        tin[r, at] = rng.integers(0, bq, size=n_enter)
+        for i in range(bq):
+            s[r, i] = rng.integers(0, 3) if rng.random() < 0.3 else 0
+            vis = np.nonzero((np.arange(m) >= s[r, i]) & (tin[r] <= i))[0]
+            cap = rng.integers(k - 2, len(vis) + 1) if rng.random() < 0.2 else len(vis)
+            if i == 1:  # at most k visible: an inactive row in every list
+                cap = min(cap, k)
+            vis = vis[:max(cap, 1)]
+            last[r, i] = vis[-1]
+            active[r, i] = len(vis) > k
+            theta[r, i] = z[r, vis[min(k, len(vis)) - 1]] if active[r, i] else 0.0
+    return z, tin, s, last, active, theta
+
+
+def _expected(z, tin, s, last, active, theta, k):
+    rows, bq = s.shape
+    out = np.zeros((rows, bq))
+    for r in range(rows):
+        for i in range(bq):
+            if not active[r, i]:
+                continue
+            m = np.arange(z.shape[1])
+            vis = (m >= s[r, i]) & (m <= last[r, i]) & (tin[r] <= i)
+            out[r, i] = _exact_root(z[r, vis] - theta[r, i], k)
+    return out
+
+
+@pytest.mark.parametrize("rows,bq,m,k,chunk,ties", [
+    (3, 16, 80, 20, 16, False),     # M not a multiple of the chunk
+    (2, 32, 200, 64, 64, False),
+    (2, 16, 100, 7, 32, True),      # ties at breakpoints
+    (1, 16, 40, 1, 16, False),      # k = 1
+    (2, 5, 30, 4, 16, False),       # block of 5 queries (padded to 16 inside)
+])
+def test_matches_float64_solver_and_xla(rows, bq, m, k, chunk, ties):
+    rng = np.random.default_rng(rows * 1000 + m + k)
+    z, tin, s, last, active, theta = _lists(rng, rows, bq, m, k, ties=ties)
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    got = np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True))
+    want = _expected(z, tin, s, last, active, theta, k)
+    xla = np.asarray(list_threshold_reference(*args, k=k))
+    assert active.any() and (~active).any()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # float32 sums of <= M entries
+    np.testing.assert_allclose(got, xla, atol=2e-5, rtol=0)
+    assert np.all(got[~active] == 0)
+    # it is a root: f(tau) = k on every active row (to float32 rounding of the sums)
+    for r in range(rows):
+        for i in np.nonzero(active[r])[0]:
+            mm = np.arange(m)
+            vis = (mm >= s[r, i]) & (mm <= last[r, i]) & (tin[r] <= i)
+            f = np.clip(z[r, vis] - theta[r, i] - got[r, i], 0, 1).sum()
+            assert abs(f - k) < 1e-3 * max(1, k ** 0.5)
+
+
+def test_bad_arguments():
+    z = jnp.zeros((2, 64), jnp.float32)
+    tin = jnp.zeros((2, 64), jnp.int32)
+    s = jnp.zeros((2, 16), jnp.int32)
+    act = jnp.ones((2, 16), bool)
+    th = jnp.zeros((2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="z must be float32"):
+        list_threshold(z.astype(jnp.float16), tin, s, s, act, th, k=4, interpret=True)
+    with pytest.raises(ValueError, match="tin must be int32"):
+        list_threshold(z, tin[:, :10], s, s, act, th, k=4, interpret=True)
+    with pytest.raises(ValueError, match="last must be int32"):
+        list_threshold(z, tin, s, s[:, :8], act, th, k=4, interpret=True)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        list_threshold(z, tin, s, s, act, th, k=0, interpret=True)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        list_threshold(z, tin, s, s, act, th, k=4, chunk=48, interpret=True)
