@@ -33,21 +33,124 @@ from sea_jax.kernels.gpu_block_sparse import compiler_params
 __all__ = ["list_threshold", "list_threshold_reference"]
 
 
-def _kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, tau_ref, *, k, chunk, max_passes):
+def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
+            tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip):
     bq = s_ref.shape[0]
     s = s_ref[...]
     end = last_ref[...] + 1  # exclusive end of each row's candidate range
     act = act_ref[...] != 0
     theta = theta_ref[...]
+    anchor = anc_ref[...]
+    spos = spos_ref[...]  # list index of the key entering at query j of the block (none: past M)
+    zent = zent_ref[...]  # its clipped, anchored score
     row = lax.broadcasted_iota(jnp.int32, (bq,), 0)
     big = jnp.int32(2**30)
-    # only the chunks some active row can see
-    c0 = jnp.min(jnp.where(act, s, big)) // chunk
-    c1 = (jnp.max(jnp.where(act, end, 0)) + chunk - 1) // chunk
     kf = jnp.float32(k)
     inf = jnp.float32(jnp.inf)
+    zeros_f = jnp.zeros((bq,), jnp.float32)
+    zeros_i = jnp.zeros((bq,), jnp.int32)
+    # entering key j is hidden from query i < j (it enters the prefix later)
+    later = lax.broadcasted_iota(jnp.int32, (bq, bq), 1) > lax.broadcasted_iota(jnp.int32, (bq, bq), 0)
 
-    def stats(t):
+    # ---- cheap statistics from the sorted list: binary searches + [bq, bq] corrections ----
+    def hidden_in(lo, hi):
+        h = later & (spos[None, :] >= lo[:, None]) & (spos[None, :] < hi[:, None])
+        return jnp.sum(h.astype(jnp.int32), axis=1), jnp.sum(jnp.where(h, zent[None, :], 0.0), axis=1)
+
+    def first_not_above(t, c, lo, hi):
+        """First list index m in [lo, hi) with not((z_m - theta) - t > c): z is
+        non-increasing on every row's range, and so is the rounded predicate."""
+        def step(_, lh):
+            lo, hi = lh
+            open_ = lo < hi
+            mid = (lo + hi) // 2
+            zm = z_ref[jnp.clip(mid, 0, z_ref.shape[0] - 1)]
+            above = (zm - theta) - t > c
+            return jnp.where(open_ & above, mid + 1, lo), jnp.where(open_ & ~above, mid, hi)
+
+        return lax.fori_loop(0, search_steps, step, (lo, hi))[0]
+
+    def last_visible(lo, hi):
+        """Largest visible index in [lo, hi) (lo - 1 if none)."""
+        def cond(m):
+            return jnp.sum(jnp.where((m >= lo) & (tin_ref[jnp.maximum(m, 0)] > row), 1, 0)) > 0
+
+        def body(m):
+            return jnp.where((m >= lo) & (tin_ref[jnp.maximum(m, 0)] > row), m - 1, m)
+
+        return lax.while_loop(cond, body, hi - 1)
+
+    def cheap_stats(t):
+        a = first_not_above(t, 1.0, s, end)  # [s, a): x > 1
+        b = first_not_above(t, 0.0, a, end)  # [a, b): 0 < x <= 1
+        ha, _ = hidden_in(s, a)
+        hb, zh = hidden_in(a, b)
+        u = a - s - ha
+        ns = b - a - hb
+        # sum over the free entries of d = z - theta from prefix sums of the clipped,
+        # anchored scores (approximate: the exact sum is taken once the segment is found)
+        sd = (pre_ref[b] - pre_ref[a] - zh) + ns.astype(jnp.float32) * (anchor - theta)
+        f = u.astype(jnp.float32) + sd - ns.astype(jnp.float32) * t
+        ib = last_visible(a, b)
+        ia = last_visible(s, a)
+        nb = jnp.minimum(jnp.where(ns > 0, z_ref[jnp.maximum(ib, 0)] - theta, inf),
+                         jnp.where(u > 0, (z_ref[jnp.maximum(ia, 0)] - theta) - 1.0, inf))
+        return f, ns, sd, u, nb, a, b
+
+    def iterate(stats, st, it_max):
+        """solve_shifted_threshold's safeguarded Newton / bisection on the given statistics."""
+        def cond(st):
+            return (st[0] < it_max) & (jnp.sum(jnp.where(st[7], 0, 1)) > 0)
+
+        def body(st):
+            it, lo, hi, ns, sd, u, nb, done, tau, a, b = st
+            den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
+            tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
+            # the root lies on [lo, nb]: the closed form of that segment is exact
+            ok = jnp.where(ns > 0, tc <= nb, u == k)
+            tau = jnp.where(ok & ~done, jnp.clip(tc, lo, hi), tau)
+            done = done | ok
+            newton = (ns > 0) & (tc > lo) & (tc < hi)
+            split = jnp.where(newton, tc, 0.5 * (lo + hi))
+            f2, ns2, sd2, u2, nb2, a2, b2 = stats(split)
+            move = (f2 >= kf) & ~done
+            lo = jnp.where(move, split, lo)
+            hi = jnp.where(~move & ~done, split, hi)
+            pick = lambda x, y: jnp.where(move, x, y)  # noqa: E731
+            return (it + 1, lo, hi, pick(ns2, ns), pick(sd2, sd), pick(u2, u), pick(nb2, nb), done, tau,
+                    pick(a2, a), pick(b2, b))
+
+        return lax.while_loop(cond, body, st)
+
+    lo = jnp.full((bq,), -1.0, jnp.float32)
+    _, ns, sd, u, nb, a, b = cheap_stats(lo)
+    st = (jnp.int32(0), lo, zeros_f, ns, sd, u, nb, ~act, zeros_f, a, b)
+    it1, lo, hi, ns, sd, u, nb, done, _, a, b = iterate(cheap_stats, st, max_passes)
+
+    # ---- exact closed form of the located segment: one pass over the free ranges ----
+    def exact_sum(c, acc):
+        m0 = pl.multiple_of(c * chunk, chunk)
+        z = z_ref[pl.ds(m0, chunk)]
+        tin = tin_ref[pl.ds(m0, chunk)]
+        m = m0 + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        free = (m >= a[:, None]) & (m < b[:, None]) & (tin[None, :] <= row[:, None])
+        return acc + jnp.sum(jnp.where(free, z[None, :] - theta[:, None], 0.0), axis=1)
+
+    need = act & (ns > 0)
+    c0 = jnp.min(jnp.where(need, a, big)) // chunk
+    c1 = (jnp.max(jnp.where(need, b, 0)) + chunk - 1) // chunk
+    sd = lax.fori_loop(c0, c1, exact_sum, zeros_f)
+    den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
+    tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
+    # the cheap search's bracket may be off where its approximate f was within rounding of k:
+    # accept only a closed form inside the bracket and the segment
+    ok = done & jnp.where(ns > 0, (tc <= nb) & (tc >= lo) & (tc <= hi), u == k)
+    tau = jnp.clip(tc, lo, hi)
+
+    # ---- rows the cheap search could not settle (rounding at a breakpoint, scores too far from
+    # the anchor for the clipped prefix sums, max_passes): the exact iteration from the full
+    # bracket [-1, 0] (the cheap one may not hold the root), one pass over the candidates per step ----
+    def exact_stats(t):
         def body(c, acc):
             f, ns, sd, u, nb = acc
             m0 = pl.multiple_of(c * chunk, chunk)
@@ -67,42 +170,30 @@ def _kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, tau_ref, *, k, 
             nb = jnp.minimum(nb, jnp.min(jnp.where(up, d - 1.0, inf), axis=1))
             return f, ns, sd, u, nb
 
-        zf = jnp.zeros((bq,), jnp.float32)
-        zi = jnp.zeros((bq,), jnp.int32)
-        return lax.fori_loop(c0, c1, body, (zf, zi, zf, zi, jnp.full((bq,), inf)))
+        c0 = jnp.min(jnp.where(act, s, big)) // chunk
+        c1 = (jnp.max(jnp.where(act, end, 0)) + chunk - 1) // chunk
+        out = lax.fori_loop(c0, c1, body, (zeros_f, zeros_i, zeros_f, zeros_i, jnp.full((bq,), inf)))
+        return (*out, zeros_i, zeros_i)
 
-    def cond(st):
-        it, lo, hi, ns, sd, u, nb, done, tau = st
-        return (it < max_passes) & (jnp.sum(jnp.where(done, 0, 1)) > 0)
+    redo = act & ~ok
 
-    def body(st):
-        it, lo, hi, ns, sd, u, nb, done, tau = st
-        den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
-        tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
-        # the root lies on [lo, nb]: the closed form of that segment is exact
-        ok = jnp.where(ns > 0, tc <= nb, u == k)
-        newly = ok & ~done
-        tau = jnp.where(newly, jnp.clip(tc, lo, hi), tau)
-        done = done | ok
-        newton = (ns > 0) & (tc > lo) & (tc < hi)
-        split = jnp.where(newton, tc, 0.5 * (lo + hi))
-        f2, ns2, sd2, u2, nb2 = stats(split)
-        move = (f2 >= kf) & ~done
-        lo = jnp.where(move, split, lo)
-        hi = jnp.where(~move & ~done, split, hi)
-        return (it + 1, lo, hi, jnp.where(move, ns2, ns), jnp.where(move, sd2, sd),
-                jnp.where(move, u2, u), jnp.where(move, nb2, nb), done, tau)
+    def fallback(_):
+        lo0 = jnp.full((bq,), -1.0, jnp.float32)
+        hi0 = zeros_f
+        _, ns0, sd0, u0, nb0, _, _ = exact_stats(lo0)
+        st = (jnp.int32(0), lo0, hi0, ns0, sd0, u0, nb0, ~redo, zeros_f, zeros_i, zeros_i)
+        it2, lo2, hi2, ns2, sd2, u2, _, done2, tau2, _, _ = iterate(exact_stats, st, max_passes)
+        # rows cut off by max_passes: the best closed form inside the bracket
+        den = jnp.where(ns2 > 0, ns2, 1).astype(jnp.float32)
+        tc2 = jnp.where(ns2 > 0, (sd2 + u2.astype(jnp.float32) - kf) / den, lo2)
+        return jnp.where(done2, tau2, jnp.clip(tc2, lo2, hi2)), it2 + 1
 
-    lo = jnp.full((bq,), -1.0, jnp.float32)
-    _, ns, sd, u, nb = stats(lo)
-    st = (jnp.int32(0), lo, jnp.zeros((bq,), jnp.float32), ns, sd, u, nb, ~act,
-          jnp.zeros((bq,), jnp.float32))
-    _, lo, hi, ns, sd, u, nb, done, tau = lax.while_loop(cond, body, st)
-    # rows cut off by max_passes: the best closed form inside the bracket
-    den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
-    tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
-    tau = jnp.where(done, tau, jnp.clip(tc, lo, hi))
+    any_redo = jnp.sum(jnp.where(redo, 1, 0)) > 0
+    tau2, it2 = lax.cond(any_redo, fallback, lambda _: (tau, jnp.int32(0)), None)
+    tau = jnp.where(redo, tau2, tau)
     tau_ref[...] = jnp.where(act, tau, 0.0)
+    if passes_ref:  # (cheap search steps, exact passes of the fallback) of this program
+        passes_ref[0][...] = jnp.where(row == 0, it1 + 1, it2)
 
 
 def _check(z, tin, s, last, active, theta, k):
@@ -122,12 +213,15 @@ def _check(z, tin, s, last, active, theta, k):
 
 
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 128, num_warps: int = 4,
-                   max_passes: int = 64, interpret: bool = False) -> jax.Array:
+                   max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
+                   return_passes: bool = False) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
       z: float32 [rows, M] list scores (any value where no row can see them).
-      tin: int32 [rows, M] the query index at which each entry becomes visible (-1: always).
+      tin: int32 [rows, M] the query index at which each entry becomes visible (-1: always;
+        block_q or more: never); at most one entry of a list per query index (one key
+        enters the prefix per query).
       s, last: int32 [rows, block_q] each query's candidate range [s, last] of the list (any
         block_q; the kernel pads it to a power of two >= 16).
       active: bool [rows, block_q] rows to solve: more than k visible entries, so the root
@@ -135,6 +229,11 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 128, 
       theta: float32 [rows, block_q] each query's k-th visible score (the shift).
       k: the budget. chunk: list entries per on-chip step (a power of two).
       interpret: run in Pallas interpret mode (CPU tests).
+      clip: the cheap search's prefix sums use scores anchored at the block's mean threshold and
+        clipped to [-clip, clip]; rows whose threshold lies farther than clip - 1 from it are
+        solved by the exact fallback.
+      return_passes: also return int32 [rows] the cheap search's steps and int32 [rows] the
+        exact fallback's passes over the list (0: not needed) of each program.
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
@@ -151,16 +250,37 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 128, 
         tin = jnp.pad(tin, ((0, 0), (0, mp - m)), constant_values=bq)
     row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
     list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
-    return pl.pallas_call(
-        functools.partial(_kernel, k=k, chunk=chunk, max_passes=max_passes),
+    # the cheap search's prefix sums: scores anchored at the block's mean threshold and clipped
+    # (free entries lie within 1 of their row's threshold; rows farther than clip - 1 from the
+    # anchor are settled by the exact fallback)
+    anchor = jnp.sum(jnp.where(active, theta, 0), 1) / jnp.maximum(jnp.sum(active, 1), 1)  # [n]
+    seen = tin < bq
+    zc = jnp.where(seen, jnp.clip(z - anchor[:, None], -clip, clip), 0.0)
+    pre = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), jnp.cumsum(zc, axis=1)], axis=1)
+    pre = jnp.pad(pre, ((0, 0), (0, chunk - 1)))
+    ent = jnp.where((tin >= 0) & (tin < bq), tin, bq)  # [n, mp]: entering query of each entry
+    spos = jnp.full((n, bq + 1), mp, jnp.int32).at[jnp.arange(n)[:, None], ent].min(
+        jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
+    zent = jnp.where(spos < mp, jnp.take_along_axis(zc, jnp.minimum(spos, mp - 1), 1), 0.0)
+    anc = jnp.broadcast_to(anchor[:, None], (n, bq))
+    pre_spec = pl.BlockSpec((None, mp + chunk), lambda r: (r, 0))
+    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
+    if return_passes:
+        out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
+    out = pl.pallas_call(
+        functools.partial(_kernel, k=k, chunk=chunk, max_passes=max_passes,
+                          search_steps=(mp + 1).bit_length() + 1, clip=clip),
         grid=(n,),
-        in_specs=[list_spec, list_spec, row_spec, row_spec, row_spec, row_spec],
-        out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct((n, bq), jnp.float32),
+        in_specs=[list_spec, list_spec, pre_spec] + [row_spec] * 7,
+        out_specs=[row_spec] * len(out_shape),
+        out_shape=out_shape,
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="sparsek_list_threshold",
-    )(z, tin, s, last, active.astype(jnp.int32), theta)[:, :bq0]
+    )(z, tin, pre, s, last, active.astype(jnp.int32), theta, anc, spos, zent)
+    if return_passes:
+        return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
+    return out[0][:, :bq0]
 
 
 def list_threshold_reference(z, tin, s, last, active, theta, *, k: int) -> jax.Array:

@@ -42,7 +42,7 @@ def _lists(rng, rows, bq, m, k, *, ties=False):
     for r in range(rows):
         n_enter = rng.integers(0, bq + 1)
         at = rng.choice(m, size=n_enter, replace=False)
-        tin[r, at] = rng.integers(0, bq, size=n_enter)
+        tin[r, at] = rng.permutation(bq)[:n_enter]  # at most one key enters per query
         for i in range(bq):
             s[r, i] = rng.integers(0, 3) if rng.random() < 0.3 else 0
             vis = np.nonzero((np.arange(m) >= s[r, i]) & (tin[r] <= i))[0]
@@ -113,3 +113,19 @@ def test_bad_arguments():
         list_threshold(z, tin, s, s, act, th, k=0, interpret=True)
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         list_threshold(z, tin, s, s, act, th, k=4, chunk=48, interpret=True)
+
+
+@pytest.mark.parametrize("clip,fallback", [(8.0, False), (0.25, True)])
+def test_exact_fallback(clip, fallback):
+    """The cheap sorted search settles typical rows alone; with prefix sums clipped too tightly
+    (clip 0.25: free entries fall outside) its segments fail the exact check and the exact
+    iteration must take over, with the same results."""
+    rng = np.random.default_rng(5)
+    k = 12
+    z, tin, s, last, active, theta = _lists(rng, 3, 16, 64, k)
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, chunk=32, clip=clip,
+                                                                  interpret=True, return_passes=True))
+    assert (passes > 0).any() == fallback and (steps > 0).all()
+    np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
