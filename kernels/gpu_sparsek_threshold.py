@@ -80,6 +80,14 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
 
         return lax.while_loop(cond, body, hi - 1)
 
+    def first_visible(lo, hi):
+        """Smallest visible index in [lo, hi) (hi if none)."""
+        def hid(m):
+            return (m < hi) & (tin_ref[jnp.clip(m, 0, z_ref.shape[0] - 1)] > row)
+
+        return lax.while_loop(lambda m: jnp.sum(jnp.where(hid(m), 1, 0)) > 0,
+                              lambda m: jnp.where(hid(m), m + 1, m), lo)
+
     def cheap_stats(t):
         a = first_not_above(t, 1.0, s, end)  # [s, a): x > 1
         b = first_not_above(t, 0.0, a, end)  # [a, b): 0 < x <= 1
@@ -142,10 +150,16 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
     sd = lax.fori_loop(c0, c1, exact_sum, zeros_f)
     den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
     tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
-    # the cheap search's bracket may be off where its approximate f was within rounding of k:
-    # accept only a closed form inside the bracket and the segment
-    ok = done & jnp.where(ns > 0, (tc <= nb) & (tc >= lo) & (tc <= hi), u == k)
-    tau = jnp.clip(tc, lo, hi)
+    # the cheap search's bracket may be off where its approximate f was within rounding of k, so
+    # accept the exact closed form only inside its own segment [pb, nb] (pb: the largest
+    # breakpoint <= lo, where the free / upper sets of lo begin)
+    ja = first_visible(a, end)
+    jb = first_visible(b, end)
+    pb = jnp.maximum(jnp.where(jb < end, z_ref[jnp.clip(jb, 0, z_ref.shape[0] - 1)] - theta, -inf),
+                     jnp.where(ja < end, (z_ref[jnp.clip(ja, 0, z_ref.shape[0] - 1)] - theta) - 1.0, -inf))
+    pb = jnp.maximum(pb, -1.0)
+    ok = done & jnp.where(ns > 0, (tc <= nb) & (tc >= pb), u == k)
+    tau = jnp.where(ns > 0, jnp.clip(tc, pb, nb), lo)
 
     # ---- rows the cheap search could not settle (rounding at a breakpoint, scores too far from
     # the anchor for the clipped prefix sums, max_passes): the exact iteration from the full
@@ -189,7 +203,7 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         return jnp.where(done2, tau2, jnp.clip(tc2, lo2, hi2)), it2 + 1
 
     any_redo = jnp.sum(jnp.where(redo, 1, 0)) > 0
-    tau2, it2 = lax.cond(any_redo, fallback, lambda _: (tau, jnp.int32(0)), None)
+    tau2, it2 = lax.cond(any_redo, fallback, lambda _: (tau, it1 * 0), None)  # (a traced 0: Triton's yield)
     tau = jnp.where(redo, tau2, tau)
     tau_ref[...] = jnp.where(act, tau, 0.0)
     if passes_ref:  # (cheap search steps, exact passes of the fallback) of this program
