@@ -47,6 +47,7 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
     big = jnp.int32(2**30)
     kf = jnp.float32(k)
     inf = jnp.float32(jnp.inf)
+    ninf = jnp.float32(-jnp.inf)  # a literal: Triton's lowering cannot negate constants
     zeros_f = jnp.zeros((bq,), jnp.float32)
     zeros_i = jnp.zeros((bq,), jnp.int32)
     # entering key j is hidden from query i < j (it enters the prefix later)
@@ -155,8 +156,8 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
     # breakpoint <= lo, where the free / upper sets of lo begin)
     ja = first_visible(a, end)
     jb = first_visible(b, end)
-    pb = jnp.maximum(jnp.where(jb < end, z_ref[jnp.clip(jb, 0, z_ref.shape[0] - 1)] - theta, -inf),
-                     jnp.where(ja < end, (z_ref[jnp.clip(ja, 0, z_ref.shape[0] - 1)] - theta) - 1.0, -inf))
+    pb = jnp.maximum(jnp.where(jb < end, z_ref[jnp.clip(jb, 0, z_ref.shape[0] - 1)] - theta, ninf),
+                     jnp.where(ja < end, (z_ref[jnp.clip(ja, 0, z_ref.shape[0] - 1)] - theta) - 1.0, ninf))
     pb = jnp.maximum(pb, -1.0)
     ok = done & jnp.where(ns > 0, (tc <= nb) & (tc >= pb), u == k)
     tau = jnp.where(ns > 0, jnp.clip(tc, pb, nb), lo)

@@ -129,3 +129,23 @@ def test_exact_fallback(clip, fallback):
                                                                   interpret=True, return_passes=True))
     assert (passes > 0).any() == fallback and (steps > 0).all()
     np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("return_passes", [False, True])
+def test_lowers_to_triton_for_an_h100(return_passes):
+    """The Pallas -> Triton lowering runs on the CPU machine (jaxlib's Triton dialect): a
+    construct Triton cannot take fails here, not first on the GPU."""
+    import re
+
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    sds = jax.ShapeDtypeStruct
+    n, m, bq = 4, 2112, 64
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        text = jax.jit(lambda *a: list_threshold(*a, k=1024, chunk=64, return_passes=return_passes)).trace(
+            sds((n, m), jnp.float32), sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32),
+            sds((n, bq), jnp.bool_), sds((n, bq), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
+    assert "sparsek_list_threshold" in text
