@@ -432,8 +432,9 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
         return out, [gr[0]["w_score"][...]] + list(gr[1:])
 
     out_x, g_x = grads(m_xla)
-    # the kernel path with the default selection schedule and with the "fast_sorted" one
-    m_fast = module(H, K, D, E, impl="pallas_gpu", interpret=True, schedule="fast_sorted", **opts)
+    # the kernel path with the CPU default selection schedule ("parallel") and with "fused" (the
+    # GPU default: its threshold kernel in interpret mode here)
+    m_fast = module(H, K, D, E, impl="pallas_gpu", interpret=True, schedule="fused", **opts)
     for m in (m_gpu, m_fast):
         out_g, g_g = grads(m)
         np.testing.assert_allclose(np.asarray(out_g), np.asarray(out_x), atol=2e-5, rtol=0)
@@ -441,6 +442,15 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
             assert np.abs(np.asarray(b)).max() > 0, name
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=name)
     assert np.all(np.asarray(out_x)[:, 34:] == 0)
+
+
+def test_schedule_auto():
+    o = SparseKOptions(k=4, window=2)
+    assert o.schedule == "auto"
+    assert o.resolved_schedule("pallas_gpu") == "fused"
+    assert o.resolved_schedule("xla") == "parallel" and o.resolved_schedule("pallas_tpu") == "parallel"
+    assert SparseKOptions(k=4, interpret=True).resolved_schedule("pallas_gpu") == "parallel"
+    assert SparseKOptions(k=4, schedule="scan").resolved_schedule("pallas_gpu") == "scan"
 
 
 def test_registered_as_attention_core():
@@ -462,7 +472,7 @@ def test_registered_as_attention_core():
         (dict(weight_mode="mul"), "weight_mode must be one of"),
         (dict(impl="cuda"), "impl must be one of"),
         (dict(method="heap"), "method must be one of"),
-        (dict(schedule="serial"), "schedule must be one of"),
+        (dict(schedule="serial"), "schedule must be 'auto' or one of"),
         (dict(position_slope="small"), "position_slope must be a finite float"),
         (dict(position_slope=float("nan")), "position_slope must be a finite float"),
         (dict(interpret=1), "interpret must be a bool"),
