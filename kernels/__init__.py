@@ -26,6 +26,10 @@ Both take ``impl``:
   missing).
 
 ``interpret=True`` runs the Pallas kernels in interpret mode (CPU tests).
+
+Internal to the SparseK selection (not an attention entry point):
+:mod:`.gpu_sparsek_threshold`, the SparseK threshold of every query of a block list, solved on
+chip (used by ``causal_prefix_select(schedule="fused")``, the GPU default of SparseKAttention).
 """
 
 from __future__ import annotations

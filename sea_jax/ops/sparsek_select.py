@@ -48,6 +48,13 @@ Schedules (``causal_prefix_select(schedule=...)``):
   data-dependent full passes over the candidates (each batch runs as many as its slowest
   row) cost ~126 ms, so the whole is 134 / 139 ms fwd / fwd+bwd vs 113 / 127 ms here
   (benchmarks/results/sparsek_parts_fast.json, sparsek_select_stages.json).
+* ``"fused"``: "fast" with the threshold solved on chip by a Pallas Triton kernel
+  (:mod:`sea_jax.kernels.gpu_sparsek_threshold`: binary searches over each block's sorted list,
+  an exact closed form per row, the exact per-pass iteration for rows that need it), all query
+  blocks in one step; ``interpret=True`` runs the kernel in Pallas interpret mode (CPU tests).
+  Same outputs (weights / tau to float rounding). On an H100 at T = 32k (K = 16, k = c = 1024,
+  w = 512, block_q = 64): 13.8 / 18.8 ms fwd / fwd+bwd vs 112 / 127 ms for "parallel"
+  (benchmarks/results/sparsek_parts_fused.json); the GPU default of SparseKAttention.
 * ``"fast_sorted"``: "fast" with the bracket iteration run on statistics read off the sorted
   block list (two binary searches and [block_q] corrections per query and step instead of a
   pass over C + block_q entries), then one exact pass for the closed form; same outputs
@@ -425,12 +432,15 @@ def causal_prefix_select(
       method: SparseK threshold method ("bracket" or "sort").
       schedule: "parallel" (default: prefix merge over blocks, then blocks in batches),
         "fast" (global ranks, bitonic prefix merge, per-query rows generated on the fly;
-        :mod:`sea_jax.ops.sparsek_select_fast`), "fast_sorted" (the same with the bracket
+        :mod:`sea_jax.ops.sparsek_select_fast`), "fused" ("fast" with the Pallas threshold
+        kernel; GPU, or CPU with ``interpret=True``), "fast_sorted" (the same with the bracket
         iteration run on statistics read off the sorted block list; not yet measured on a
         GPU) or "scan" (one serial step per block); identical results (module docstring).
       block_batch: fast and parallel schedules: query blocks per batched step (int >= 1);
         default :func:`default_block_batch` (about 1 GiB of working set; the fast schedule
-        stores no [block_q, C + block_q] arrays, so its default batch is larger).
+        stores no [block_q, C + block_q] arrays, so its default batch is larger; "fused":
+        all blocks at once).
+      interpret: "fused" only: run the threshold kernel in Pallas interpret mode.
     Returns:
       :class:`Selection` (union_index holds key positions, -1 empty).
     """
