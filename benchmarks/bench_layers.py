@@ -9,7 +9,8 @@ Forward and forward+backward time and peak memory of one attention core at B = 1
   impl "auto" -> the Pallas gathered kernel on GPU), *selection included*: the scorer on x
   [B, S, E = H D], the causal prefix top-k / threshold and the union layout are inside the
   timed function; fwd+bwd = grad of mean(out) w.r.t. q, k, v, x and the scorer weights.
-* ``sparsek@<schedule>``: the same with another selection schedule (``SparseKOptions.schedule``).
+* ``sparsek@<schedule>``: the same with another selection schedule (``SparseKOptions.schedule``);
+  ``sparsek:block_q=128;schedule=parallel``: with other ``SparseKOptions`` fields.
 * ``sea``: ``SEAAttention`` with k = 64, t_m = 256, granularity "block", impl "auto" (-> the
   Pallas block-sparse kernel on GPU), other options default; fwd+bwd = grad of mean(out) +
   mean(estimate) w.r.t. q, k, v and every SEA parameter (the estimate term stands in for
@@ -192,10 +193,14 @@ def main():
         "sparsek": lambda: sparsek_functions(dims, sk),
         "sea": lambda: sea_functions(dims, sea),
     }
-    for name in layers:  # "sparsek@fast_sorted": SparseK with another selection schedule
+    for name in layers:  # "sparsek@fast_sorted": another selection schedule; "sparsek:block_q=128": other options
         if name.startswith("sparsek@"):
             builders[name] = lambda name=name: sparsek_functions(
                 dims, dataclasses.replace(sk, schedule=name.split("@", 1)[1]))
+        elif name.startswith("sparsek:"):
+            kv = dict(item.split("=") for item in name.split(":", 1)[1].split(";"))
+            builders[name] = lambda kv=kv: sparsek_functions(
+                dims, dataclasses.replace(sk, **{key: int(val) if val.isdigit() else val for key, val in kv.items()}))
     fns = {}
     for S in seqs:
         ks = jax.random.split(jax.random.PRNGKey(S), 4)

@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--schedules", default="parallel", help="comma list of fast, parallel, scan (name@N: N blocks per step)")
     ap.add_argument("--prefix", default="", help="comma list of schedules whose carry computation is timed alone")
     ap.add_argument("--block_batch", type=int, default=None, help="parallel schedule: blocks per step")
+    ap.add_argument("--block_q", type=int, default=64, help="query block of the selection and the kernel")
     ap.add_argument("--gathers", default="kernel,xla", help="gathered kernel variants ('' = none)")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -86,7 +87,7 @@ def main():
         H, D, k, w, bq, seqs, dtype = 2, 16, 8, 8, 16, [128], jnp.float32
         impl, interpret = "pallas_gpu", True
     else:
-        H, D, k, w, bq, dtype = 16, 128, 1024, 512, 64, jnp.bfloat16
+        H, D, k, w, bq, dtype = 16, 128, 1024, 512, args.block_q, jnp.bfloat16
         seqs = [int(s) for s in args.seqs.split(",")]
         impl, interpret = "pallas_gpu", False
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args),

@@ -282,7 +282,10 @@ class SparseKAttention(nnx.Module):
         o = self.options
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
                                    block_q=o.block_q, segment_ids=segment_ids, method=o.method,
-                                   schedule=o.resolved_schedule(impl), interpret=o.interpret)
+                                   schedule=o.resolved_schedule(impl), interpret=o.interpret,
+                                   # the GPU kernel's slot tile (64): no padding copies of the
+                                   # [B, K, T, U] mask and weights
+                                   union_multiple=64 if impl == "pallas_gpu" else 1)
         # the kernel masks by segment-id equality; hand it the run ids (start + 1, 0 = padding)
         # so that a repeated id after a gap is a new sequence on both paths
         runs = None if segment_ids is None else segment_runs(segment_ids, *q.shape[:2]) + 1

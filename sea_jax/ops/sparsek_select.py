@@ -404,7 +404,10 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
         block_batch = nq if method.startswith("pallas") else default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
     # no checkpoint: the residuals are the block lists' scores and per-query scalars (the
     # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
-    return lax.map(one_block, (carry, ev, ent_rank, qpos, qrun), batch_size=min(block_batch, nq))
+    args = (carry, ev, ent_rank, qpos, qrun)
+    if block_batch >= nq:  # one step: a plain vmap, no loop around the block outputs
+        return jax.vmap(one_block)(args)
+    return lax.map(one_block, args, batch_size=block_batch)
 
 
 def causal_prefix_select(
@@ -419,6 +422,7 @@ def causal_prefix_select(
     schedule: str = "parallel",
     block_batch: int | None = None,
     interpret: bool = False,
+    union_multiple: int = 1,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
 
@@ -441,6 +445,9 @@ def causal_prefix_select(
         stores no [block_q, C + block_q] arrays, so its default batch is larger; "fused":
         all blocks at once).
       interpret: "fused" only: run the threshold kernel in Pallas interpret mode.
+      union_multiple: round the union width U up to a multiple of this (int >= 1; the extra
+        slots are empty: index -1, mask False, weight 0). A kernel whose slot tile divides U
+        then takes the [B, K, T, U] mask and weights without padding copies.
     Returns:
       :class:`Selection` (union_index holds key positions, -1 empty).
     """
@@ -453,6 +460,7 @@ def causal_prefix_select(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if block_batch is not None:
         block_batch = check_budget("block_batch", block_batch)
+    union_multiple = check_budget("union_multiple", union_multiple)
     B, T, K = scores.shape
     if segment_ids is not None:
         if segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
@@ -470,11 +478,17 @@ def causal_prefix_select(
     qrun = jnp.pad(runs, ((0, 0), (0, Tp - T)), constant_values=-1)
     enter = jnp.where((qpos - window >= 0) & (qpos < T), qpos - window, -1)
     enter = jnp.broadcast_to(enter[None], (B, Tp))
-    U = union_size(k, extra, block_q)
+    U0 = union_size(k, extra, block_q)
+    U = -(-U0 // union_multiple) * union_multiple
 
     def body(state, xs):
         qp, qr, en = xs
-        return select_block(state, table, qp, qr, en, k=k, window=window, union=U, method=method)
+        state, out = select_block(state, table, qp, qr, en, k=k, window=window, union=U0, method=method)
+        if U != U0:  # empty slots up to the rounded union width
+            pad = lambda a, v: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, U - U0)], constant_values=v)  # noqa: E731
+            out = out._replace(slots=pad(out.slots, -1), pos=pad(out.pos, -1), mask=pad(out.mask, False),
+                               weight=pad(out.weight, 0))
+        return state, out
 
     xs = (qpos.reshape(nq, block_q), jnp.moveaxis(qrun.reshape(B, nq, block_q), 1, 0),
           jnp.moveaxis(enter.reshape(B, nq, block_q), 1, 0))

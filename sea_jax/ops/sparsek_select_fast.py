@@ -403,6 +403,8 @@ def fast_select_blocks(
     """
     Bq = enter_ranks.shape[-1]
     lst = jnp.sort(jnp.concatenate([carry_ranks, enter_ranks], -1), axis=-1)  # [B, K, M]
+    # a union rounded up past the list (causal_prefix_select's union_multiple): empty entries
+    lst = _pad_to(lst, max(union, lst.shape[-1]))
     M = lst.shape[-1]
     has = lst != EMPTY
     slot = jnp.where(has, _take(order, lst), -1)
@@ -442,4 +444,7 @@ def fast_select_blocks(
     ev_score = lax.stop_gradient(_take(score, ev_slot[..., None])[..., 0])
     ev = jnp.where(ev_has[..., None] & (ev_run[..., None] == qrun), ev_score[..., None], -jnp.inf)
     overflow = jnp.maximum(nxt, ev) > lax.stop_gradient(tau)
-    return slot[..., :union], sel, weight, tau, overflow
+    # slots past the block's union (U rounded up, see union_multiple) are never selected: empty
+    used = min(k + Bq - 1, c + Bq)
+    out_slot = jnp.where(jnp.arange(union) < used, slot[..., :union], -1)
+    return out_slot, sel, weight, tau, overflow
