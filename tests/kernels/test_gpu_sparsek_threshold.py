@@ -149,3 +149,15 @@ def test_lowers_to_triton_for_an_h100(return_passes):
             sds((n, bq), jnp.bool_), sds((n, bq), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
     assert "sparsek_list_threshold" in text
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernel needs a GPU (interpret mode covers it on CPU)")
+@pytest.mark.parametrize("bq,m,k,ties", [(64, 2112, 1024, False), (16, 100, 7, True), (128, 700, 300, False)])
+def test_compiled_matches_float64_solver(bq, m, k, ties):
+    rng = np.random.default_rng(bq + m)
+    z, tin, s, last, active, theta = _lists(rng, 3, bq, m, k, ties=ties)
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    got = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k))(*args))
+    np.testing.assert_allclose(got, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)

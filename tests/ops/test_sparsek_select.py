@@ -401,22 +401,23 @@ def test_bad_schedule_arguments():
 
 @pytest.mark.parametrize("case", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_union_multiple_pads_with_empty_slots(case):
-    """union_multiple rounds U up (kernel slot tiles): the first U slots are the plain
-    selection's, the rest empty (-1, unmasked, weight 0), for every schedule."""
+    """union_multiple rounds U up (kernel slot tiles): the first U slots are the same schedule's
+    plain selection, the rest empty (-1, unmasked, weight 0), for every schedule."""
     B, T, K, k, window, extra, block_q, _, ties, segments = PARALLEL_CASES[case]
     u, seg = _random_case(B * 100 + T, B, T, K, ties, segments)
     kw = dict(k=k, window=window, extra=extra, block_q=block_q, segment_ids=seg)
-    a = select_jit(u, schedule="scan", **kw)
-    U0 = a.union_index.shape[-1]
+    sel = jax.jit(causal_prefix_select, static_argnames=("k", "window", "extra", "block_q", "schedule",
+                                                         "interpret", "union_multiple"))
     for schedule in ("scan", "parallel", "fast", "fused"):
-        b = jax.jit(causal_prefix_select, static_argnames=("k", "window", "extra", "block_q", "schedule", "interpret", "union_multiple"))(
-            u, schedule=schedule, interpret=True, union_multiple=8, **kw)
+        a = sel(u, schedule=schedule, interpret=True, **kw)
+        U0 = a.union_index.shape[-1]
+        b = sel(u, schedule=schedule, interpret=True, union_multiple=8, **kw)
         idx, mask, weight = (np.asarray(x) for x in (b.union_index, b.mask, b.weight))
         assert idx.shape[-1] == -(-U0 // 8) * 8 > U0, schedule
         np.testing.assert_array_equal(idx[..., :U0], np.asarray(a.union_index), err_msg=schedule)
         np.testing.assert_array_equal(mask[..., :U0], np.asarray(a.mask), err_msg=schedule)
         np.testing.assert_allclose(weight[..., :U0], np.asarray(a.weight), atol=1e-6, rtol=0, err_msg=schedule)
         assert (idx[..., U0:] == -1).all() and not mask[..., U0:].any() and not weight[..., U0:].any()
-        np.testing.assert_array_equal(np.asarray(b.overflow), np.asarray(a.overflow))
+        np.testing.assert_array_equal(np.asarray(b.overflow), np.asarray(a.overflow), err_msg=schedule)
     with pytest.raises(ValueError, match="union_multiple"):
         causal_prefix_select(u, k, union_multiple=0)
