@@ -399,8 +399,9 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
 
     if block_batch is None:
         # the fused schedule's per-block working set is the block list and its outputs (no
-        # solver passes over generated rows): all blocks in one step (on an H100 at T = 32k:
-        # 61 ms forward vs 140 ms in steps of 49 blocks, peak 3.1 vs 5.3 GB)
+        # solver passes over generated rows): all blocks in one step (on an H100 at T = 32k,
+        # with the kernel's first version: 61 ms forward vs 140 ms in steps of 49 blocks, peak
+        # 3.1 vs 5.3 GB; sparsek_parts_fused.json has the current kernel in one step)
         block_batch = nq if method.startswith("pallas") else default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
     # no checkpoint: the residuals are the block lists' scores and per-query scalars (the
     # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
