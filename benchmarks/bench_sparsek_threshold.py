@@ -6,7 +6,7 @@ prefix before it plus the block's entering keys, sorted by score; C = 2k), then 
 
 * ``xla``: :func:`sea_jax.kernels.gpu_sparsek_threshold.list_threshold_reference` (the XLA
   solver on materialised [rows, block_q, M] rows: what the "fast" schedule runs, but stored);
-* ``kernel/<chunk>/<warps>/<exact_sum>``: :func:`~sea_jax.kernels.gpu_sparsek_threshold.list_threshold`,
+* ``kernel/<chunk>/<warps>``: :func:`~sea_jax.kernels.gpu_sparsek_threshold.list_threshold`,
   with the cheap search's steps per program (mean / max), the programs that needed the exact
   fallback and its most passes, and the max |diff| to ``xla``.
 
@@ -67,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default="8192,32768")
     ap.add_argument("--variants", default="128/4,64/4,256/4,128/8,128/2,32/1",
-                    help="comma list of chunk/warps[/exact_sum]")
+                    help="comma list of chunk/warps")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
@@ -90,12 +90,10 @@ def main():
 
         rec.guarded(dict(S=S, solver="xla", rows=int(lists[0].shape[0]), M=int(lists[0].shape[1])), xla_part)
         for v in args.variants.split(","):
-            parts = v.split("/")
-            chunk, warps = int(parts[0]), int(parts[1])
-            mode = parts[2] if len(parts) > 2 else "chunks"
+            chunk, warps = (int(x) for x in v.split("/"))
 
-            def kernel_part(row, chunk=chunk, warps=warps, mode=mode):
-                f = jax.jit(lambda *a: list_threshold(*a, k=k, chunk=chunk, num_warps=warps, exact_sum=mode,
+            def kernel_part(row, chunk=chunk, warps=warps):
+                f = jax.jit(lambda *a: list_threshold(*a, k=k, chunk=chunk, num_warps=warps,
                                                       interpret=interpret, return_passes=True))
                 tau, steps, passes = (np.asarray(x) for x in f(*lists))
                 row["search_steps_mean"] = float(steps.mean())
@@ -106,7 +104,7 @@ def main():
                     row["max_diff_vs_xla"] = float(np.abs(tau - ref).max())
                 row["ms"] = time_ms(f, lists, args.reps)
 
-            rec.guarded(dict(S=S, solver=f"kernel/{chunk}/{warps}/{mode}"), kernel_part)
+            rec.guarded(dict(S=S, solver=f"kernel/{chunk}/{warps}"), kernel_part)
     print("\n| S | solver | ms | search steps mean / max | fallback programs (max passes) | max diff vs xla |"
           "\n|---|---|---|---|---|---|")
     for r in rec.data["rows"]:

@@ -52,8 +52,8 @@ from sea_jax.kernels.gpu_block_sparse import compiler_params
 __all__ = ["list_threshold", "list_threshold_reference"]
 
 
-def _kernel(z_ref, tin_ref, pre_ref, csum_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
-            zexact_ref, tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip, exact_sum):
+def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
+            tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip):
     bq = s_ref.shape[0]
     s = s_ref[...]
     end = last_ref[...] + 1  # exclusive end of each row's candidate range
@@ -155,35 +155,8 @@ def _kernel(z_ref, tin_ref, pre_ref, csum_ref, s_ref, last_ref, act_ref, theta_r
     st = (jnp.int32(0), lo, zeros_f, ns, sd, u, nb, ~act, zeros_f, a, b)
     it1, lo, hi, ns, sd, u, nb, done, _, a, b = iterate(cheap_stats, st, max_passes)
 
-    # ---- exact closed form of the located segment: the free sum of every row ----
-    def partial_sum(start, stop):
-        """sum of d = z - theta over visible entries in [start, stop) (stop - start < chunk)."""
-        idx = start[:, None] + lax.broadcasted_iota(jnp.int32, (bq, chunk), 1)
-        safe = jnp.clip(idx, 0, z_ref.shape[0] - 1)
-        vis = (idx < stop[:, None]) & (tin_ref[safe] <= row[:, None])
-        return jnp.sum(jnp.where(vis, z_ref[safe] - theta[:, None], 0.0), axis=1)
-
-    def chunked_sum(a, b):
-        """[a, b) = a head inside one chunk + whole chunks + a tail inside one chunk: the whole
-        chunks from per-chunk sums of z - anchor (small numbers inside a free range) minus the
-        hidden entering keys among them, the ends gathered exactly."""
-        ca = (a + chunk - 1) // chunk  # first whole chunk
-        cb = b // chunk                # end of the whole chunks
-        h1 = jnp.minimum(b, ca * chunk)
-        t0 = jnp.maximum(h1, cb * chunk)
-        lo_w = ca * chunk
-        hi_w = jnp.maximum(cb * chunk, lo_w)
-        cidx = lax.broadcasted_iota(jnp.int32, (bq, csum_ref.shape[0]), 1)
-        inner = jnp.sum(jnp.where((cidx >= ca[:, None]) & (cidx < cb[:, None]), csum_ref[...][None, :], 0.0), axis=1)
-        h = later & (spos[None, :] >= lo_w[:, None]) & (spos[None, :] < hi_w[:, None])
-        n_hid = jnp.sum(h.astype(jnp.int32), axis=1)
-        z_hid = jnp.sum(jnp.where(h, zexact_ref[...][None, :], 0.0), axis=1)
-        n_inner = hi_w - lo_w - n_hid
-        return (partial_sum(a, h1) + partial_sum(t0, b) + (inner - z_hid)
-                + n_inner.astype(jnp.float32) * (anchor - theta))
-
-
-    def exact_sum_step(c, acc):
+    # ---- exact closed form of the located segment: one pass over the free ranges ----
+    def exact_sum(c, acc):
         m0 = pl.multiple_of(c * chunk, chunk)
         z = z_ref[pl.ds(m0, chunk)]
         tin = tin_ref[pl.ds(m0, chunk)]
@@ -191,13 +164,10 @@ def _kernel(z_ref, tin_ref, pre_ref, csum_ref, s_ref, last_ref, act_ref, theta_r
         free = (m >= a[:, None]) & (m < b[:, None]) & (tin[None, :] <= row[:, None])
         return acc + jnp.sum(jnp.where(free, z[None, :] - theta[:, None], 0.0), axis=1)
 
-    if exact_sum == "pass":
-        need = act & (ns > 0)
-        c0 = jnp.min(jnp.where(need, a, big)) // chunk
-        c1 = (jnp.max(jnp.where(need, b, 0)) + chunk - 1) // chunk
-        sd = lax.fori_loop(c0, c1, exact_sum_step, zeros_f)
-    else:
-        sd = chunked_sum(a, b)
+    need = act & (ns > 0)
+    c0 = jnp.min(jnp.where(need, a, big)) // chunk
+    c1 = (jnp.max(jnp.where(need, b, 0)) + chunk - 1) // chunk
+    sd = lax.fori_loop(c0, c1, exact_sum, zeros_f)
     den = jnp.where(ns > 0, ns, 1).astype(jnp.float32)
     tc = jnp.where(ns > 0, (sd + u.astype(jnp.float32) - kf) / den, lo)
     # the cheap search's bracket may be off where its approximate f was within rounding of k, so
@@ -277,8 +247,8 @@ def _check(z, tin, s, last, active, theta, k):
 
 
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int = 4,
-                   max_passes: int = 64, clip: float = 8.0, exact_sum: str = "chunks",
-                   interpret: bool = False, return_passes: bool = False) -> jax.Array:
+                   max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
+                   return_passes: bool = False) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -296,17 +266,12 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
       clip: the cheap search's prefix sums use scores anchored at the block's mean threshold and
         clipped to [-clip, clip]; rows whose threshold lies farther than clip - 1 from it are
         solved by the exact fallback.
-      exact_sum: how the located segment's exact free sum is taken: "chunks" (default: the
-        two partial chunks at its ends gathered, whole chunks from per-chunk sums) or "pass"
-        (one on-chip pass over the list).
       return_passes: also return int32 [rows] the cheap search's steps and int32 [rows] the
         exact fallback's passes over the list (0: not needed) of each program.
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-    if exact_sum not in ("chunks", "pass"):
-        raise ValueError(f"exact_sum must be 'chunks' or 'pass', got {exact_sum!r}")
     n, m = z.shape
     bq0 = s.shape[-1]
     bq = max(16, 1 << (bq0 - 1).bit_length())  # Triton blocks are powers of two: pad with inactive rows
@@ -331,11 +296,6 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     spos = jnp.full((n, bq + 1), mp, jnp.int32).at[jnp.arange(n)[:, None], ent].min(
         jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
     zent = jnp.where(spos < mp, jnp.take_along_axis(zc, jnp.minimum(spos, mp - 1), 1), 0.0)
-    # exact path: per-chunk sums of the anchored (unclipped) scores, and those of the entering keys
-    zu = jnp.where(seen, z - anchor[:, None], 0.0)
-    nch = mp // chunk
-    csum = jnp.pad(jnp.sum(zu.reshape(n, nch, chunk), axis=2), ((0, 0), (0, max(16, 1 << (nch - 1).bit_length()) - nch)))
-    zexact = jnp.where(spos < mp, jnp.take_along_axis(zu, jnp.minimum(spos, mp - 1), 1), 0.0)
     anc = jnp.broadcast_to(anchor[:, None], (n, bq))
     pre_spec = pl.BlockSpec((None, mp + chunk), lambda r: (r, 0))
     out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
@@ -343,16 +303,15 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
     out = pl.pallas_call(
         functools.partial(_kernel, k=k, chunk=chunk, max_passes=max_passes,
-                          search_steps=(mp + 1).bit_length() + 1, clip=clip, exact_sum=exact_sum),
+                          search_steps=(mp + 1).bit_length() + 1, clip=clip),
         grid=(n,),
-        in_specs=[list_spec, list_spec, pre_spec, pl.BlockSpec((None, csum.shape[1]), lambda r: (r, 0))]
-        + [row_spec] * 8,
+        in_specs=[list_spec, list_spec, pre_spec] + [row_spec] * 7,
         out_specs=[row_spec] * len(out_shape),
         out_shape=out_shape,
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="sparsek_list_threshold",
-    )(z, tin, pre, csum, s, last, active.astype(jnp.int32), theta, anc, spos, zent, zexact)
+    )(z, tin, pre, s, last, active.astype(jnp.int32), theta, anc, spos, zent)
     if return_passes:
         return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
     return out[0][:, :bq0]
