@@ -69,10 +69,11 @@ def main():
     ap.add_argument("--variants", default="128/4,64/4,256/4,128/8,128/2,32/1",
                     help="comma list of chunk/warps")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--block_q", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    K, k, w, bq = 16, 1024, 512, 64
+    K, k, w, bq = 16, 1024, 512, args.block_q
     interpret = args.smoke
     if args.smoke:
         K, k, w, bq = 2, 16, 8, 16
