@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
+from sea_jax.kernels.slot_selection import SlotSelection
 from sea_jax.kernels.reference import (
     block_sparse_attention_reference,
     gathered_attention_reference,
@@ -51,6 +52,7 @@ __all__ = [
     "BlockLayout",
     "block_sparse_attention",
     "gathered_attention",
+    "SlotSelection",
     "block_sparse_attention_reference",
     "gathered_attention_reference",
     "IMPLS",
@@ -228,6 +230,7 @@ def gathered_attention(
     impl: str = "auto",
     interpret=False,
     kernel_options: dict | None = None,
+    selection: SlotSelection | None = None,
 ) -> jax.Array:
     """Token-level sparse attention: selected keys gathered by index + a sliding window.
 
@@ -256,6 +259,11 @@ def gathered_attention(
       segment_ids: optional [batch, seq] int (seq_q == seq_kv), as in block_sparse_attention.
       scale: default head_dim ** -0.5.
       impl, interpret, kernel_options: as in :func:`block_sparse_attention`.
+      selection: optional :class:`SlotSelection`, the mask and weights in factored form
+        (SparseK: a slot range and a threshold per query, a score per slot; differentiable in
+        the scores and thresholds); instead of selection_mask / selection_weights. The GPU
+        kernel generates them on chip (no [batch, kv_heads, seq_q, U] arrays in memory, forward
+        or backward); the XLA and TPU paths expand them with :meth:`SlotSelection.dense`.
 
     Returns:
       [batch, seq_q, heads, head_dim] in q's dtype; queries with nothing visible give 0.
@@ -284,14 +292,29 @@ def gathered_attention(
         raise ValueError(f"selection_mask must be boolean, got {selection_mask.dtype}")
     if selection_weights is not None and not jnp.issubdtype(selection_weights.dtype, jnp.floating):
         raise ValueError(f"selection_weights must be floating point, got {selection_weights.dtype}")
+    if selection is not None:
+        if selection_mask is not None or selection_weights is not None:
+            raise ValueError("give either selection or selection_mask / selection_weights, not both")
+        if not isinstance(selection, SlotSelection):
+            raise ValueError(f"selection must be a SlotSelection, got {type(selection).__name__}")
+        selection.check(B, K, Sq, nq, U)
     if not isinstance(union_index, jax.core.Tracer):
         _check_union_index(np.asarray(union_index), Skv)
     union_index = union_index.astype(jnp.int32)
     scale = float(D**-0.5 if scale is None else scale)
+    impl = _resolve_impl(impl, interpret)
+    if selection is not None:
+        if impl == "pallas_gpu":
+            from sea_jax.kernels.gpu_gathered import gathered_attention_gpu
+
+            return gathered_attention_gpu(
+                q, k, v, union_index, block_q=block_q, window=window, selection=selection,
+                weight_mode=weight_mode, causal=bool(causal), segment_ids=segment_ids, scale=scale,
+                interpret=bool(interpret), **(kernel_options or {}))
+        selection_mask, selection_weights = selection.dense(block_q)
     kw = dict(block_q=block_q, window=window, selection_mask=selection_mask,
               selection_weights=selection_weights, weight_mode=weight_mode, causal=bool(causal),
               segment_ids=segment_ids, scale=scale)
-    impl = _resolve_impl(impl, interpret)
     if impl == "xla":
         return gathered_attention_reference(q, k, v, union_index, **kw)
     if impl == "pallas_gpu":

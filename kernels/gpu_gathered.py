@@ -103,6 +103,7 @@ class GatheredGpuConfig:
     has_mask: bool
     has_weights: bool
     has_segments: bool
+    factored: bool  # SlotSelection: mask and weights generated on chip (has_mask/has_weights False)
     scale: float
     interpret: bool
     gather: str  # forward and dQ (and the rest of the backward unless bwd_gather differs)
@@ -139,8 +140,8 @@ def _slot_allowed(cfg, idx, qpos, sel, segq, segk):
     ok = (kp >= 0) & (kp < cfg.seq_k)
     if cfg.causal:
         ok = ok & (kp <= qpos - cfg.w if cfg.w > 0 else kp <= qpos)
-    if cfg.has_mask:
-        ok = ok & (sel != 0)
+    if sel is not None:
+        ok = ok & (sel if sel.dtype == jnp.bool_ else sel != 0)
     if cfg.has_segments:
         ok = ok & (segq == segk) & (segk != 0)
     return ok
@@ -165,7 +166,24 @@ def _in_names(cfg, *extra):
         names.append("wsel")
     if cfg.has_segments:
         names.append("seg")
+    if cfg.factored:
+        names += ["zslot", "slo", "shi", "thr"]
     return names + list(extra)
+
+
+def _selection_tile(cfg, r, b, kh, i, u0, rows):
+    """(mask, float32 weights, free) of slot tile [u0, u0 + tu) for the queries ``rows`` (a
+    pl.ds into the query-indexed refs); None where absent. ``free`` (factored selections
+    only): where the weight's derivative in z and tau is nonzero, 0 < z - tau < 1."""
+    if cfg.factored:
+        z = r.zslot[b, kh, i, pl.ds(u0, cfg.tu)]
+        lo, hi, thr = r.slo[rows][:, None], r.shi[rows][:, None], r.thr[rows][:, None]
+        col = u0 + lax.broadcasted_iota(jnp.int32, (cfg.tq, cfg.tu), 1)
+        x = z[None, :] - thr  # thr = -inf: weight 1, never free
+        return (col >= lo) & (col < hi), jnp.minimum(jnp.maximum(x, 0.0), 1.0), (x > 0.0) & (x < 1.0)
+    sel = r.sel[rows, pl.ds(u0, cfg.tu)] if cfg.has_mask else None
+    wf = r.wsel[rows, pl.ds(u0, cfg.tu)].astype(jnp.float32) if cfg.has_weights else None
+    return sel, wf, None
 
 
 def _load_slots(cfg, r, u0, idx_safe):
@@ -237,10 +255,9 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
         idx_safe = jnp.maximum(idx, 0)
         k, v = _load_slots(cfg, r, u0, idx_safe)
         s = _dot(q, k, 1, 1) * qk_scale
-        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
+        sel, wf, _ = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
         segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
         s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
-        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
         return update(carry, s, wf, v)
 
     acc, m, l = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, carry)
@@ -270,8 +287,11 @@ def _specs(cfg, shapes):
             (None, None, None, U_pad, Dp), lambda t, h, b: (b, kvh(h), qt(t) // sub_q, 0, 0)
         ),
         "sel": pl.BlockSpec((None, None, tq, U_pad), lambda t, h, b: (b, kvh(h), qt(t), 0)),
+        "zslot": full((B, K, Sq_pad // cfg.block_q, U_pad)),
+        "slo": pl.BlockSpec((None, None, tq), lambda t, h, b: (b, kvh(h), qt(t))),
     }
     specs["v"], specs["vg"], specs["wsel"] = specs["k"], specs["kg"], specs["sel"]
+    specs["shi"] = specs["thr"] = specs["slo"]
     return specs
 
 
@@ -305,7 +325,9 @@ def _forward(cfg, arrays, shapes):
 
 # ------------------------------------------------------------------------------- dQ
 def _dq_kernel(*refs, cfg: GatheredGpuConfig):
-    r = _Refs(refs, _in_names(cfg, "do", "lse", "delta", "dq"))
+    """dQ of one (query tile, head); factored selections also get ``gsum``: per query, the
+    sum of the weight gradient over its free slots (tau's cotangent is -sum over heads)."""
+    r = _Refs(refs, _in_names(cfg, "do", "lse", "delta", "dq", *(["gsum"] if cfg.factored else [])))
     tq, tk, tu = cfg.tq, cfg.tk, cfg.tu
     tile = pl.num_programs(0) - 1 - pl.program_id(0)
     h, b = pl.program_id(1), pl.program_id(2)
@@ -350,21 +372,28 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
     dq = lax.fori_loop(0, n_win, win_step, jnp.zeros(q.shape, jnp.float32))
     qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
 
-    def slot_step(t, dq):
+    def slot_step(t, carry):
+        dq, gsum = carry
         u0 = pl.multiple_of(t * tu, tu)
         idx = r.union[b, kh, i, pl.ds(u0, tu)]
         idx_safe = jnp.maximum(idx, 0)
         k, v = _load_slots(cfg, r, u0, idx_safe)
         s = _dot(q, k, 1, 1) * qk_scale
-        sel = r.sel[:, pl.ds(u0, tu)] if cfg.has_mask else None
+        sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
         segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
         s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
-        wf = r.wsel[:, pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
-        ds = grad_s(s, _dot(do, v, 1, 1), wf)
-        return dq + _dot(ds.astype(k.dtype), k)
+        dp = _dot(do, v, 1, 1)
+        ds = grad_s(s, dp, wf)
+        if cfg.factored:
+            p = jnp.exp2(s - lse)
+            dw = p * dp if cfg.weight_mode == "gate" else p * (dp - delta)
+            gsum = gsum + jnp.sum(jnp.where(free, dw, 0.0), axis=1)
+        return dq + _dot(ds.astype(k.dtype), k), gsum
 
-    dq = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, dq)
+    dq, gsum = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, (dq, jnp.zeros((tq,), jnp.float32)))
     r.dq[...] = (dq * cfg.scale).astype(r.dq.dtype)
+    if cfg.factored:
+        r.gsum[...] = gsum
 
 
 # --------------------------------------------------------------------- window dK/dV
@@ -451,7 +480,7 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
     """One program per (query block, KV head, batch): every slot tile of the block's union,
     summed over the block's query tiles and the group's query heads (the gathered K/V rows
     are loaded once per slot tile, not once per query tile)."""
-    outs = (["dw"] if cfg.has_weights else [])
+    outs = (["dw"] if cfg.has_weights else []) + (["dz"] if cfg.factored else [])
     if cfg.dkv_reduce == "atomic":
         ins = _in_names(cfg, "do", "lse", "delta", "dk_in", "dv_in")
         outs += ["dk", "dv"]
@@ -475,13 +504,13 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
         segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
 
         def sub_tile(j, acc):
+            acc, dz = acc[:2], acc[2]
             s0 = pl.multiple_of(j * tq, tq)
             q0 = i * bq + s0
             qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
             segq = r.seg[pl.ds(q0, tq)][:, None] if cfg.has_segments else None
-            sel = r.sel[pl.ds(s0, tq), pl.ds(u0, tu)] if cfg.has_mask else None
+            sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(s0, tq))
             allowed = _slot_allowed(cfg, idx, qpos, sel, segq, segk)
-            wf = r.wsel[pl.ds(s0, tq), pl.ds(u0, tu)].astype(jnp.float32) if cfg.has_weights else None
 
             def head(hr, carry):
                 dk, dv, dw = carry
@@ -510,10 +539,14 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
             dk, dv, dw = lax.fori_loop(0, rep, head, acc + (jnp.zeros((tq, tu), jnp.float32),))
             if cfg.has_weights:
                 r.dw[pl.ds(s0, tq), pl.ds(u0, tu)] = dw
-            return dk, dv
+            if cfg.factored:  # the slot scores' gradient, summed over queries and heads
+                dz = dz + jnp.sum(jnp.where(free, dw, 0.0), axis=0)
+            return dk, dv, dz
 
-        init = (jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu, d), jnp.float32))
-        dk, dv = lax.fori_loop(0, bq // tq, sub_tile, init)
+        init = (jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu, d), jnp.float32), jnp.zeros((tu,), jnp.float32))
+        dk, dv, dz = lax.fori_loop(0, bq // tq, sub_tile, init)
+        if cfg.factored:
+            r.dz[pl.ds(u0, tu)] = dz
         dk = dk * cfg.scale
         if cfg.dkv_reduce == "atomic":
             # Rows of empty slots are exactly zero. They go to the spare padding row (never a
@@ -530,6 +563,12 @@ def _dkv_slots_kernel(*refs, cfg: GatheredGpuConfig):
         return carry  # (a literal would not lower: scf.yield needs a value)
 
     lax.fori_loop(0, n_slot_tiles, slot_step, jnp.int32(0))
+    if cfg.factored:
+        def zero_dz(t, carry):
+            r.dz[pl.ds(pl.multiple_of(t * tu, tu), tu)] = jnp.zeros((tu,), jnp.float32)
+            return carry
+
+        lax.fori_loop(n_slot_tiles, r.union.shape[-1] // tu, zero_dz, jnp.int32(0))
     if cfg.has_weights:
         # slot tiles never visited hold no selected key: zero gradient
         def zero(t, carry):
@@ -552,9 +591,12 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
     rowspec = pl.BlockSpec((None, rep, bq), lambda t, h, b: (b, h, qb(t)))
     selspec = pl.BlockSpec((None, None, bq, U_pad), lambda t, h, b: (b, h, qb(t), 0))
     slotspec = pl.BlockSpec((None, None, None, U_pad, Dp), lambda t, h, b: (b, h, qb(t), 0, 0))
+    kvrow = pl.BlockSpec((None, None, bq), lambda t, h, b: (b, h, qb(t)))
+    zspec = pl.BlockSpec((None, None, None, U_pad), lambda t, h, b: (b, h, qb(t), 0))
     specs = dict(
         union=full((B, K, nq, U_pad)), slot_tiles=full((B, K, nq)), q=qspec, k=kvspec, v=kvspec,
         kg=slotspec, vg=slotspec, sel=selspec, wsel=selspec, do=qspec, lse=rowspec, delta=rowspec,
+        zslot=full((B, K, nq, U_pad)), slo=kvrow, shi=kvrow, thr=kvrow,
         seg=pl.BlockSpec((None, arrays["seg"].shape[1] if cfg.has_segments else 1), lambda t, h, b: (b, 0)),
     )
     names = _in_names(cfg) + ["do", "lse", "delta"]
@@ -563,6 +605,9 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
     if cfg.has_weights:
         out_specs.append(selspec)
         out_shape.append(jax.ShapeDtypeStruct((B, K, Sq_pad, U_pad), jnp.float32))
+    if cfg.factored:
+        out_specs.append(zspec)
+        out_shape.append(jax.ShapeDtypeStruct((B, K, nq, U_pad), jnp.float32))
     aliases = {}
     if cfg.dkv_reduce == "atomic":
         aliases = {len(args): len(out_shape), len(args) + 1: len(out_shape) + 1}
@@ -584,7 +629,7 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
         interpret=cfg.interpret,
         name="gathered_dkv_slots",
     )(*args)
-    dw = outs[0] if cfg.has_weights else None
+    dw = outs[0] if (cfg.has_weights or cfg.factored) else None  # dz for factored selections
     dk, dv = outs[-2], outs[-1]
     if cfg.dkv_reduce == "scatter":
         # XLA scatter-add of the per-slot sums of block i into the keys
@@ -698,16 +743,22 @@ def _dq(cfg, arrays, shapes):
     specs["do"], specs["lse"], specs["delta"] = specs["q"], specs["row"], specs["row"]
     names = _in_names(cfg) + ["do", "lse", "delta"]
     in_specs, args = _common_args(cfg, names, specs, arrays)
-    return pl.pallas_call(
+    out_specs = [specs["q"]]
+    out_shape = [jax.ShapeDtypeStruct((B, Sq_pad, H, Dp), arrays["q"].dtype)]
+    if cfg.factored:
+        out_specs.append(specs["row"])
+        out_shape.append(jax.ShapeDtypeStruct((B, H, Sq_pad), jnp.float32))
+    outs = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(Sq_pad // cfg.tq, H, B),
         in_specs=in_specs,
-        out_specs=specs["q"],
-        out_shape=jax.ShapeDtypeStruct((B, Sq_pad, H, Dp), arrays["q"].dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params(cfg.warps[1], cfg.stages[1]),
         interpret=cfg.interpret,
         name="gathered_dq",
     )(*args)
+    return outs[0], (outs[1] if cfg.factored else None)
 
 
 # ------------------------------------------------------------------------- custom vjp
@@ -720,7 +771,10 @@ def _pregather(cfg, k, union):
 
 
 def _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles):
+    """Factored selections come as wsel = (slot scores, thresholds), sel = (lo, hi)."""
     a = dict(q=q, k=k, v=v, sel=sel, wsel=wsel, seg=seg, union=union, slot_tiles=slot_tiles)
+    if cfg.factored:
+        (a["zslot"], a["thr"]), (a["slo"], a["shi"]) = wsel, sel
     if cfg.gather == "xla":
         a["kg"], a["vg"] = _pregather(cfg, k, union), _pregather(cfg, v, union)
     return a
@@ -749,13 +803,18 @@ def _attention_bwd(cfg, res, do):
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     arrays = _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles)
     arrays.update(do=do.astype(q.dtype), lse=lse, delta=delta)
-    dq = _dq(cfg, arrays, shapes)
+    dq, gsum = _dq(cfg, arrays, shapes)
     if cfg.window is None:
         dk_win = dv_win = jnp.zeros(k.shape, jnp.float32)
     else:
         dk_win, dv_win = _dkv_window(cfg, arrays, shapes)
     dw, dk, dv = _dkv_slots(cfg, arrays, shapes, dk_win, dv_win)
-    if dw is not None:
+    if cfg.factored:  # weight = clip(z - tau): tau's cotangent is minus the free rows' sums
+        B, Sq_pad, H = q.shape[:3]
+        K = k.shape[2]
+        dthr = -jnp.sum(gsum.reshape(B, K, H // K, Sq_pad), axis=2)
+        dw = (dw.astype(wsel[0].dtype), dthr.astype(wsel[1].dtype))
+    elif dw is not None:
         dw = dw.astype(wsel.dtype)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), dw, None, None, None, None
 
@@ -779,6 +838,7 @@ def gathered_attention_gpu(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     interpret: bool = False,
+    selection=None,
     gather: str = "kernel",
     bwd_gather: str | None = None,
     dkv_reduce: str = "sorted",
@@ -814,7 +874,10 @@ def gathered_attention_gpu(
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
-    selection_mask bool / selection_weights float [B, K, Sq, U]. Returns [B, Sq, H, D].
+    selection_mask bool / selection_weights float [B, K, Sq, U], or ``selection`` (a
+    :class:`sea_jax.kernels.SlotSelection`: the same generated on chip from slot scores
+    [B, K, nQ, U], slot ranges and thresholds [B, K, Sq]; its backward returns the gradients
+    of the slot scores and thresholds, never a [B, K, Sq, U] array). Returns [B, Sq, H, D].
     """
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
@@ -849,7 +912,7 @@ def gathered_attention_gpu(
         seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, block_q=block_q,
         window=window if window > 0 else None, causal=bool(causal), weight_mode=weight_mode,
         has_mask=selection_mask is not None, has_weights=selection_weights is not None,
-        has_segments=segment_ids is not None, scale=scale, interpret=bool(interpret),
+        has_segments=segment_ids is not None, factored=selection is not None, scale=scale, interpret=bool(interpret),
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
         partial_dtype=partial_dtype,
         tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
@@ -875,6 +938,11 @@ def gathered_attention_gpu(
     wsel = None
     if selection_weights is not None:
         wsel = _pad_to(_pad_to(selection_weights, 2, Sq_pad), 3, U_pad)
+    if selection is not None:
+        rows = lambda x, dtype: _pad_to(x.astype(dtype), 2, Sq_pad)  # noqa: E731  (padding queries: empty range)
+        wsel = (_pad_to(selection.slot_scores.astype(jnp.float32), 3, U_pad),
+                rows(selection.threshold, jnp.float32))
+        sel = (rows(selection.select_lo, jnp.int32), rows(selection.select_hi, jnp.int32))
     seg = None
     if segment_ids is not None:
         seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(Sq_pad, Skv_pad))

@@ -229,3 +229,121 @@ def test_bad_kernel_options(opts, match):
     union = jnp.zeros((1, 2, 1, 1), jnp.int32)
     with pytest.raises(ValueError, match=match):
         gathered_attention(q, q, q, union, block_q=32, impl="pallas_gpu", interpret=True, kernel_options=opts)
+
+
+# ------------------------------------------------------------ factored (SlotSelection) form
+def _random_slot_selection(rng, B, K, S, bq, U):
+    """Slot scores around a per-query threshold (weights 0, fractional and 1 all occur),
+    -inf thresholds (weight 1), empty, full and random slot ranges."""
+    nq = num_blocks(S, bq)
+    z = rng.normal(0.0, 1.0, (B, K, nq, U))
+    thr = rng.normal(0.0, 0.5, (B, K, S))
+    thr[rng.random((B, K, S)) < 0.2] = -np.inf
+    lo = rng.integers(0, U // 2, (B, K, S))
+    hi = lo + rng.integers(0, U, (B, K, S))
+    hi = np.minimum(hi, U)
+    lo[..., ::7], hi[..., ::7] = 0, U  # full ranges
+    hi[..., 3::11] = lo[..., 3::11]  # empty ranges
+    return z.astype(np.float32), lo.astype(np.int32), hi.astype(np.int32), thr.astype(np.float32)
+
+
+def _expand_slot_selection(z, lo, hi, thr, bq, xp=np):
+    """mask / weights [B, K, S, U] by explicit loops over queries and slots (NumPy), weights
+    by the formula in xp (differentiable when xp is jax.numpy)."""
+    B, K, S = thr.shape
+    U = z.shape[-1]
+    mask = np.zeros((B, K, S, U), bool)
+    for b in range(B):
+        for kh in range(K):
+            for t in range(S):
+                for u in range(U):
+                    mask[b, kh, t, u] = lo[b, kh, t] <= u < hi[b, kh, t]
+    blk = np.arange(S) // bq
+    x = z[:, :, blk, :] - thr[..., None]
+    w = xp.where(x >= 1, 1.0, xp.where(x > 0, x, 0.0))
+    return mask, xp.where(xp.asarray(mask), w, 0.0)
+
+
+SLOT_CASES = [
+    # name, B, S, H, K, D, bq, U, dtype, window, wmode, seg, options
+    ("gqa4_window_gate", 1, 70, 4, 1, 64, 32, 20, jnp.float32, 10, "gate", False,
+     dict(tq=16, tu=16, tk=16, reduce_chunk=16)),
+    ("gqa1_log_segments_scatter", 2, 48, 2, 2, 64, 16, 12, jnp.float32, 0, "log", True,
+     dict(tu=16, tk=16, dkv_reduce="scatter")),
+    ("gqa2_odd_d48_xla_gather", 1, 53, 4, 2, 48, 16, 10, jnp.float32, 7, "gate", False,
+     dict(tu=16, tk=16, gather="xla")),
+    ("bf16_gqa2_window", 1, 64, 4, 2, 64, 32, 16, jnp.bfloat16, 6, "gate", False, dict(tu=16, tk=16)),
+]
+
+
+@pytest.mark.parametrize("case", SLOT_CASES, ids=[c[0] for c in SLOT_CASES])
+def test_slot_selection(case):
+    """The factored selection (mask and weights generated in the kernel from slot scores,
+    slot ranges and thresholds): output and the gradients of q, k, v, the slot scores and
+    the thresholds against float64 autodiff of a dense masked softmax whose mask and weights
+    are expanded by explicit loops, and against the XLA path; poisoned outputs are written."""
+    from sea_jax.kernels import SlotSelection
+
+    name, B, S, H, K, D, bq, U, dtype, W, wm, use_seg, opts = case
+    rng = _rng(name, "slots")
+    q, k, v, union, _, _, seg = _inputs(rng, B, S, H, K, D, bq, U, dtype, False, None, use_seg)
+    z, lo, hi, thr = _random_slot_selection(rng, B, K, S, bq, U)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    segj = None if seg is None else jnp.asarray(seg)
+    common = dict(block_q=bq, window=W, weight_mode=wm, causal=True, segment_ids=segj)
+    lo_j, hi_j, uj = jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(union)
+
+    def run(impl, q, k, v, z, thr, **extra):
+        f = lambda q, k, v, z, thr: gathered_attention(  # noqa: E731
+            q, k, v, uj, selection=SlotSelection(z, lo_j, hi_j, thr), impl=impl, **common, **extra)
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
+        return out, vjp(ct.astype(q.dtype))
+
+    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr), interpret=True, kernel_options=opts)
+    assert out.dtype == dtype and all(np.isfinite(np.asarray(x, np.float64)).all() for x in (out,) + g)
+    mask, _ = _expand_slot_selection(z, lo, hi, thr, bq)
+    onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=True, selection_mask=mask, segment_ids=seg)
+    with enable_x64():
+        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+
+        def f64(q, k, v, z, thr):
+            _, w = _expand_slot_selection(z, lo, hi, thr, bq, xp=jnp)
+            allowed, Wm = gathered_allowed_weights(onehot, win, w)
+            return dense_attention_jnp(q, k, v, allowed, Wm, wm)
+
+        out64, vjp64 = jax.vjp(f64, up(q), up(k), up(v), up(z), up(thr))
+        g64 = [np.asarray(x) for x in vjp64(up(ct))]
+    assert rel_err(out, out64) < FWD_TOL[dtype]
+    for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, g64):
+        assert a.shape == r.shape, name_
+        assert rel_err(a, r) < GRAD_TOL[dtype], name_
+    # -inf thresholds (weight 1) get exactly zero gradient, and so do slots nobody can use
+    assert np.all(np.asarray(g[4])[np.isinf(thr)] == 0)
+    # against the XLA path (SlotSelection.dense + the reference), float32
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
+    assert rel_err(out, out_x) < FWD_TOL[dtype]
+    for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
+        assert rel_err(a, r) < GRAD_TOL[dtype], name_
+
+
+def test_slot_selection_bad_arguments():
+    from sea_jax.kernels import SlotSelection
+
+    B, S, K, bq, U = 1, 32, 1, 16, 8
+    q = jnp.ones((B, S, 2, 16), jnp.float32)
+    union = jnp.full((B, K, 2, U), -1, jnp.int32)
+    good = SlotSelection(jnp.zeros((B, K, 2, U)), jnp.zeros((B, K, S), jnp.int32),
+                         jnp.zeros((B, K, S), jnp.int32), jnp.zeros((B, K, S)))
+    call = lambda **kw: gathered_attention(q, q[:, :, :1], q[:, :, :1], union, block_q=bq, impl="xla", **kw)  # noqa: E731
+    call(selection=good)
+    with pytest.raises(ValueError, match="not both"):
+        call(selection=good, selection_mask=jnp.ones((B, K, S, U), bool))
+    with pytest.raises(ValueError, match=r"selection.slot_scores must have shape \(1, 1, 2, 8\)"):
+        call(selection=good._replace(slot_scores=jnp.zeros((B, K, 3, U))))
+    with pytest.raises(ValueError, match="selection.select_lo must be integer"):
+        call(selection=good._replace(select_lo=jnp.zeros((B, K, S))))
+    with pytest.raises(ValueError, match="selection.threshold must be floating"):
+        call(selection=good._replace(threshold=jnp.zeros((B, K, S), jnp.int32)))
+    with pytest.raises(ValueError, match="must be a SlotSelection"):
+        call(selection=(1, 2, 3, 4))
