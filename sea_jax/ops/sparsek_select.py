@@ -69,7 +69,7 @@ older runs, so the carried set is always the top-(k + c) of the run a new query 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,14 +146,30 @@ class Selection(NamedTuple):
     union_index:  int32 [B, K, nQ, U] key positions per query block (-1 empty).
     mask:         bool [B, K, T, U]; weight: float [B, K, T, U]; tau: [B, K, T].
     overflow:     bool [B, K, T]; overflow_count: int32 scalar (sum of ``overflow``).
+    slots:        with ``factored=True``: the mask and weights as a
+                  :class:`sea_jax.kernels.SlotSelection` (mask and weight are then None;
+                  :meth:`Selection.dense_mask_weight` expands them).
     """
 
     union_index: jax.Array
-    mask: jax.Array
-    weight: jax.Array
+    mask: jax.Array | None
+    weight: jax.Array | None
     tau: jax.Array
     overflow: jax.Array
     overflow_count: jax.Array
+    slots: Any = None
+
+    def dense_mask_weight(self, window: int, block_q: int) -> tuple[jax.Array, jax.Array]:
+        """(mask, weight) [B, K, T, U] of either form (a factored selection is expanded:
+        [B, K, T, U] arrays, for inspection and tests; the kernels take it as it is)."""
+        if self.slots is None:
+            return self.mask, self.weight
+        mask, weight = self.slots.dense(block_q)
+        T = mask.shape[2]
+        pos = jnp.repeat(self.union_index, block_q, axis=2)[:, :, :T]  # [B, K, T, U]
+        visible = (pos >= 0) & (pos <= jnp.arange(T, dtype=jnp.int32)[:, None] - window)
+        mask = mask & visible
+        return mask, jnp.where(mask, weight, 0).astype(self.tau.dtype)
 
 
 def union_size(k: int, extra: int, block_q: int) -> int:
@@ -375,7 +391,7 @@ def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int
     return max(1, budget_bytes // per_block)
 
 
-def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch) -> BlockSelection:
+def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch, factored=False) -> BlockSelection:
     """schedule="fast": BlockSelection with a leading block axis (slots hold positions)."""
     from sea_jax.ops import sparsek_select_fast as fast
 
@@ -394,7 +410,7 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
         carry_q, ev_q, ent_q, qpos_q, qrun_q = args
         pos, mask, weight, tau, overflow = fast.fast_select_blocks(
             carry_q, ev_q, ent_q, qpos_q, qrun_q, order=order, score=table.score, run=table.run,
-            k=k, c=c, window=window, union=union, method=method)
+            k=k, c=c, window=window, union=union, method=method, factored=factored)
         return BlockSelection(pos, pos, mask, weight, tau, overflow)
 
     if block_batch is None:
@@ -424,6 +440,7 @@ def causal_prefix_select(
     block_batch: int | None = None,
     interpret: bool = False,
     union_multiple: int = 1,
+    factored: bool = False,
 ) -> Selection:
     """Causal SparseK selection of a whole sequence.
 
@@ -449,6 +466,10 @@ def causal_prefix_select(
       union_multiple: round the union width U up to a multiple of this (int >= 1; the extra
         slots are empty: index -1, mask False, weight 0). A kernel whose slot tile divides U
         then takes the [B, K, T, U] mask and weights without padding copies.
+      factored: schedules "fused", "fast", "fast_sorted": return the mask and weights as a
+        :class:`sea_jax.kernels.SlotSelection` in ``Selection.slots`` (slot scores, a slot
+        range and a threshold per query) instead of [B, K, T, U] arrays; the GPU gathered
+        kernel generates them on chip. Same selection, same gradients.
     Returns:
       :class:`Selection` (union_index holds key positions, -1 empty).
     """
@@ -462,6 +483,8 @@ def causal_prefix_select(
     if block_batch is not None:
         block_batch = check_budget("block_batch", block_batch)
     union_multiple = check_budget("union_multiple", union_multiple)
+    if factored and schedule not in ("fused", "fast", "fast_sorted"):
+        raise ValueError(f"factored=True needs schedule 'fused', 'fast' or 'fast_sorted', got {schedule!r}")
     B, T, K = scores.shape
     if segment_ids is not None:
         if segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
@@ -500,7 +523,7 @@ def causal_prefix_select(
         if schedule == "fused" and method == "bracket":
             solver = "pallas_interpret" if interpret else "pallas"
         sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=solver,
-                             block_batch=block_batch)
+                             block_batch=block_batch, factored=factored)
     else:
         states = prefix_candidates(table, xs[2], k + extra)
 
@@ -519,6 +542,13 @@ def causal_prefix_select(
         return a.reshape(a.shape[:2] + (Tp,) + a.shape[4:])[:, :, :T]
 
     overflow = per_query(sel.overflow)
+    if factored:
+        from sea_jax.kernels.slot_selection import SlotSelection
+
+        (lo, hi), (zs, thr) = sel.mask, sel.weight
+        slots = SlotSelection(jnp.moveaxis(zs, 0, 2), per_query(lo), per_query(hi), per_query(thr))
+        return Selection(jnp.moveaxis(sel.pos, 0, 2), None, None, per_query(sel.tau), overflow,
+                         jnp.sum(overflow, dtype=jnp.int32), slots)
     return Selection(
         jnp.moveaxis(sel.pos, 0, 2),
         per_query(sel.mask),

@@ -319,14 +319,17 @@ def _solve(z, r: _Rows, k: int, method: str):
     return solve_shifted_threshold(rows, k, r.s.shape, z.dtype, active=active)
 
 
+def _tau(z, r: _Rows, tau_s, k: int):
+    zmin = _take(z, r.last)  # the candidates of a run sort by score: the last is the minimum
+    return jnp.where(r.nvis > k, r.theta + tau_s, jnp.where(r.nvis > 0, zmin - 1, 0)).astype(z.dtype)
+
+
 def _outputs(z, r: _Rows, tau_s, k: int, union: int):
     cand, sel, active = _masks(r, union, k)
     x = _shifted(z, r, cand) - tau_s[..., None]
     p = jnp.where(cand, jnp.where(active[..., None], jnp.clip(x, 0, 1), 1), 0)
     weight = jnp.where(sel, p, 0).astype(z.dtype)
-    zmin = _take(z, r.last)  # the candidates of a run sort by score: the last is the minimum
-    tau = jnp.where(active, r.theta + tau_s, jnp.where(r.nvis > 0, zmin - 1, 0)).astype(z.dtype)
-    return weight, tau
+    return weight, _tau(z, r, tau_s, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -342,8 +345,12 @@ def _list_sparsek_fwd(z, r, k, union, method):
 
 def _list_sparsek_bwd(k, union, method, res, g):
     """The SparseK VJP (sea_jax.ops.sparsek._sparsek_bwd) over generated rows."""
+    return _sparsek_list_grad(k, union, res, *g)
+
+
+def _sparsek_list_grad(k, union, res, g_w, g_tau):
+    """dz of (weight, tau) with cotangents (g_w [..., Bq, U] or None: zero, g_tau [..., Bq])."""
     z, r, tau_s = res
-    g_w, g_tau = g
     M = z.shape[-1]
     dtype = z.dtype
     cand, sel, active = _masks(r, M, k)
@@ -352,8 +359,8 @@ def _list_sparsek_bwd(k, union, method, res, g):
     n_free = jnp.sum(free, axis=-1).astype(dtype)
     denom = jnp.where(n_free > 0, n_free, 1)
     # weight = where(sel, p, 0)[:U]: p's cotangent is g_w on selected entries (all within U)
-    g_p = jnp.where(sel[..., :union], g_w, 0)
-    sum_g = jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-1)
+    g_p = None if g_w is None else jnp.where(sel[..., :union], g_w, 0)
+    sum_g = 0 if g_w is None else jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-1)
     shift = (g_tau - sum_g) / denom  # every free entry gets g_p - mean_g + g_tau / |S|
     # rows without a free set send tau's cotangent to one entry: the first minimum (prefix
     # rule) or the first k-th value (exact saturation), as the dense operator's argmin/argmax
@@ -365,12 +372,32 @@ def _list_sparsek_bwd(k, union, method, res, g):
     first = jnp.where(inactive | saturated, first, -1)
     dz = jnp.sum(jnp.where(free, shift[..., None], 0) + jnp.where(m == first[..., None], g_tau[..., None], 0),
                  axis=-2)
-    dz = dz + jnp.pad(jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-2), [(0, 0)] * (dz.ndim - 1) + [(0, M - union)])
+    if g_w is not None:
+        dz = dz + jnp.pad(jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-2),
+                          [(0, 0)] * (dz.ndim - 1) + [(0, M - union)])
     r_zero = jax.tree.map(lambda a: None, r)
     return dz.astype(dtype), r_zero
 
 
 _list_sparsek.defvjp(_list_sparsek_fwd, _list_sparsek_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _list_tau(z, r: _Rows, k: int, method: str):
+    """tau [..., Bq] alone (the factored output: weights are clip(z - tau) in the kernel)."""
+    return _tau(z, r, _solve(z, r, k, method), k)
+
+
+def _list_tau_fwd(z, r, k, method):
+    tau_s = _solve(z, r, k, method)
+    return _tau(z, r, tau_s, k), (z, r, tau_s)
+
+
+def _list_tau_bwd(k, method, res, g_tau):
+    return _sparsek_list_grad(k, res[0].shape[-1], res, None, g_tau)
+
+
+_list_tau.defvjp(_list_tau_fwd, _list_tau_bwd)
 
 
 def _nth_visible(s, inv, vb, j):
@@ -381,7 +408,7 @@ def _nth_visible(s, inv, vb, j):
 
 def fast_select_blocks(
     carry_ranks, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
-    k: int, c: int, window: int, union: int, method: str,
+    k: int, c: int, window: int, union: int, method: str, factored: bool = False,
 ):
     """Selection of one query block from its carry (what select_block returns).
 
@@ -397,9 +424,14 @@ def fast_select_blocks(
         the bracket iteration on statistics read off the sorted list, one exact pass) or
         "pallas" / "pallas_interpret" (the on-chip solver, :func:`_kernel_threshold`; float32
         scores, the XLA "bracket" solver otherwise).
+      factored: return the selection as (slot range, slot scores and gate thresholds) instead
+        of a mask and weights (sea_jax.kernels.SlotSelection's vectors).
     Returns:
       (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
-      tau [B, K, Bq], overflow bool [B, K, Bq]).
+      tau [B, K, Bq], overflow bool [B, K, Bq]); factored: mask is (lo, hi) int32 [B, K, Bq]
+      (query i selects the slots lo <= u < hi that it can see) and weight is (slot scores
+      [B, K, U], thresholds [B, K, Bq]: tau, -inf where the query keeps everything with
+      weight 1), both differentiable.
     """
     Bq = enter_ranks.shape[-1]
     lst = jnp.sort(jnp.concatenate([carry_ranks, enter_ranks], -1), axis=-1)  # [B, K, M]
@@ -433,8 +465,15 @@ def fast_select_blocks(
     active = nvis > k
     theta = jnp.where(active, _take(zs, kpos), 0)
     r = _Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
-    weight, tau = _list_sparsek(z, r, k, union, method)
-    cand, sel, _ = _masks(r, union, k)
+    if factored:
+        # the list is sorted by score within a run: query i's selected entries are the
+        # visible ones of [s, kpos] (tin > i hides the rest, the kernel's causal check)
+        tau = _list_tau(z, r, k, method)
+        sel = (s, jnp.minimum(jnp.where(nvis > 0, jnp.minimum(e, kpos + 1), s), union))
+        weight = (z[..., :union], jnp.where(nvis > k, tau, -jnp.inf))
+    else:
+        weight, tau = _list_sparsek(z, r, k, union, method)
+        _, sel, _ = _masks(r, union, k)
 
     # exactness: the best key outside the candidate set must not clear the threshold
     nxt = jnp.where(nvis > c, _take(zs, nxt_pos), -jnp.inf)

@@ -347,3 +347,34 @@ def test_slot_selection_bad_arguments():
         call(selection=good._replace(threshold=jnp.zeros((B, K, S), jnp.int32)))
     with pytest.raises(ValueError, match="must be a SlotSelection"):
         call(selection=(1, 2, 3, 4))
+
+
+def test_slot_selection_lowers_to_triton_for_an_h100():
+    """Forward and backward of the factored form go through the Pallas -> Triton lowering on
+    the CPU machine (a construct Triton cannot take fails here, not first on the GPU)."""
+    import re
+
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    from sea_jax.kernels import SlotSelection
+
+    sds = jax.ShapeDtypeStruct
+    B, S, H, K, D, bq, U = 1, 512, 4, 2, 128, 64, 128
+    nq = S // bq
+
+    def loss(q, k, v, union, z, lo, hi, thr):
+        o = gathered_attention(q, k, v, union, block_q=bq, window=64, impl="pallas_gpu",
+                               selection=SlotSelection(z, lo, hi, thr))
+        return jnp.sum(o.astype(jnp.float32))
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4, 7))).trace(
+            sds((B, S, H, D), jnp.bfloat16), sds((B, S, K, D), jnp.bfloat16), sds((B, S, K, D), jnp.bfloat16),
+            sds((B, K, nq, U), jnp.int32), sds((B, K, nq, U), jnp.float32), sds((B, K, S), jnp.int32),
+            sds((B, K, S), jnp.int32), sds((B, K, S), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\w+)", text)
+    assert calls and set(calls) == {"__gpu"}
+    for name in ("gathered_fwd", "gathered_dq", "gathered_dkv_window", "gathered_dkv_slots"):
+        assert name in text, name

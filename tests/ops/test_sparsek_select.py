@@ -421,3 +421,54 @@ def test_union_multiple_pads_with_empty_slots(case):
         np.testing.assert_array_equal(np.asarray(b.overflow), np.asarray(a.overflow), err_msg=schedule)
     with pytest.raises(ValueError, match="union_multiple"):
         causal_prefix_select(u, k, union_multiple=0)
+
+
+FACTORED_CASES = [
+    # (PARALLEL_CASES index, schedule, union_multiple)
+    (3, "fused", 8),       # segments with ties, block wider than C; padded union
+    (0, "fast", 1),        # T % block_q != 0
+    pytest.param(5, "fast_sorted", 1, marks=pytest.mark.slow),
+    pytest.param(2, "fused", 1, marks=pytest.mark.slow),  # k larger than every prefix
+]
+
+
+@pytest.mark.parametrize("case,schedule,multiple", FACTORED_CASES)
+def test_factored_selection_equals_dense(case, schedule, multiple):
+    """factored=True (slot range + slot scores + thresholds, sea_jax.kernels.SlotSelection)
+    describes the same selection as the [B, K, T, U] mask and weights of the same schedule,
+    and the gradient of the scores through it is the same."""
+    B, T, K, k, window, extra, block_q, _, ties, segments = PARALLEL_CASES[case]
+    u, seg = _random_case(B * 100 + T + 1, B, T, K, ties, segments)
+    kw = dict(k=k, window=window, extra=extra, block_q=block_q, segment_ids=seg, schedule=schedule,
+              interpret=True, union_multiple=multiple)
+    sel = jax.jit(causal_prefix_select, static_argnames=("k", "window", "extra", "block_q", "schedule",
+                                                         "interpret", "union_multiple", "factored"))
+    a = sel(u, **kw)
+    b = sel(u, factored=True, **kw)
+    assert b.mask is None and b.weight is None
+    mask, weight = b.dense_mask_weight(window, block_q)
+    for name in ("union_index", "overflow", "overflow_count"):
+        np.testing.assert_array_equal(np.asarray(getattr(b, name)), np.asarray(getattr(a, name)), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(a.mask))
+    np.testing.assert_allclose(np.asarray(weight), np.asarray(a.weight), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(b.tau), np.asarray(a.tau), atol=1e-6, rtol=0)
+    assert np.asarray(a.mask).any() and (np.asarray(b.slots.threshold) == -np.inf).any()
+
+    rng = np.random.default_rng(case)
+    ct = jnp.asarray(rng.standard_normal(a.weight.shape), jnp.float32)
+    ct_tau = jnp.asarray(rng.standard_normal(a.tau.shape), jnp.float32)
+
+    def loss(u, factored):
+        s = causal_prefix_select(u, factored=factored, **kw)
+        m, w = s.dense_mask_weight(window, block_q)
+        return jnp.sum(w * ct) + jnp.sum(jnp.where(jnp.isfinite(s.tau), s.tau * ct_tau, 0))
+
+    g_dense = np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(u, False))
+    g_fact = np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(u, True))
+    np.testing.assert_allclose(g_fact, g_dense, atol=2e-6, rtol=0)
+    assert np.abs(g_dense).max() > 1e-2
+
+
+def test_factored_needs_a_fast_schedule():
+    with pytest.raises(ValueError, match="factored=True needs schedule"):
+        causal_prefix_select(jnp.zeros((1, 8, 1)), 2, schedule="parallel", factored=True)
