@@ -54,6 +54,8 @@ from sea_jax.ops.sparsek_select import (
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 WEIGHT_MODES = ("gate", "log")
+SELECTION_FORMS = ("auto", "dense", "factored")
+FACTORED_SCHEDULES = ("fused", "fast", "fast_sorted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,11 @@ class SparseKOptions:
     schedule: how the kernel path runs the causal selection: "auto" (default: "fused" on a GPU,
     i.e. impl pallas_gpu without interpret, where its threshold kernel compiles; "parallel"
     otherwise) or one of sea_jax.ops.sparsek_select.SCHEDULES ("parallel", "fused", "fast",
-    "fast_sorted", "scan"; the same selection, different speed).
+    "fast_sorted", "scan"; the same selection, different speed). selection_form: how the
+    selection reaches the attention kernel: "auto" (default: "factored" for impl pallas_gpu
+    with a fast schedule, "dense" otherwise), "dense" ([B, K, T, U] mask and weight arrays) or
+    "factored" (sea_jax.kernels.SlotSelection: slot scores, slot ranges and thresholds, the
+    mask and weights generated inside the kernel; schedules "fused", "fast", "fast_sorted").
     """
 
     k: int = 64
@@ -81,6 +87,7 @@ class SparseKOptions:
     interpret: bool = False
     method: str = "bracket"
     schedule: str = "auto"
+    selection_form: str = "auto"
 
     def __post_init__(self):
         check_budget("k", self.k)
@@ -96,6 +103,11 @@ class SparseKOptions:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.schedule != "auto" and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES}, got {self.schedule!r}")
+        if self.selection_form not in SELECTION_FORMS:
+            raise ValueError(f"selection_form must be one of {SELECTION_FORMS}, got {self.selection_form!r}")
+        if self.selection_form == "factored" and self.schedule not in ("auto",) + FACTORED_SCHEDULES:
+            raise ValueError(f"selection_form='factored' needs schedule 'auto' or one of {FACTORED_SCHEDULES}, "
+                             f"got {self.schedule!r}")
         slope = self.position_slope
         if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
             raise ValueError(f"position_slope must be a finite float, got {slope!r}")
@@ -109,6 +121,20 @@ class SparseKOptions:
         # the fused schedule's threshold kernel is Pallas Triton: 6.8 ms vs 136 ms for the XLA
         # solver at T = 32k, k = 1024 on an H100 (benchmarks/results/sparsek_threshold.json)
         return "fused" if impl == "pallas_gpu" and not self.interpret else "parallel"
+
+    def resolved_selection_form(self, impl: str) -> str:
+        """"dense" or "factored" for the kernel path with attention backend ``impl``."""
+        schedule = self.resolved_schedule(impl)
+        if self.selection_form == "factored":
+            if schedule not in FACTORED_SCHEDULES:
+                raise ValueError(f"selection_form='factored' needs one of the schedules {FACTORED_SCHEDULES}; "
+                                 f"schedule 'auto' resolves to {schedule!r} for impl {impl!r}")
+            return "factored"
+        if self.selection_form == "dense":
+            return "dense"
+        # factored: no [B, K, T, U] mask / weights in memory (the GPU kernel generates them);
+        # the XLA and TPU paths would only expand it again
+        return "factored" if impl == "pallas_gpu" and schedule in FACTORED_SCHEDULES else "dense"
 
     def resolved_impl(self, backend: str | None = None) -> str:
         """The full pass's attention backend: "xla", "pallas_gpu" or "pallas_tpu" ("auto":
@@ -280,24 +306,26 @@ class SparseKAttention(nnx.Module):
         from sea_jax.kernels import gathered_attention
 
         o = self.options
+        factored = o.resolved_selection_form(impl) == "factored"
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
                                    block_q=o.block_q, segment_ids=segment_ids, method=o.method,
                                    schedule=o.resolved_schedule(impl), interpret=o.interpret,
                                    # the GPU kernel's slot tile (64): no padding copies of the
-                                   # [B, K, T, U] mask and weights
-                                   union_multiple=64 if impl == "pallas_gpu" else 1)
+                                   # per-slot arrays
+                                   union_multiple=64 if impl == "pallas_gpu" else 1, factored=factored)
         # the kernel masks by segment-id equality; hand it the run ids (start + 1, 0 = padding)
         # so that a repeated id after a gap is a new sequence on both paths
         runs = None if segment_ids is None else segment_runs(segment_ids, *q.shape[:2]) + 1
+        dense = {} if factored else dict(selection_mask=sel.mask, selection_weights=sel.weight.astype(jnp.float32))
         out = gathered_attention(
-            q, k, v, sel.union_index, block_q=o.block_q, window=o.window,
-            selection_mask=sel.mask, selection_weights=sel.weight.astype(jnp.float32),
+            q, k, v, sel.union_index, block_q=o.block_q, window=o.window, selection=sel.slots, **dense,
             weight_mode=o.weight_mode, causal=True, segment_ids=runs,
             scale=self.dims.head_dim ** -0.5, impl=impl, interpret=o.interpret,
         )
         aux = {}
         if return_aux:
-            aux = dict(sparsek_index=sel.union_index, sparsek_mask=sel.mask, sparsek_weight=sel.weight,
+            mask, weight = sel.dense_mask_weight(o.window, o.block_q)
+            aux = dict(sparsek_index=sel.union_index, sparsek_mask=mask, sparsek_weight=weight,
                        sparsek_tau=sel.tau, sparsek_overflow=sel.overflow,
                        sparsek_overflow_count=sel.overflow_count, sparsek_scores=u)
         return AttentionOutput(out, None, aux)

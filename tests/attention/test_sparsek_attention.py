@@ -433,15 +433,27 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
 
     out_x, g_x = grads(m_xla)
     # the kernel path with the CPU default selection schedule ("parallel") and with "fused" (the
-    # GPU default: its threshold kernel in interpret mode here)
+    # GPU default: its threshold kernel in interpret mode here), whose selection reaches the
+    # kernel factored (the GPU default: SlotSelection) or as dense mask / weight arrays
     m_fast = module(H, K, D, E, impl="pallas_gpu", interpret=True, schedule="fused", **opts)
-    for m in (m_gpu, m_fast):
+    m_fast_dense = module(H, K, D, E, impl="pallas_gpu", interpret=True, schedule="fused",
+                          selection_form="dense", **opts)
+    assert m_fast.options.resolved_selection_form("pallas_gpu") == "factored"
+    for m in (m_gpu, m_fast, m_fast_dense):
         out_g, g_g = grads(m)
         np.testing.assert_allclose(np.asarray(out_g), np.asarray(out_x), atol=2e-5, rtol=0)
         for name, a, b in zip(("w_score", "q", "k", "v", "x"), g_g, g_x):
             assert np.abs(np.asarray(b)).max() > 0, name
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4, err_msg=name)
     assert np.all(np.asarray(out_x)[:, 34:] == 0)
+    # the auxiliary outputs of the factored path are the dense ones
+    aux = [m(q, k, v, x=x, segment_ids=seg, return_aux=True).aux for m in (m_fast, m_fast_dense, m_xla)]
+    for name in ("sparsek_index", "sparsek_mask", "sparsek_tau", "sparsek_overflow"):
+        np.testing.assert_array_equal(np.asarray(aux[0][name]), np.asarray(aux[1][name]), err_msg=name)
+    np.testing.assert_allclose(np.asarray(aux[0]["sparsek_weight"]), np.asarray(aux[1]["sparsek_weight"]), atol=1e-6)
+    U = aux[2]["sparsek_mask"].shape[-1]  # the GPU path rounds the union up to its slot tile
+    np.testing.assert_array_equal(np.asarray(aux[0]["sparsek_mask"])[..., :U], np.asarray(aux[2]["sparsek_mask"]))
+    assert not np.asarray(aux[0]["sparsek_mask"])[..., U:].any()
 
 
 def test_schedule_auto():
@@ -451,6 +463,13 @@ def test_schedule_auto():
     assert o.resolved_schedule("xla") == "parallel" and o.resolved_schedule("pallas_tpu") == "parallel"
     assert SparseKOptions(k=4, interpret=True).resolved_schedule("pallas_gpu") == "parallel"
     assert SparseKOptions(k=4, schedule="scan").resolved_schedule("pallas_gpu") == "scan"
+    assert o.selection_form == "auto"
+    assert o.resolved_selection_form("pallas_gpu") == "factored"
+    assert o.resolved_selection_form("xla") == "dense" and o.resolved_selection_form("pallas_tpu") == "dense"
+    assert SparseKOptions(k=4, interpret=True).resolved_selection_form("pallas_gpu") == "dense"  # parallel
+    assert SparseKOptions(k=4, selection_form="dense").resolved_selection_form("pallas_gpu") == "dense"
+    with pytest.raises(ValueError, match="resolves to 'parallel'"):
+        SparseKOptions(k=4, selection_form="factored").resolved_selection_form("xla")
 
 
 def test_registered_as_attention_core():
@@ -473,6 +492,8 @@ def test_registered_as_attention_core():
         (dict(impl="cuda"), "impl must be one of"),
         (dict(method="heap"), "method must be one of"),
         (dict(schedule="serial"), "schedule must be 'auto' or one of"),
+        (dict(selection_form="sparse"), "selection_form must be one of"),
+        (dict(selection_form="factored", schedule="scan"), "selection_form='factored' needs schedule"),
         (dict(position_slope="small"), "position_slope must be a finite float"),
         (dict(position_slope=float("nan")), "position_slope must be a finite float"),
         (dict(interpret=1), "interpret must be a bool"),
