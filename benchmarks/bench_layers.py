@@ -10,7 +10,9 @@ Forward and forward+backward time and peak memory of one attention core at B = 1
   [B, S, E = H D], the causal prefix top-k / threshold and the union layout are inside the
   timed function; fwd+bwd = grad of mean(out) w.r.t. q, k, v, x and the scorer weights.
 * ``sparsek@<schedule>``: the same with another selection schedule (``SparseKOptions.schedule``);
-  ``sparsek:block_q=128;schedule=parallel``: with other ``SparseKOptions`` fields.
+  ``sparsek:block_q=128;schedule=parallel``: with other ``SparseKOptions`` fields (e.g.
+  ``sparsek:selection_form=dense``: the selection handed to the kernel as [B, K, T, U] mask
+  and weight arrays instead of the default factored SlotSelection).
 * ``sea``: ``SEAAttention`` with k = 64, t_m = 256, granularity "block", impl "auto" (-> the
   Pallas block-sparse kernel on GPU), other options default; fwd+bwd = grad of mean(out) +
   mean(estimate) w.r.t. q, k, v and every SEA parameter (the estimate term stands in for
@@ -181,7 +183,8 @@ def main():
                 sparsek_options=dict(k=sk.k, window=sk.window, extra=sk.extra, block_q=sk.block_q,
                                      weight_mode=sk.weight_mode, impl=sk.impl,
                                      resolved_impl=sk.resolved_impl(), method=sk.method,
-                                     schedule=sk.schedule),
+                                     schedule=sk.schedule, selection_form=sk.selection_form,
+                                     resolved_selection_form=sk.resolved_selection_form(sk.resolved_impl())),
                 sea_options=dict(k=sea.k, t_m=sea.t_m, block_q=sea.block_q, block_k=sea.block_k,
                                  granularity=sea.granularity, impl=sea.impl, resolved_impl=sea.resolved_impl()),
                 dense=dict(implementation=dense_impl),

@@ -16,7 +16,9 @@ block_q = 64, extra = k, method "bracket"), one process times:
 * ``prefix`` (``--prefix``): the carries alone, forward (fast: global ranks + bitonic prefix
   merge; parallel: the 3-key associative merge), for the breakdown;
 * ``gathered_<gather>``: ``sea_jax.kernels.gathered_attention`` (Pallas Triton) on that
-  selection (fwd and fwd+bwd w.r.t. q, k, v and the weights), gather "kernel" and "xla".
+  selection (fwd and fwd+bwd w.r.t. q, k, v and the weights), gather "kernel" and "xla";
+  ``gathered_factored``: the fused schedule's factored selection (SlotSelection: mask and
+  weights generated in the kernel; fwd+bwd w.r.t. q, k, v and the slot scores).
 
 Median of ``--reps`` calls after compile and one warm call.
 
@@ -76,11 +78,14 @@ def main():
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--schedules", default="parallel", help="comma list of fast, parallel, scan (name@N: N blocks per step)")
+    ap.add_argument("--schedules", default="parallel", help="comma list of parallel, fused, fast, fast_sorted, scan (name@N: N blocks per step; "
+                         "name/factored: the SlotSelection output)")
     ap.add_argument("--prefix", default="", help="comma list of schedules whose carry computation is timed alone")
     ap.add_argument("--block_batch", type=int, default=None, help="parallel schedule: blocks per step")
     ap.add_argument("--block_q", type=int, default=64, help="query block of the selection and the kernel")
-    ap.add_argument("--gathers", default="kernel,xla", help="gathered kernel variants ('' = none)")
+    ap.add_argument("--gathers", default="kernel,xla",
+                    help="gathered kernel variants ('' = none): kernel, xla (gather modes, dense mask / weights), "
+                         "factored (the fused schedule's SlotSelection)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.smoke:
@@ -108,13 +113,28 @@ def main():
         outputs = {}
         for spec in args.schedules.split(","):
             schedule, _, bb = spec.partition("@")
+            # "fused/factored": the selection as a SlotSelection (no [B, K, T, U] arrays)
+            schedule, _, form = schedule.partition("/")
+            factored = form == "factored"
             bb = int(bb) if bb else args.block_batch
-            sel_fn = lambda u, schedule=schedule, bb=bb: causal_prefix_select(  # noqa: E731
-                u, k, window=w, extra=k, block_q=bq, schedule=schedule, block_batch=bb)
-            select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow, s.tau))(sel_fn(u)))
+            sel_fn = lambda u, schedule=schedule, bb=bb, factored=factored: causal_prefix_select(  # noqa: E731
+                u, k, window=w, extra=k, block_q=bq, schedule=schedule, block_batch=bb, factored=factored,
+                interpret=interpret)
+            if factored:  # outputs: union, (lo, hi), (scores, thresholds), overflow, tau
+                select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (
+                    s.union_index, (s.slots.select_lo, s.slots.select_hi), (s.slots.slot_scores, s.slots.threshold),
+                    s.overflow, s.tau))(sel_fn(u)))
+            else:
+                select_fwd = jax.jit(lambda u, sel_fn=sel_fn: (lambda s: (s.union_index, s.mask, s.weight, s.overflow, s.tau))(sel_fn(u)))
 
-            def select_fb(u, ct, sel_fn=sel_fn):
-                return jax.grad(lambda u: (lambda s: jnp.sum(s.weight * ct) + jnp.sum(s.tau))(sel_fn(u)))(u)
+            def select_fb(u, ct, sel_fn=sel_fn, factored=factored):
+                def loss(s):
+                    if factored:  # cotangents of the per-slot scores and per-query thresholds
+                        z, thr = s.slots.slot_scores, s.slots.threshold
+                        return (jnp.sum(z * ct[:, :, :z.shape[2], 0, None]) + jnp.sum(s.tau)
+                                + jnp.sum(jnp.where(jnp.isfinite(thr), thr, 0)))
+                    return jnp.sum(s.weight * ct) + jnp.sum(s.tau)
+                return jax.grad(lambda u: loss(sel_fn(u)))(u)
 
             def sel_part(row, select_fwd=select_fwd, select_fb=select_fb, spec=spec):
                 compiled, row["fwd_mem"] = compile_with_memory(select_fwd, (u,))
@@ -122,7 +142,7 @@ def main():
                 out = compiled(u)
                 row["union_width"] = int(out[0].shape[-1])
                 ref = outputs.get("ref")
-                if ref is not None:  # compare with the reference schedule on the device
+                if ref is not None and not isinstance(out[1], tuple):  # compare with the reference schedule on the device
                     a = ref[0]
                     row["equal_to"] = ref[2]
                     row["equal"] = bool(all(jnp.array_equal(x, y) for x, y in zip(
@@ -134,7 +154,7 @@ def main():
                 compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(select_fb), (u, ct))
                 row["fwd_bwd_ms"] = time_ms(compiled, (u, ct), args.reps)
                 grad = compiled(u, ct)
-                if ref is not None:
+                if ref is not None and "equal" in row:
                     row["max_grad_diff"] = float(jnp.max(jnp.abs(ref[1] - grad)))
                     row["max_grad"] = float(jnp.max(jnp.abs(ref[1])))
                 else:
@@ -151,6 +171,9 @@ def main():
         union, mask, weight, _ = jax.jit(lambda u: (lambda s: (s.union_index, s.mask, s.weight, s.overflow))(
             causal_prefix_select(u, k, window=w, extra=k, block_q=bq)))(u)
         weight = weight.astype(jnp.float32)
+        if "factored" in gathers:  # the fused schedule's factored selection, union rounded to 64
+            fsel = jax.jit(lambda u: causal_prefix_select(u, k, window=w, extra=k, block_q=bq, schedule="fused",
+                                                          union_multiple=64, factored=True, interpret=interpret))(u)
         q, kk, v, ct = (jax.random.normal(kx, (1, S, H, D), jnp.float32).astype(dtype) for kx in ks[2:6])
         for gather in gathers:
             if late():
@@ -158,6 +181,10 @@ def main():
                 continue
 
             def attn(q, kk, v, wt, gather=gather):
+                if gather == "factored":  # wt: the slot scores (the differentiable per-slot input)
+                    return gathered_attention(q, kk, v, fsel.union_index, block_q=bq, window=w,
+                                              selection=fsel.slots._replace(slot_scores=wt), impl=impl,
+                                              interpret=interpret)
                 return gathered_attention(q, kk, v, union, block_q=bq, window=w, selection_mask=mask,
                                           selection_weights=wt, impl=impl, interpret=interpret,
                                           kernel_options=dict(gather=gather))
@@ -165,11 +192,12 @@ def main():
             def fb(q, kk, v, wt, ct, attn=attn):
                 return jax.vjp(attn, q, kk, v, wt)[1](ct)
 
-            def ker_part(row, attn=attn, fb=fb):
-                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(attn), (q, kk, v, weight))
-                row["fwd_ms"] = time_ms(compiled, (q, kk, v, weight), args.reps)
-                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(fb), (q, kk, v, weight, ct))
-                row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, weight, ct), args.reps)
+            def ker_part(row, attn=attn, fb=fb, gather=gather):
+                wt = fsel.slots.slot_scores if gather == "factored" else weight
+                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(attn), (q, kk, v, wt))
+                row["fwd_ms"] = time_ms(compiled, (q, kk, v, wt), args.reps)
+                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(fb), (q, kk, v, wt, ct))
+                row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, wt, ct), args.reps)
 
             rec.guarded(dict(part=f"gathered_{gather}", S=S), ker_part)
     print("\n| S | part | schedule | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|---|")

@@ -378,3 +378,32 @@ def test_slot_selection_lowers_to_triton_for_an_h100():
     assert calls and set(calls) == {"__gpu"}
     for name in ("gathered_fwd", "gathered_dq", "gathered_dkv_window", "gathered_dkv_slots"):
         assert name in text, name
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernels need a GPU (interpret mode covers them on CPU)")
+@pytest.mark.parametrize("dtype,D,H,K,W", [(jnp.bfloat16, 128, 4, 2, 100), (jnp.float32, 64, 2, 2, 0)])
+def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W):
+    """The compiled factored kernels (forward, dQ + thresholds, slot dK/dV + slot scores)
+    against the XLA path on the GPU: 1000 tokens (padding), block 64, U = 192."""
+    from sea_jax.kernels import SlotSelection
+
+    B, S, bq, U = 1, 1000, 64, 192
+    rng = _rng("compiled", D)
+    q, k, v, union, _, _, _ = _inputs(rng, B, S, H, K, D, bq, U, dtype, False, None, False)
+    z, lo, hi, thr = _random_slot_selection(rng, B, K, S, bq, U)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    lo_j, hi_j, uj = jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(union)
+
+    def run(impl, q, k, v, z, thr):
+        f = lambda q, k, v, z, thr: gathered_attention(  # noqa: E731
+            q, k, v, uj, block_q=bq, window=W, selection=SlotSelection(z, lo_j, hi_j, thr), impl=impl)
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
+        return out, vjp(ct.astype(q.dtype))
+
+    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
+    assert rel_err(out, out_x) < FWD_TOL[dtype]
+    for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
+        assert rel_err(a, r) < GRAD_TOL[dtype], name_
