@@ -532,3 +532,46 @@ def test_bad_call_arguments_raise():
     bad = module(H, K, D, E, k=2, window=1, block_q=12, impl="pallas_gpu", interpret=True)
     with pytest.raises(ValueError, match="block_q"):
         bad(q, k, v, x=x)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiled Pallas Triton kernels need a GPU (interpret mode covers them on CPU)")
+def test_factored_and_dense_selection_agree_on_gpu():
+    """The GPU default (fused schedule, factored selection: mask and weights generated in the
+    kernel) against the dense form and the XLA path: outputs and gradients of q, k, v, x and
+    w_score, with segments, 2000 tokens."""
+    B, T, H, K, D, E = 1, 2000, 4, 2, 64, 32
+    opts = dict(k=96, window=64, block_q=64)
+    q, k, v, x = inputs(21, B, T, H, K, D, E)
+    seg = jnp.asarray(np.array([[1] * 1200 + [2] * 790 + [0] * 10], np.int32))
+    ct = jax.random.normal(jax.random.key(22), (B, T, H, D))
+
+    def grads(m):
+        g, params, rest = nnx.split(m, nnx.Param, ...)
+
+        def loss(p, q, k, v, x):
+            r = nnx.merge(g, p, rest)(q, k, v, x=x, segment_ids=seg)
+            return jnp.sum(r.out * ct), r.out
+
+        (_, out), gr = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(params, q, k, v, x)
+        return out, [gr[0]["w_score"][...]] + list(gr[1:])
+
+    fact = module(H, K, D, E, impl="pallas_gpu", score_scale=30.0, **opts)
+    assert fact.options.resolved_selection_form("pallas_gpu") == "factored"
+    out_f, g_f = grads(fact)
+    out_d, g_d = grads(module(H, K, D, E, impl="pallas_gpu", selection_form="dense", score_scale=30.0, **opts))
+    with jax.default_matmul_precision("highest"):  # the XLA reference without TF32
+        out_x, g_x = grads(module(H, K, D, E, impl="xla", score_scale=30.0, **opts))
+    # the two forms run the same kernels on the same selection: equal up to summation order;
+    # against XLA: the kernels' float32 dots may use TF32 on the GPU
+    np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_d), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), atol=5e-3, rtol=0)
+    for name, a, b, c in zip(("w_score", "q", "k", "v", "x"), g_f, g_d, g_x):
+        assert np.abs(np.asarray(c)).max() > 0, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=name)
+        assert rel_err_np(a, c) < 1e-2, name
+
+
+def rel_err_np(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
