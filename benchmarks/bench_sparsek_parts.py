@@ -42,7 +42,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRows, compile_with_memory, env_info, time_ms  # noqa: E402
 
-from sea_jax.kernels import gathered_attention  # noqa: E402
+from sea_jax.kernels import SlotSelection, gathered_attention  # noqa: E402
 from sea_jax.ops import sparsek_select_fast as fast  # noqa: E402
 from sea_jax.ops.sparsek_select import KeyTable, causal_prefix_select, prefix_candidates  # noqa: E402
 
@@ -180,24 +180,33 @@ def main():
                 rec.add(dict(part=f"gathered_{gather}", S=S, error="skipped: deadline passed"))
                 continue
 
-            def attn(q, kk, v, wt, gather=gather):
+            # the selection goes in as arguments: closed over, XLA would constant-fold the
+            # backward's sort of the union at compile time
+            if gather == "factored":
+                sel_args = (fsel.union_index, fsel.slots.select_lo, fsel.slots.select_hi, fsel.slots.threshold)
+                wt = fsel.slots.slot_scores
+            else:
+                sel_args, wt = (union, mask), weight
+
+            def attn(q, kk, v, wt, sel_args, gather=gather):
                 if gather == "factored":  # wt: the slot scores (the differentiable per-slot input)
-                    return gathered_attention(q, kk, v, fsel.union_index, block_q=bq, window=w,
-                                              selection=fsel.slots._replace(slot_scores=wt), impl=impl,
+                    idx, lo, hi, thr = sel_args
+                    return gathered_attention(q, kk, v, idx, block_q=bq, window=w,
+                                              selection=SlotSelection(wt, lo, hi, thr), impl=impl,
                                               interpret=interpret)
-                return gathered_attention(q, kk, v, union, block_q=bq, window=w, selection_mask=mask,
+                idx, m = sel_args
+                return gathered_attention(q, kk, v, idx, block_q=bq, window=w, selection_mask=m,
                                           selection_weights=wt, impl=impl, interpret=interpret,
                                           kernel_options=dict(gather=gather))
 
-            def fb(q, kk, v, wt, ct, attn=attn):
-                return jax.vjp(attn, q, kk, v, wt)[1](ct)
+            def fb(q, kk, v, wt, sel_args, ct, attn=attn):
+                return jax.vjp(lambda q, kk, v, wt: attn(q, kk, v, wt, sel_args), q, kk, v, wt)[1](ct)
 
-            def ker_part(row, attn=attn, fb=fb, gather=gather):
-                wt = fsel.slots.slot_scores if gather == "factored" else weight
-                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(attn), (q, kk, v, wt))
-                row["fwd_ms"] = time_ms(compiled, (q, kk, v, wt), args.reps)
-                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(fb), (q, kk, v, wt, ct))
-                row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, wt, ct), args.reps)
+            def ker_part(row, attn=attn, fb=fb, wt=wt, sel_args=sel_args):
+                compiled, row["fwd_mem"] = compile_with_memory(jax.jit(attn), (q, kk, v, wt, sel_args))
+                row["fwd_ms"] = time_ms(compiled, (q, kk, v, wt, sel_args), args.reps)
+                compiled, row["fwd_bwd_mem"] = compile_with_memory(jax.jit(fb), (q, kk, v, wt, sel_args, ct))
+                row["fwd_bwd_ms"] = time_ms(compiled, (q, kk, v, wt, sel_args, ct), args.reps)
 
             rec.guarded(dict(part=f"gathered_{gather}", S=S), ker_part)
     print("\n| S | part | schedule | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |\n|---|---|---|---|---|---|---|")

