@@ -645,47 +645,24 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
 
 
 # ------------------------------------------------- sorted (atomic-free) slot reduction
-def _sorted_slots(union, Skv_pad: int, tk: int, chunk: int, method: str = "auto"):
-    """The slots of each (batch, KV head) grouped by key tile: for the key-tile reduction kernel.
+def _sorted_slots(union, Skv_pad: int, tk: int, chunk: int):
+    """The slots of each (batch, KV head) sorted by key: for the key-tile reduction kernel.
 
     union: int32 [B, K, nQ, U_pad] (-1 = empty). Returns ``keys`` and ``pos`` int32
-    [B, K, nQ * U_pad + chunk] (key of each slot, grouped by key tile in ascending tile order,
-    empty slots last with key Skv_pad, then ``chunk`` sentinel entries so that a chunk read
-    never leaves the array; pos = the slot's flat index i * U_pad + u) and ``starts`` int32
-    [B, K, Skv_pad // tk + 1]: key tile t owns entries [starts[t], starts[t + 1]).
-
-    method: "pair" (sort (key, pos) pairs by key), "packed" (sort one uint32 per slot,
-    ``tile << bits(n) | pos``, then gather the keys back; a plain radix sort for XLA, needs
-    bits(tiles) + bits(n) <= 32) or "auto" (packed where it fits). The reduction adds
-    one-hot products, so the order of keys inside a tile does not matter.
+    [B, K, nQ * U_pad + chunk] (key of each slot in ascending order, empty slots last with key
+    Skv_pad, then ``chunk`` sentinel entries so that a chunk read never leaves the array; pos =
+    the slot's flat index i * U_pad + u) and ``starts`` int32 [B, K, Skv_pad // tk + 1]: key
+    tile t owns sorted entries [starts[t], starts[t + 1]).
     """
     B, K, nq, U = union.shape
-    n = nq * U
-    flat = union.reshape(B, K, n)
+    flat = union.reshape(B, K, nq * U)
     keys = jnp.where(flat >= 0, flat, Skv_pad)
-    n_tiles = Skv_pad // tk  # + 1 for the empty slots' sentinel tile
-    pos_bits = max(1, (n - 1).bit_length())
-    fits = (n_tiles + 1).bit_length() + pos_bits <= 32
-    if method == "auto":
-        method = "packed" if fits else "pair"
-    if method == "packed":
-        if not fits:
-            raise ValueError(f"packed slot sort needs bits(tiles) + bits(slots) <= 32, got {n_tiles} tiles, {n} slots")
-        pos = jnp.arange(n, dtype=jnp.uint32)
-        code = (lax.div(keys, jnp.int32(tk)).astype(jnp.uint32) << pos_bits) | pos
-        code = jnp.sort(code, axis=2)
-        pos = (code & jnp.uint32((1 << pos_bits) - 1)).astype(jnp.int32)
-        keys = jnp.take_along_axis(keys, pos, axis=2)
-    elif method == "pair":
-        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), keys.shape)
-        keys, pos = lax.sort((keys, pos), dimension=2, num_keys=1)
-    else:
-        raise ValueError(f"method must be 'auto', 'packed' or 'pair', got {method!r}")
+    pos = jnp.broadcast_to(jnp.arange(nq * U, dtype=jnp.int32), keys.shape)
+    keys, pos = lax.sort((keys, pos), dimension=2, num_keys=1)
     bounds = jnp.arange(0, Skv_pad + 1, tk, dtype=jnp.int32)
-    # keys are grouped by tile in ascending order: "key >= t * tk" is monotone along a row
     starts = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(keys)
-    keys = _pad_to(keys, 2, n + chunk, Skv_pad)
-    pos = _pad_to(pos, 2, n + chunk, 0)
+    keys = _pad_to(keys, 2, nq * U + chunk, Skv_pad)
+    pos = _pad_to(pos, 2, nq * U + chunk, 0)
     return keys, pos, starts.astype(jnp.int32)
 
 

@@ -410,24 +410,3 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W):
     assert rel_err(out, out_x) < fwd_tol
     for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
         assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
-
-
-def test_slot_key_sort_methods_group_alike():
-    """The sorted reduction's slot grouping: the packed one-operand sort ("auto" where it fits)
-    and the (key, pos) pair sort give the same key tile at every position and the same tile
-    starts, and every entry's key is the key of the slot it points to."""
-    from sea_jax.kernels.gpu_gathered import _sorted_slots
-
-    rng = np.random.default_rng(3)
-    union = jnp.asarray(random_union(rng, 2, 3, 5, 24, 200))
-    a = _sorted_slots(union, 208, 16, 16, method="pair")
-    for method in ("packed", "auto"):
-        b = _sorted_slots(union, 208, 16, 16, method=method)
-        np.testing.assert_array_equal(np.asarray(a[0]) // 16, np.asarray(b[0]) // 16)
-        np.testing.assert_array_equal(np.asarray(a[2]), np.asarray(b[2]))
-        flat = np.where(np.asarray(union) >= 0, np.asarray(union), 208).reshape(2, 3, -1)
-        n = flat.shape[-1]
-        np.testing.assert_array_equal(np.take_along_axis(flat, np.asarray(b[1])[..., :n], 2), np.asarray(b[0])[..., :n])
-        assert sorted(np.asarray(b[1])[0, 0, :n]) == list(range(n))
-    with pytest.raises(ValueError, match="packed slot sort needs"):
-        _sorted_slots(jnp.zeros((1, 1, 1 << 12, 1 << 10), jnp.int32), 1 << 20, 16, 16, method="packed")
