@@ -560,21 +560,20 @@ def test_factored_and_dense_selection_agree_on_gpu():
     assert fact.options.resolved_selection_form("pallas_gpu") == "factored"
     out_f, g_f = grads(fact)
     out_d, g_d = grads(module(H, K, D, E, impl="pallas_gpu", selection_form="dense", score_scale=30.0, **opts))
-    m_x = module(H, K, D, E, impl="xla", score_scale=30.0, **opts)
-    with jax.default_matmul_precision("highest"):  # the XLA reference without TF32
-        out_x, g_x = grads(m_x)
-    out_t, g_t = grads(m_x)  # XLA with the GPU's default float32 dots: how much TF32 alone moves
+    # the XLA path (serial scan selection, XLA reference attention) at the GPU's default
+    # float32 dot precision, as the kernels: under "highest" the scorer's x . w_score alone moves
+    # the w_score / x gradients by 12 % (measured on an H100, XLA against itself), so the
+    # comparison must hold the precision fixed
+    out_x, g_x = grads(module(H, K, D, E, impl="xla", score_scale=30.0, **opts))
     # the two forms run the same kernels on the same selection, the weights rounded
-    # differently (z - (theta + tau_s) in the kernel, (z - theta) - tau_s in the dense form;
-    # measured on an H100: max |out diff| 1.7e-5); against XLA: the kernels' float32 dots
-    # may use TF32 on the GPU
-    errs = {"out": (rel_err_np(out_f, out_d), rel_err_np(out_f, out_x), rel_err_np(out_t, out_x))}
-    for name, a, b, c, t in zip(("w_score", "q", "k", "v", "x"), g_f, g_d, g_x, g_t):
+    # differently (z - (theta + tau_s) in the kernel, (z - theta) - tau_s in the dense form)
+    errs = {"out": (rel_err_np(out_f, out_d), rel_err_np(out_f, out_x))}
+    for name, a, b, c in zip(("w_score", "q", "k", "v", "x"), g_f, g_d, g_x):
         assert np.abs(np.asarray(c)).max() > 0, name
-        errs[name] = (rel_err_np(a, b), rel_err_np(a, c), rel_err_np(t, c))
-    print("relative errors (factored vs dense, factored vs XLA, XLA TF32 vs XLA):", errs)
+        errs[name] = (rel_err_np(a, b), rel_err_np(a, c))
+    print("relative errors (factored vs dense, factored vs XLA):", errs)
     assert all(e[0] < 1e-3 for e in errs.values()) and errs["out"][0] < 1e-4, errs
-    assert all(e[1] < 2e-2 for e in errs.values()), errs
+    assert all(e[1] < 2e-3 for e in errs.values()), errs
 
 
 def rel_err_np(a, b):
