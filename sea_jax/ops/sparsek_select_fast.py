@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sea_jax.ops.sparsek import solve_shifted_threshold, sort_shifted_threshold
@@ -394,7 +395,73 @@ def _list_tau_fwd(z, r, k, method):
 
 
 def _list_tau_bwd(k, method, res, g_tau):
-    return _sparsek_list_grad(k, res[0].shape[-1], res, None, g_tau)
+    return _tau_grad_ranges(k, res, g_tau)
+
+
+def _first_false(pred, lo, hi, n: int):
+    """First index m in [lo, hi) with pred(m) False, for pred True on a prefix (hi if none):
+    a binary search, [..., Bq] bounds."""
+    for _ in range(max(1, (n + 1).bit_length())):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        t = pred(mid)
+        lo = jnp.where(open_ & t, mid + 1, lo)
+        hi = jnp.where(open_ & ~t, mid, hi)
+    return lo
+
+
+def _scatter_add(base, idx, val):
+    """base [..., N] + val [..., Bq] added at idx [..., Bq] (indices >= N dropped)."""
+    lead = base.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    flat = base.reshape(rows, base.shape[-1])
+    r = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, idx.shape[-1]))
+    out = flat.at[r, idx.reshape(rows, -1)].add(val.reshape(rows, -1), mode="drop")
+    return out.reshape(base.shape)
+
+
+def _tau_grad_ranges(k, res, g_tau):
+    """_sparsek_list_grad with g_w = 0 (tau's cotangent alone) without [Bq, M] arrays.
+
+    The free set of query i (0 < x < 1 on its visible candidates) is one range [a_i, b_i) of
+    its score-sorted list minus the entering keys it cannot see yet: each row adds
+    g_tau / |free| over its range through a difference array (one cumulative sum per list)
+    and takes it back from its hidden entries ([Bq, Bq] corrections). The bounds come from
+    binary searches on x computed exactly as the dense formula computes it, so the free sets
+    are identical; only the summation order of the range sums differs.
+    """
+    z, r, tau_s = res
+    M = z.shape[-1]
+    dtype = z.dtype
+    active = r.nvis > k
+    lo = r.s
+    hi = jnp.where(r.nvis > 0, jnp.minimum(r.e, r.last + 1), r.s)  # candidates (before visibility)
+    x_at = lambda m: (_take(z, m) - r.theta) - tau_s  # noqa: E731  (= _shifted(...) - tau_s)
+    a = _first_false(lambda m: x_at(m) >= 1, lo, hi, M)
+    b = _first_false(lambda m: x_at(m) > 0, a, hi, M)
+    a = jnp.where(active, a, lo)
+    b = jnp.where(active, b, a)
+    spos = r.spos[..., None, :]
+    hid = r.inv & (spos >= a[..., None]) & (spos < b[..., None])  # [..., Bq(i), Bq(t)]
+    n_free = (b - a) - jnp.sum(hid, axis=-1, dtype=jnp.int32)
+    shift = jnp.where(n_free > 0, g_tau / jnp.where(n_free > 0, n_free, 1).astype(dtype), 0).astype(dtype)
+    diff = jnp.zeros(z.shape[:-1] + (M + 1,), dtype)
+    diff = _scatter_add(_scatter_add(diff, a, shift), b, -shift)
+    dz = jnp.cumsum(diff, axis=-1)[..., :M]
+    corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)  # per entering key t
+    dz = _scatter_add(dz, r.spos, -corr)  # spos = M: no entering key, dropped
+    # rows without a free set: tau's cotangent to the first visible candidate equal to the
+    # target (prefix rule: the minimum; exact saturation: the k-th value), as the dense rule
+    inactive = ~active & (r.nvis > 0)
+    saturated = active & (n_free == 0)
+    target = jnp.where(inactive, _take(z, r.last), r.theta)
+    m0 = _first_false(lambda m: _take(z, m) > target, lo, hi, M)  # first entry with z <= target
+    hidden_before = jnp.sum(r.inv & (spos >= lo[..., None]) & (spos < m0[..., None]), axis=-1, dtype=jnp.int32)
+    first = _nth_visible(r.s, r.inv, r.vb, (m0 - lo) - hidden_before + 1)
+    need = inactive | saturated
+    dz = _scatter_add(dz, jnp.where(need, first, M), jnp.where(need, g_tau, 0).astype(dtype))
+    r_zero = jax.tree.map(lambda a: None, r)
+    return dz.astype(dtype), r_zero
 
 
 _list_tau.defvjp(_list_tau_fwd, _list_tau_bwd)
