@@ -514,10 +514,14 @@ def fast_select_blocks(
     tin = jnp.where(has & (slot >= base), slot - base, -1)
 
     qrun = query_run[:, None, :]  # [B, 1, Bq]
-    s = jnp.sum(lrun[..., None, :] > qrun[..., None], axis=-1, dtype=jnp.int32)  # [B, K, Bq]
-    e = jnp.sum(lrun[..., None, :] >= qrun[..., None], axis=-1, dtype=jnp.int32)
-    spos = jnp.where(enter_ranks != EMPTY,
-                     jnp.sum(lst[..., None, :] < enter_ranks[..., None], axis=-1, dtype=jnp.int32), M)
+    # the list is sorted by rank: runs descending (non-keys last), so a query's run range and
+    # an entering key's list index are binary searches ([B, K, Bq] bounds, no [Bq, M] counts)
+    zero = jnp.zeros(lst.shape[:-1] + (Bq,), jnp.int32)
+    end = zero + M
+    qr = jnp.broadcast_to(qrun, zero.shape)
+    s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
+    e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
+    spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
     t = jnp.arange(Bq, dtype=jnp.int32)
     # inv[i, t]: the key entering at query t > i lies in query i's run range (hidden from it)
     inv = (t > t[:, None]) & (spos[..., None, :] >= s[..., None]) & (spos[..., None, :] < e[..., None])
