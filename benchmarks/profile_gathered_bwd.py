@@ -14,6 +14,7 @@ and cuDNN dense causal in the same run. Median of ``--reps`` calls after a warm 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -53,6 +54,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (interpret mode)")
+    ap.add_argument("--options", default="{}", help="JSON kernel_options of the gathered kernel, e.g. "
+                    "'{\"num_warps\": [4, 4, 4, 4, 4]}'; several separated by ';' are timed in turn (fwd+bwd only)")
     args = ap.parse_args()
     if args.smoke:
         S, H, D, k, w, bq, dtype, interpret = 256, 2, 16, 8, 8, 16, jnp.float32, True
@@ -102,13 +105,18 @@ def main():
           lambda un, p, z: gg._reduce_sorted(bcfg, un, p, p, z, z, kp.dtype), union, part, zeros)
     stage("union_key_sort", lambda un: gg._sorted_slots(un, shapes[4], bcfg.tk, bcfg.reduce_chunk), union)
 
-    def whole(q, kk, v, ct, idx, sel_kw):
+    def whole(q, kk, v, ct, idx, sel_kw, opts=None):
         f = lambda q, kk, v: gathered_attention(q, kk, v, idx, block_q=bq, window=w,  # noqa: E731
-                                                impl="pallas_gpu", interpret=interpret, **sel_kw)
+                                                impl="pallas_gpu", interpret=interpret, kernel_options=opts,
+                                                **sel_kw)
         out, vjp = jax.vjp(f, q, kk, v)
         return out, vjp(ct)
 
     stage("gathered fwd+bwd", whole, q, kk, v, do, sel.union_index, sel_kw)
+    for text in [t for t in args.options.split(";") if t.strip() not in ("", "{}")]:
+        opts = {key: tuple(val) if isinstance(val, list) else val for key, val in json.loads(text).items()}
+        stage(f"gathered fwd+bwd {text}", lambda *a, opts=opts: whole(*a, opts=opts),
+              q, kk, v, do, sel.union_index, sel_kw)
     if not args.smoke:
         stage("cudnn dense causal fwd+bwd", lambda q, kk, v, ct: jax.vjp(
             lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation="cudnn"),

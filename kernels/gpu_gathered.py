@@ -57,6 +57,27 @@ of 64 slots instead of 32 (19.2 ms) change nothing beyond noise. A slot count U 
 mask and weights [B, K, S, U] are then neither padded in the forward nor sliced in the
 backward.
 
+Factored selections (``selection=SlotSelection``, SparseK's default on the GPU): the mask of
+a (query, slot) tile is a slot range test and its weight clip(z_slot - tau_query, 0, 1), made
+on chip from a [tu] score vector and three [tq] vectors; the backward returns the slot scores'
+gradient ([B, K, nQ, U] from the slot kernel, summed over the block's queries and heads) and
+the thresholds' (minus the dQ kernel's row sums over free slots) instead of a [B, K, Sq, U]
+weight gradient. Same setting as above with block_q = 64, U = 1088 (profile_gathered_bwd.py,
+gathered_stages_*.json; one H100 process per column):
+
+    ms at S = 32k                     dense mask/weights   factored
+    forward                           2.47                 2.15
+    dQ (+ threshold gradient)         4.24                 2.47
+    window dK/dV                      1.22                 1.18
+    slot dK/dV + sorted reduction     13.07                12.47   (key sort 3.3, reduction 2.2)
+    whole fwd+bwd                     21.07                17.93   (cuDNN dense 28.39 / 27.62)
+
+Without the [tq, tu] weight loads the slot kernel is faster with 4 warps than 8 (fwd+bwd 16.1
+vs 17.8 ms, factored; 20.7 vs 21.1 dense, within noise), and 64-slot reduction chunks save
+another 0.4 ms (15.7 ms): the defaults for factored selections with block_q <= 64. The XLA
+scatter-add reduction is 0.6 ms faster still (15.1 ms) but not deterministic; a packed
+one-operand key sort measured no faster than the pair sort (3.35 vs 3.19 ms).
+
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
 
@@ -842,12 +863,12 @@ def gathered_attention_gpu(
     gather: str = "kernel",
     bwd_gather: str | None = None,
     dkv_reduce: str = "sorted",
-    reduce_chunk: int = 32,
+    reduce_chunk: int = 64,
     partial_dtype: str = "auto",
     tq: int | None = None,
     tk: int = 64,
     tu: int = 64,
-    num_warps: tuple[int, ...] = (4, 4, 4, 8, 4),
+    num_warps: tuple[int, ...] | None = None,
     num_stages: tuple[int, ...] = (3, 3, 3, 3, 2),
     always_mask: bool = False,
 ) -> jax.Array:
@@ -870,7 +891,9 @@ def gathered_attention_gpu(
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd,
-      dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2);
+      dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
+      default warps (4, 4, 4, 4, 4) for a factored ``selection`` with block_q <= 64, else
+      (4, 4, 4, 8, 4): see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
@@ -891,6 +914,11 @@ def gathered_attention_gpu(
         raise ValueError(f"partial_dtype must be 'auto', 'float32' or 'bfloat16', got {partial_dtype!r}")
     if partial_dtype == "auto":
         partial_dtype = "bfloat16" if k.dtype == jnp.bfloat16 else "float32"
+    if num_warps is None:
+        # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
+        # loop; with a factored selection and one query tile per block 4 are faster
+        # (benchmarks/results/gathered_stages_sweep2.json)
+        num_warps = (4, 4, 4, 4 if selection is not None and block_q <= 64 else 8, 4)
     num_warps, num_stages = tuple(num_warps), tuple(num_stages)
     for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
         if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
