@@ -186,6 +186,18 @@ def module(H, K, D, E, seed=0, param_dtype=jnp.float32, score_scale=1.0, **opts)
     return m
 
 
+def layer_grads(m, q, k, v, x, seg, ct):
+    """(out, [d w_score, dq, dk, dv, dx]) of sum(out * ct) through the module m."""
+    g, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(p, q, k, v, x):
+        r = nnx.merge(g, p, rest)(q, k, v, x=x, segment_ids=seg)
+        return jnp.sum(r.out * ct), r.out
+
+    (_, out), gr = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(params, q, k, v, x)
+    return out, [gr[0]["w_score"][...]] + list(gr[1:])
+
+
 def run_full(m, q, k, v, x, seg=None):
     fn = jax.jit(lambda q, k, v, x, seg: m(q, k, v, x=x, segment_ids=seg, return_aux=True))
     return fn(q, k, v, x, seg)
@@ -421,15 +433,7 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
     seg = jnp.asarray(np.array([[1] * 20 + [2] * 14 + [0] * 3], np.int32))
     ct = jax.random.normal(jax.random.key(10), (B, T, H, D))
 
-    def grads(m):
-        g, params, rest = nnx.split(m, nnx.Param, ...)
-
-        def loss(p, q, k, v, x):
-            r = nnx.merge(g, p, rest)(q, k, v, x=x, segment_ids=seg)
-            return jnp.sum(r.out * ct), r.out
-
-        (_, out), gr = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(params, q, k, v, x)
-        return out, [gr[0]["w_score"][...]] + list(gr[1:])
+    grads = lambda m: layer_grads(m, q, k, v, x, seg, ct)  # noqa: E731
 
     out_x, g_x = grads(m_xla)
     # the kernel path with the CPU default selection schedule ("parallel") and with "fused" (the
@@ -546,15 +550,7 @@ def test_factored_and_dense_selection_agree_on_gpu():
     seg = jnp.asarray(np.array([[1] * 1200 + [2] * 790 + [0] * 10], np.int32))
     ct = jax.random.normal(jax.random.key(22), (B, T, H, D))
 
-    def grads(m):
-        g, params, rest = nnx.split(m, nnx.Param, ...)
-
-        def loss(p, q, k, v, x):
-            r = nnx.merge(g, p, rest)(q, k, v, x=x, segment_ids=seg)
-            return jnp.sum(r.out * ct), r.out
-
-        (_, out), gr = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(params, q, k, v, x)
-        return out, [gr[0]["w_score"][...]] + list(gr[1:])
+    grads = lambda m: layer_grads(m, q, k, v, x, seg, ct)  # noqa: E731
 
     fact = module(H, K, D, E, impl="pallas_gpu", score_scale=30.0, **opts)
     assert fact.options.resolved_selection_form("pallas_gpu") == "factored"
