@@ -667,23 +667,33 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
 
 # ------------------------------------------------- sorted (atomic-free) slot reduction
 def _sorted_slots(union, Skv_pad: int, tk: int, chunk: int):
-    """The slots of each (batch, KV head) sorted by key: for the key-tile reduction kernel.
+    """The slots of each (batch, KV head) grouped by key tile: for the key-tile reduction kernel.
 
     union: int32 [B, K, nQ, U_pad] (-1 = empty). Returns ``keys`` and ``pos`` int32
-    [B, K, nQ * U_pad + chunk] (key of each slot in ascending order, empty slots last with key
-    Skv_pad, then ``chunk`` sentinel entries so that a chunk read never leaves the array; pos =
-    the slot's flat index i * U_pad + u) and ``starts`` int32 [B, K, Skv_pad // tk + 1]: key
-    tile t owns sorted entries [starts[t], starts[t + 1]).
+    [B, K, nQ * U_pad + chunk] (key of each slot, grouped by key tile in ascending tile order,
+    empty slots last with key Skv_pad, then ``chunk`` sentinel entries so that a chunk read
+    never leaves the array; pos = the slot's flat index i * U_pad + u) and ``starts`` int32
+    [B, K, Skv_pad // tk + 1]: key tile t owns entries [starts[t], starts[t + 1]).
+
+    One 1-D sort of (row, key tile) over all rows: XLA sorts 1-D arrays with a radix sort on
+    the GPU but batched ones with a comparison sort (H100, 16 x 557,056 slots: 3.2-4.7 ms
+    batched vs 0.47 ms for one 1-D sort of the same 8.9 M keys). The reduction adds one-hot
+    products, so the order of keys inside a tile does not matter.
     """
     B, K, nq, U = union.shape
-    flat = union.reshape(B, K, nq * U)
-    keys = jnp.where(flat >= 0, flat, Skv_pad)
-    pos = jnp.broadcast_to(jnp.arange(nq * U, dtype=jnp.int32), keys.shape)
-    keys, pos = lax.sort((keys, pos), dimension=2, num_keys=1)
+    n, rows = nq * U, B * K
+    keys = jnp.where(union >= 0, union, Skv_pad).reshape(rows * n)
+    flat_idx = jnp.arange(rows * n, dtype=jnp.int32)
+    row = flat_idx // n
+    group = row * (Skv_pad // tk + 1) + lax.div(keys, jnp.int32(tk))
+    _, order = lax.sort((group, flat_idx), dimension=0, num_keys=1, is_stable=False)
+    keys = keys[order].reshape(B, K, n)
+    pos = (order - row * n).reshape(B, K, n)  # row * n: sorting by row first keeps rows in place
     bounds = jnp.arange(0, Skv_pad + 1, tk, dtype=jnp.int32)
-    starts = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(keys)
-    keys = _pad_to(keys, 2, nq * U + chunk, Skv_pad)
-    pos = _pad_to(pos, 2, nq * U + chunk, 0)
+    # keys are grouped by tile in ascending order: "key >= t * tk" is monotone along a row
+    starts = jax.vmap(jax.vmap(lambda r: jnp.searchsorted(r, bounds, side="left")))(keys)
+    keys = _pad_to(keys, 2, n + chunk, Skv_pad)
+    pos = _pad_to(pos, 2, n + chunk, 0)
     return keys, pos, starts.astype(jnp.int32)
 
 

@@ -410,3 +410,28 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W):
     assert rel_err(out, out_x) < fwd_tol
     for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
         assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
+
+
+def test_slot_grouping_by_key_tile():
+    """_sorted_slots (the sorted reduction's slot list) against explicit loops: per row, every
+    slot appears once, grouped by key tile in ascending order, with the tile starts; empty
+    slots last."""
+    from sea_jax.kernels.gpu_gathered import _sorted_slots
+
+    rng = np.random.default_rng(3)
+    B, K, nq, U, S, tk, chunk, Skv_pad = 2, 3, 5, 24, 200, 16, 16, 208
+    union = random_union(rng, B, K, nq, U, S)
+    keys, pos, starts = (np.asarray(a) for a in _sorted_slots(jnp.asarray(union), Skv_pad, tk, chunk))
+    n = nq * U
+    for b in range(B):
+        for h in range(K):
+            flat = union[b, h].reshape(-1)
+            assert sorted(pos[b, h, :n].tolist()) == list(range(n))
+            for j in range(n):
+                want = flat[pos[b, h, j]]
+                assert keys[b, h, j] == (want if want >= 0 else Skv_pad)
+            tiles = keys[b, h, :n] // tk
+            assert (np.diff(tiles) >= 0).all()
+            for t in range(Skv_pad // tk + 1):
+                assert starts[b, h, t] == np.sum(keys[b, h, :n] < t * tk)
+            assert (keys[b, h, n:] == Skv_pad).all()
