@@ -420,24 +420,6 @@ def _scatter_add(base, idx, val):
     return out.reshape(base.shape)
 
 
-def _merge_sorted(a, b):
-    """Ascending merge of sorted a [..., C] and sorted b [..., Bq] (= jnp.sort of their
-    concatenation): each entry's place is its index plus a binary-search count in the other
-    list (a before b on equal values), then one scatter; no sort of C + Bq entries."""
-    C, Bq = a.shape[-1], b.shape[-1]
-    zero_a = jnp.zeros(a.shape, jnp.int32)
-    zero_b = jnp.zeros(b.shape, jnp.int32)
-    below_a = _first_false(lambda m: _take(b, m) < a, zero_a, zero_a + Bq, Bq)  # entries of b < a_j
-    upto_b = _first_false(lambda m: _take(a, m) <= b, zero_b, zero_b + C, C)  # entries of a <= b_t
-    place = jnp.concatenate([jnp.arange(C, dtype=jnp.int32) + below_a, jnp.arange(Bq, dtype=jnp.int32) + upto_b], -1)
-    vals = jnp.concatenate([a, b], -1)
-    lead = vals.shape[:-1]
-    rows = int(np.prod(lead)) if lead else 1
-    r = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, C + Bq))
-    out = jnp.zeros((rows, C + Bq), vals.dtype).at[r, place.reshape(rows, -1)].set(vals.reshape(rows, -1))
-    return out.reshape(vals.shape)
-
-
 def _tau_grad_ranges(k, res, g_tau):
     """_sparsek_list_grad with g_w = 0 (tau's cotangent alone) without [Bq, M] arrays.
 
@@ -519,7 +501,7 @@ def fast_select_blocks(
       weight 1), both differentiable.
     """
     Bq = enter_ranks.shape[-1]
-    lst = _merge_sorted(carry_ranks, jnp.sort(enter_ranks, axis=-1))  # [B, K, M]
+    lst = jnp.sort(jnp.concatenate([carry_ranks, enter_ranks], -1), axis=-1)  # [B, K, M]
     # a union rounded up past the list (causal_prefix_select's union_multiple): empty entries
     lst = _pad_to(lst, max(union, lst.shape[-1]))
     M = lst.shape[-1]

@@ -472,20 +472,3 @@ def test_factored_selection_equals_dense(case, schedule, multiple):
 def test_factored_needs_a_fast_schedule():
     with pytest.raises(ValueError, match="factored=True needs schedule"):
         causal_prefix_select(jnp.zeros((1, 8, 1)), 2, schedule="parallel", factored=True)
-
-
-def test_merge_sorted_equals_sort():
-    """The fast schedule's block list merge (binary-search places + one scatter) against
-    np.sort of the concatenation: distinct and repeated values, EMPTY padding in both lists."""
-    from sea_jax.ops.sparsek_select_fast import EMPTY, _merge_sorted
-
-    rng = np.random.default_rng(0)
-    for trial in range(12):
-        C, Bq = int(rng.integers(1, 40)), int(rng.integers(1, 10))
-        vals = rng.choice(1000, size=(3, C + Bq), replace=trial % 2 == 0)
-        a, b = vals[:, :C].copy(), vals[:, C:].copy()
-        a[:, C - C // 3:] = EMPTY
-        b[:, Bq - Bq // 2:] = EMPTY
-        a, b = np.sort(a, -1), np.sort(b, -1)
-        got = np.asarray(_merge_sorted(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)))
-        np.testing.assert_array_equal(got, np.sort(np.concatenate([a, b], -1), -1), err_msg=str(trial))
