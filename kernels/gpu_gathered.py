@@ -75,8 +75,10 @@ gathered_stages_*.json; one H100 process per column):
 Without the [tq, tu] weight loads the slot kernel is faster with 4 warps than 8 (fwd+bwd 16.1
 vs 17.8 ms, factored; 20.7 vs 21.1 dense, within noise), and 64-slot reduction chunks save
 another 0.4 ms (15.7 ms): the defaults for factored selections with block_q <= 64. The XLA
-scatter-add reduction is 0.6 ms faster still (15.1 ms) but not deterministic; a packed
-one-operand key sort measured no faster than the pair sort (3.35 vs 3.19 ms).
+scatter-add reduction was 0.6 ms faster still (15.1 ms) but is not deterministic. The key
+sort of the union slots was then made one 1-D sort over all (batch, KV head) rows (XLA's GPU
+radix sort; batched sorts take its comparison sort): 3.3 -> 0.83 ms, whole fwd+bwd 13.24 ms
+(gathered_stages_1d_sort.json).
 
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
