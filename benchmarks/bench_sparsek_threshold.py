@@ -12,6 +12,12 @@ prefix before it plus the block's entering keys, sorted by score; C = 2k), then 
 
     python benchmarks/bench_sparsek_threshold.py --out benchmarks/results/sparsek_threshold.json
     python benchmarks/bench_sparsek_threshold.py --smoke   # CPU, interpret mode
+
+``--from_layer``: instead of synthetic lists, the lists the SparseKAttention layer itself
+hands to the kernel (k = 1024, w = 512, H = K = 16, D = 128, bf16 inputs, scorer at its
+initialisation; captured from the layer's forward with a host callback), for ``--seeds``
+different random inputs x each: shows how the fallback count, and with it the kernel time,
+depends on the data.
 """
 
 from __future__ import annotations
@@ -63,6 +69,37 @@ def block_lists(S, K, k, window, bq, seed=0):
     return tuple(a.reshape((K * nq,) + a.shape[2:]) for a in out)
 
 
+def layer_lists(S, seed, block_q, H=16, D=128, **options):
+    """The (z, tin, s, last, active, theta) lists of SparseKAttention's forward at length S
+    (``options``: SparseKOptions fields over k = 1024, window = 512)."""
+    from flax import nnx
+
+    import sea_jax.kernels.gpu_sparsek_threshold as thr
+    from sea_jax.attention.base import AttentionDims
+    from sea_jax.attention.sparsek import SparseKAttention, SparseKOptions
+
+    opts = SparseKOptions(**{"k": 1024, "window": 512, "block_q": block_q, **options})
+    module = SparseKAttention(AttentionDims(H, H, D, H * D), opts, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, k, v = (jax.random.normal(key, (1, S, H, D), jnp.bfloat16) for key in keys[:3])
+    x = jax.random.normal(keys[3], (1, S, H * D), jnp.bfloat16)
+    got = []
+    original = thr.list_threshold
+
+    def capture(*a, **kw):  # one host call per query block (the selection vmaps over blocks)
+        jax.debug.callback(lambda *arrays: got.append([np.asarray(t) for t in arrays]), *a)
+        return original(*a, **kw)
+
+    thr.list_threshold = capture
+    try:
+        jax.block_until_ready(jax.jit(lambda q, k, v, x: module(q, k, v, x=x).out)(q, k, v, x))
+    finally:
+        thr.list_threshold = original
+    if not got:
+        raise RuntimeError("the layer never called list_threshold (impl / schedule not the fused kernel?)")
+    return tuple(jnp.asarray(np.concatenate([g[i] for g in got])) for i in range(6))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default="8192,32768")
@@ -72,6 +109,11 @@ def main():
     ap.add_argument("--block_q", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--from_layer", action="store_true", help="the layer's own lists (GPU)")
+    ap.add_argument("--seeds", default="0", help="--from_layer: comma list of input seeds")
+    ap.add_argument("--no_xla", action="store_true", help="skip the XLA solver")
+    ap.add_argument("--save_fallback", default=None,
+                    help="npz path prefix: the lists whose program needed the exact fallback (for study)")
     args = ap.parse_args()
     K, k, w, bq = 16, 1024, 512, args.block_q
     interpret = args.smoke
@@ -79,9 +121,13 @@ def main():
         K, k, w, bq = 2, 16, 8, 16
         args.seqs, args.variants, args.reps = "256", "32/4", 1
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args), config=dict(K=K, k=k, window=w, block_q=bq)))
-    for S in [int(s) for s in args.seqs.split(",")]:
-        lists = block_lists(S, K, k, w, bq)
+    cases = [(int(S), None) for S in args.seqs.split(",")]
+    if args.from_layer:
+        cases = [(S, int(seed)) for S, _ in cases for seed in args.seeds.split(",")]
+    for S, seed in cases:
+        lists = block_lists(S, K, k, w, bq) if seed is None else layer_lists(S, seed, bq)
         ref = None
+        src = {} if seed is None else dict(lists="layer", seed=seed)
 
         def xla_part(row):
             nonlocal ref
@@ -89,7 +135,9 @@ def main():
             ref = np.asarray(f(*lists))
             row["ms"] = time_ms(f, lists, args.reps)
 
-        rec.guarded(dict(S=S, solver="xla", rows=int(lists[0].shape[0]), M=int(lists[0].shape[1])), xla_part)
+        if not args.no_xla:
+            rec.guarded(dict(S=S, solver="xla", rows=int(lists[0].shape[0]), M=int(lists[0].shape[1]), **src),
+                        xla_part)
         for v in args.variants.split(","):
             chunk, warps = (int(x) for x in v.split("/"))
 
@@ -101,16 +149,23 @@ def main():
                 row["search_steps_max"] = int(steps.max())
                 row["fallback_programs"] = int((passes > 0).sum())
                 row["fallback_passes_max"] = int(passes.max())
+                row["fallback_passes_hist"] = np.bincount(passes).tolist()
+                row["search_steps_hist"] = np.bincount(steps).tolist()
+                if args.save_fallback:
+                    sel = np.nonzero(passes > 0)[0]
+                    np.savez(f"{args.save_fallback}_{S}_{seed}.npz", passes=passes[sel], rows=sel,
+                             **{n: np.asarray(a)[sel] for n, a in zip(("z", "tin", "s", "last", "active", "theta"),
+                                                                      lists)})
                 if ref is not None:
                     row["max_diff_vs_xla"] = float(np.abs(tau - ref).max())
                 row["ms"] = time_ms(f, lists, args.reps)
 
-            rec.guarded(dict(S=S, solver=f"kernel/{chunk}/{warps}"), kernel_part)
+            rec.guarded(dict(S=S, solver=f"kernel/{chunk}/{warps}", **src), kernel_part)
     print("\n| S | solver | ms | search steps mean / max | fallback programs (max passes) | max diff vs xla |"
           "\n|---|---|---|---|---|---|")
     for r in rec.data["rows"]:
         if "ms" in r:
-            print(f"| {r['S']} | {r['solver']} | {r['ms']:.2f} | {r.get('search_steps_mean', float('nan')):.1f} / "
+            print(f"| {r['S']}{'' if 'seed' not in r else ' seed %d' % r['seed']} | {r['solver']} | {r['ms']:.2f} | {r.get('search_steps_mean', float('nan')):.1f} / "
                   f"{r.get('search_steps_max', '')} | {r.get('fallback_programs', '')} ({r.get('fallback_passes_max', '')}) "
                   f"| {r.get('max_diff_vs_xla', '')} |")
         else:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sea_jax.ops.sparsek import solve_shifted_threshold, sort_shifted_threshold
+from sea_jax.ops.sparsek import bracket_tolerance, solve_shifted_threshold, sort_shifted_threshold
 
 __all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fast_select_blocks"]
 
@@ -254,10 +254,13 @@ def _sorted_threshold(z, r: _Rows, k: int, rows, active, max_passes: int = 64):
     def cond(st):
         return (st[0] < max_passes) & jnp.any(~st[7])
 
+    tol = bracket_tolerance(dtype)
+
     def body(st):
         it, lo, hi, s, sd, u, nb, done = st
         tc, ok = finished(lo, s, sd, u, nb)
-        done = done | ok
+        # a collapsed bracket ends the search too (the exact check below decides)
+        done = done | ok | (hi - lo <= tol)
         newton = (s > 0) & (tc > lo) & (tc < hi)
         split = jnp.where(newton, tc, 0.5 * (lo + hi))
         f2, s2, sd2, u2, nb2 = _sorted_stats(z, zc, r, split)

@@ -5,6 +5,8 @@ f(t) = sum clip(d - t, 0, 1) over each row's visible entries, take the segment h
 its closed form) and against the XLA solver on materialised rows.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,23 @@ def test_exact_fallback(clip, fallback):
                                                                   interpret=True, return_passes=True))
     assert (passes > 0).any() == fallback and (steps > 0).all()
     np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
+
+
+def test_root_at_a_breakpoint_ends_the_search():
+    """A row of a real block list (the SparseK layer at T = 32k, k = 1024, captured on an H100)
+    whose root lies within rounding of a breakpoint: its segment's closed form lands 6e-8 past
+    the segment's end, so "closed form inside its segment" never holds and, before the bracket
+    width stop, the exact fallback ran all 64 passes (the list tripled the kernel's time)."""
+    data = np.load(os.path.join(os.path.dirname(__file__), "threshold_stall_list.npz"))
+    z, tin, s, last, active, theta = (data[n][None] for n in ("z", "tin", "s", "last", "active", "theta"))
+    k = 1024
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, interpret=True, return_passes=True))
+    assert 0 < passes[0] < 30, passes  # the exact fallback is needed, and ends well before max_passes (64)
+    np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=1e-6, rtol=0)
+    xla = np.asarray(list_threshold_reference(*args, k=k))  # the same stop rule in the XLA solver
+    np.testing.assert_allclose(xla, tau, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("return_passes", [False, True])

@@ -1,0 +1,135 @@
+"""Where the time of one attention layer call goes: GPU kernel times from a profiler trace.
+
+Builds the same functions as bench_layers.py (``dense_cudnn``, ``sparsek`` with k = 1024,
+w = 512, selection included; B = 1, H = 16, D = 128, bf16), times them like bench_layers
+(median of ``--reps`` calls), then records ``--trace_reps`` calls under
+``jax.profiler.trace`` and sums the device events of the trace by kernel name (Pallas
+kernels keep their Python names; XLA's fusions, sorts and copies keep their HLO names).
+Prints, per function, the kernels that make up most of the device time and writes all of
+them to JSON:
+
+    python benchmarks/profile_layer.py --seq 32768 --out benchmarks/results/profile_layer_32k.json
+
+Device time per call is the sum of kernel durations divided by ``--trace_reps``; the gap to
+the wall time is launch / host overhead and idle device time between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_layers import dense_functions, sparsek_functions  # noqa: E402
+from common import env_info, time_ms  # noqa: E402
+
+from sea_jax.attention.base import AttentionDims  # noqa: E402
+from sea_jax.attention.sparsek import SparseKOptions  # noqa: E402
+
+
+def device_kernel_times(xplane_path):
+    """{kernel name: [count, total ns]} over the device planes of a trace, and the planes' names."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(xplane_path)
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    planes = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        planes.append(plane.name)
+        for line in plane.lines:
+            # the per-stream lines hold the kernels; skip the summary lines (XLA Ops / Modules)
+            if not line.name.lower().startswith("stream"):
+                continue
+            for event in line.events:
+                t = totals[event.name]
+                t[0] += 1
+                t[1] += event.duration_ns
+    return dict(totals), planes
+
+
+def profile(fn, args, trace_reps):
+    jax.block_until_ready(fn(*args))
+    tmp = tempfile.mkdtemp(prefix="sea_prof_")
+    try:
+        with jax.profiler.trace(tmp):
+            for _ in range(trace_reps):
+                jax.block_until_ready(fn(*args))
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
+        totals, planes = device_kernel_times(paths[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kernels = sorted(({"name": n, "calls": c / trace_reps, "ms": ns / trace_reps / 1e6}
+                      for n, (c, ns) in totals.items()), key=lambda r: -r["ms"])
+    return kernels, planes
+
+
+def print_table(title, wall_ms, kernels, top):
+    total = sum(k["ms"] for k in kernels)
+    print(f"\n{title}: wall {wall_ms:.2f} ms, device kernels {total:.2f} ms")
+    print(f"  {'ms':>8} {'%':>6} {'calls':>6}  kernel")
+    for k in kernels[:top]:
+        print(f"  {k['ms']:8.3f} {100 * k['ms'] / max(total, 1e-9):6.1f} {k['calls']:6.1f}  {k['name'][:110]}")
+    rest = kernels[top:]
+    if rest:
+        print(f"  {sum(k['ms'] for k in rest):8.3f}         ({len(rest)} more kernels)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=32768)
+    ap.add_argument("--layers", default="dense_cudnn,sparsek")
+    ap.add_argument("--options", default="{}", help="JSON of SparseKOptions fields for 'sparsek'")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--trace_reps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    H, D, S = 16, 128, args.seq
+    dims = AttentionDims(H, H, D, H * D)
+    sk = SparseKOptions(**{"k": 1024, "window": 512, **json.loads(args.options)})
+    kq, kk, kv, kx = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (1, S, H, D), jnp.bfloat16) for key in (kq, kk, kv))
+    x = jax.random.normal(kx, (1, S, H * D), jnp.bfloat16)
+    out = dict(env=env_info(), args=vars(args), rows=[])
+    for name in args.layers.split(","):
+        if name == "dense_cudnn":
+            extra, fwd, fwd_bwd = dense_functions("cudnn")
+            fargs = (q, k, v)
+        elif name == "sparsek":
+            extra, fwd, fwd_bwd = sparsek_functions(dims, sk)
+            fargs = (*extra, q, k, v, x)
+        else:
+            raise ValueError(f"--layers: unknown layer {name!r}; allowed: dense_cudnn, sparsek")
+        for part, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            t0 = time.perf_counter()
+            compiled = fn.lower(*fargs).compile()
+            wall = time_ms(compiled, fargs, args.reps)
+            kernels, planes = profile(compiled, fargs, args.trace_reps)
+            row = dict(name=name, part=part, S=S, wall_ms=wall, device_ms=sum(k["ms"] for k in kernels),
+                       planes=planes, kernels=kernels, seconds=time.perf_counter() - t0)
+            out["rows"].append(row)
+            print_table(f"{name} {part} S={S}", wall, kernels, args.top)
+            if args.out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump(out, f, indent=1)
+            del compiled
+
+
+if __name__ == "__main__":
+    main()
