@@ -217,6 +217,47 @@ def _carries_by_scan(u, k, window, extra, block_q, seg):
     return table, jnp.asarray(np.stack(enters)), states
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("B,K,T", [(2, 3, 50), (1, 2, 333), (3, 1, 7)])
+def test_global_ranks_order(B, K, T, batched, monkeypatch):
+    """Keys ordered by (run, score, position) descending, non-keys (run -1) last: against
+    NumPy's lexsort, with tied scores, -0.0 == 0.0, several segment runs and non-keys; both the
+    two 1-D radix-friendly sorts and the batched 3-key sort used when (row, run) overflows int32."""
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    if batched:
+        monkeypatch.setattr(fast, "_RANK_KEY_LIMIT", 0)
+    rng = np.random.default_rng(B * 100 + T)
+    score = np.round(rng.normal(size=(B, K, T)) * 2) / 2  # many ties
+    score[0, 0, :6] = [-0.0, 0.0, -0.0, -0.0, 0.0, -0.0]  # interleaved: equal, ordered by position
+    step = max(1, T // 3)
+    run = np.where(rng.random((B, K, T)) < 0.1, -1, (np.arange(T) // step) * step).astype(np.int32)
+    # jitted: XLA's simplifications (e.g. folding "x + 0.0") apply as in the selection
+    ranks = jax.jit(lambda s, r: fast.global_ranks(s, r))  # a fresh function: no trace cached across cases
+    order, rank = (np.asarray(a) for a in ranks(jnp.asarray(score, jnp.float32), jnp.asarray(run)))
+    for b in range(B):
+        for h in range(K):
+            has = run[b, h] >= 0
+            want = np.lexsort((-np.arange(T), -np.where(has, score[b, h] + 0.0, -np.inf), -np.where(has, run[b, h], -1)))
+            np.testing.assert_array_equal(order[b, h], want)
+            np.testing.assert_array_equal(rank[b, h][order[b, h]], np.arange(T))
+
+
+@pytest.mark.parametrize("num_keys", [50, 2**29])  # 2**29: rows * (num_keys + 1) > 2**31, several 1-D sorts
+def test_sorted_block_lists(num_keys):
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    rng = np.random.default_rng(num_keys % 97)
+    lead, C, Bq = (3, 2, 5), 12, 4
+    carry = rng.integers(0, num_keys, size=lead + (C,))
+    enter = rng.integers(0, num_keys, size=lead + (Bq,))
+    carry[rng.random(carry.shape) < 0.2] = fast.EMPTY
+    enter[rng.random(enter.shape) < 0.3] = fast.EMPTY
+    got = fast.sorted_block_lists(jnp.asarray(carry, jnp.int32), jnp.asarray(enter, jnp.int32), num_keys)
+    want = np.sort(np.concatenate([carry, enter], -1), axis=-1)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def _fast_carries(table, enters, c):
     """The fast schedule's carries as CandidateState fields (slots = positions, -1 empty)."""
     from sea_jax.ops import sparsek_select_fast as fast
