@@ -65,18 +65,6 @@ def _take(a, idx):
     return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[-1] - 1), axis=-1)
 
 
-_RANK_KEY_LIMIT = 2**31 - 1  # largest (row, run) key of global_ranks' 1-D sorts
-
-
-def _descending_float_key(x: jax.Array) -> jax.Array:
-    """int32 whose ascending order is x's descending order (-0.0 and 0.0 equal; no NaNs)."""
-    x = x.astype(jnp.float32)
-    # -0.0 -> 0.0 (a comparison sort calls them equal; XLA folds "x + 0.0" away, so a select)
-    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.int32)
-    ascending = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # the usual float -> int order
-    return ~ascending
-
-
 def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array]:
     """order, rank: int32 [B, K, T] of keys sorted by (run, score, position) descending.
 
@@ -86,34 +74,17 @@ def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array
     Returns:
       order[r] = position of the key of rank r; rank[j] = rank of the key at position j.
 
-    Two stable 1-D sorts of all B K T keys with one int32 key each (score, then (row, run)),
-    on input laid out by descending position: XLA sorts 1-D single-key arrays with a radix
-    sort on the GPU but a batched 3-key sort with a comparison sort (H100, 16 x 32k keys:
-    1.05 ms for the batched sort; benchmarks/results/profile_layer_32k_*.json).
+    (Two stable 1-D radix sorts with packed int32 keys instead of these batched sorts measured
+    no faster on an H100 at T = 32k, K = 16: 0.085 vs ~0.11 ms, profile_layer_32k_{tol,ranks}.json.)
     """
-    B, K, T = score.shape
-    rows = B * K
-    if rows * (T + 1) > _RANK_KEY_LIMIT:  # (row, run) does not fit one int32 key: the batched 3-key sort
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), score.shape)
-        key = jnp.where(run >= 0, lax.stop_gradient(score), -jnp.inf)
-        # the tie rules of select_block's sort: later run first, then higher score, then later position
-        _, _, neg_pos = lax.sort((-jnp.where(run >= 0, run, -1), -key, -pos), dimension=-1, num_keys=3)
-        order = -neg_pos
-    else:
-        has = run >= 0
-        # positions descending within each row: the stable sorts keep that order among ties
-        flip = lambda a: jnp.flip(a, axis=-1).reshape(rows * T)  # noqa: E731
-        zkey = flip(_descending_float_key(jnp.where(has, lax.stop_gradient(score), -jnp.inf)))
-        row = jnp.arange(rows * T, dtype=jnp.int32) // T
-        # runs descending, non-keys (run -1) last: T - 1 - run in [0, T]
-        rkey = row * (T + 1) + (T - 1 - flip(jnp.where(has, run, -1)))
-        idx = jnp.arange(rows * T, dtype=jnp.int32)
-        _, idx = lax.sort((zkey, idx), dimension=0, num_keys=1, is_stable=True)
-        _, idx = lax.sort((rkey[idx], idx), dimension=0, num_keys=1, is_stable=True)
-        order = (T - 1 - idx % T).reshape(B, K, T)  # flat index of the flipped layout -> position
-    rank = jnp.zeros_like(order).at[
-        jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], order].set(
-        jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), order.shape), unique_indices=True)
+    T = score.shape[-1]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), score.shape)
+    has = run >= 0
+    key = jnp.where(has, lax.stop_gradient(score), -jnp.inf)
+    # the tie rules of select_block's sort: later run first, then higher score, then later position
+    _, _, neg_pos = lax.sort((-jnp.where(has, run, -1), -key, -pos), dimension=-1, num_keys=3)
+    order = -neg_pos
+    _, rank = lax.sort((order, pos), dimension=-1, num_keys=1)
     return order, rank
 
 
@@ -127,7 +98,8 @@ def sorted_block_lists(carry_ranks: jax.Array, enter_ranks: jax.Array, num_keys:
 
     Rows are told apart by a row offset in one int32 key, so that all rows are sorted by 1-D
     sorts (XLA's GPU radix sort; the batched sort it replaces is a comparison sort: 1.08 ms for
-    8192 lists of 2112 at T = 32k, benchmarks/results/profile_layer_32k_narrow.json), as many
+    8192 lists of 2112 at T = 32k, benchmarks/results/profile_layer_32k_ranks.json; 0.36 ms as one 1-D
+    sort, profile_layer_32k_lists.json), as many
     as the int32 range needs (one at T = 32k, K = 16, block_q = 64; two at 128k).
     """
     x = jnp.concatenate([carry_ranks, enter_ranks], -1)
