@@ -104,7 +104,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default="8192,32768")
     ap.add_argument("--variants", default="128/4,64/4,256/4,128/8,128/2,32/1",
-                    help="comma list of chunk/warps")
+                    help="comma list of chunk/warps[/rN] (rN: N rows per program, list_threshold's rows_per_program)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--block_q", type=int, default=64)
     ap.add_argument("--out", default=None)
@@ -119,7 +119,7 @@ def main():
     interpret = args.smoke
     if args.smoke:
         K, k, w, bq = 2, 16, 8, 16
-        args.seqs, args.variants, args.reps = "256", "32/4", 1
+        args.seqs, args.variants, args.reps = "256", "32/4,32/4/r16", 1
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args), config=dict(K=K, k=k, window=w, block_q=bq)))
     cases = [(int(S), None) for S in args.seqs.split(",")]
     if args.from_layer:
@@ -139,10 +139,12 @@ def main():
             rec.guarded(dict(S=S, solver="xla", rows=int(lists[0].shape[0]), M=int(lists[0].shape[1]), **src),
                         xla_part)
         for v in args.variants.split(","):
-            chunk, warps = (int(x) for x in v.split("/"))
+            chunk, warps, *more = v.split("/")  # "64/4", or "64/4/r32": 32 rows per program
+            chunk, warps = int(chunk), int(warps)
+            rows = int(more[0][1:]) if more else None
 
-            def kernel_part(row, chunk=chunk, warps=warps):
-                f = jax.jit(lambda *a: list_threshold(*a, k=k, chunk=chunk, num_warps=warps,
+            def kernel_part(row, chunk=chunk, warps=warps, rows=rows):
+                f = jax.jit(lambda *a: list_threshold(*a, k=k, chunk=chunk, num_warps=warps, rows_per_program=rows,
                                                       interpret=interpret, return_passes=True))
                 tau, steps, passes = (np.asarray(x) for x in f(*lists))
                 row["search_steps_mean"] = float(steps.mean())
@@ -160,7 +162,7 @@ def main():
                     row["max_diff_vs_xla"] = float(np.abs(tau - ref).max())
                 row["ms"] = time_ms(f, lists, args.reps)
 
-            rec.guarded(dict(S=S, solver=f"kernel/{chunk}/{warps}", **src), kernel_part)
+            rec.guarded(dict(S=S, solver=f"kernel/{v}", **src), kernel_part)
     print("\n| S | solver | ms | search steps mean / max | fallback programs (max passes) | max diff vs xla |"
           "\n|---|---|---|---|---|---|")
     for r in rec.data["rows"]:

@@ -66,7 +66,7 @@ __all__ = ["list_threshold", "list_threshold_reference"]
 
 def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
             tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip, tol):
-    bq = s_ref.shape[0]
+    bq = s_ref.shape[0]  # rows of this program (all of the block's queries unless rows_per_program)
     s = s_ref[...]
     end = last_ref[...] + 1  # exclusive end of each row's candidate range
     act = act_ref[...] != 0
@@ -74,15 +74,16 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
     anchor = anc_ref[...]
     spos = spos_ref[...]  # list index of the key entering at query j of the block (none: past M)
     zent = zent_ref[...]  # its clipped, anchored score
-    row = lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    local = lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    row = pl.program_id(1) * bq + local  # the query index within the block
     big = jnp.int32(2**30)
     kf = jnp.float32(k)
     inf = jnp.float32(jnp.inf)
     ninf = jnp.float32(-jnp.inf)  # a literal: Triton's lowering cannot negate constants
     zeros_f = jnp.zeros((bq,), jnp.float32)
     zeros_i = jnp.zeros((bq,), jnp.int32)
-    # entering key j is hidden from query i < j (it enters the prefix later)
-    later = lax.broadcasted_iota(jnp.int32, (bq, bq), 1) > lax.broadcasted_iota(jnp.int32, (bq, bq), 0)
+    # entering key j (of all the block's queries) is hidden from query i < j (it enters the prefix later)
+    later = lax.broadcasted_iota(jnp.int32, (bq, spos.shape[0]), 1) > row[:, None]
 
     # ---- cheap statistics from the sorted list: binary searches + [bq, bq] corrections ----
     def hidden_in(lo, hi):
@@ -248,7 +249,7 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
     tau = jnp.where(redo, tau2, tau)
     tau_ref[...] = jnp.where(act, tau, 0.0)
     if passes_ref:  # (cheap search steps, exact passes of the fallback) of this program
-        passes_ref[0][...] = jnp.where(row == 0, it1 + 1, it2)
+        passes_ref[0][...] = jnp.where(local == 0, it1 + 1, it2)
 
 
 def _check(z, tin, s, last, active, theta, k):
@@ -269,7 +270,7 @@ def _check(z, tin, s, last, active, theta, k):
 
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int = 4,
                    max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
-                   return_passes: bool = False) -> jax.Array:
+                   return_passes: bool = False, rows_per_program: int | None = None) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -288,7 +289,12 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         clipped to [-clip, clip]; rows whose threshold lies farther than clip - 1 from it are
         solved by the exact fallback.
       return_passes: also return int32 [rows] the cheap search's steps and int32 [rows] the
-        exact fallback's passes over the list (0: not needed) of each program.
+        exact fallback's passes over the list (0: not needed) of each list (the most over its
+        programs).
+      rows_per_program: split each list's queries over programs of this many rows (a power of
+        two >= 16 dividing the padded block; None: one program per list). Smaller programs hold
+        smaller [rows, block_q] correction tiles (fewer registers, more programs per SM) and
+        each passes over the whole list. Results are the same. (Not measured on a GPU yet.)
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
@@ -299,12 +305,17 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     if bq != bq0:
         pad = lambda a: jnp.pad(a, ((0, 0), (0, bq - bq0)))  # noqa: E731
         s, last, active, theta = pad(s), pad(last), pad(active), pad(theta)
+    rp = bq if rows_per_program is None else rows_per_program
+    if isinstance(rp, bool) or not isinstance(rp, int) or rp < 16 or rp & (rp - 1) or bq % rp:
+        raise ValueError(f"rows_per_program must be None or a power of two >= 16 dividing the padded "
+                         f"block ({bq} rows), got {rows_per_program!r}")
     mp = -(-m // chunk) * chunk
     if mp != m:  # entries past M are beyond every row's range
         z = jnp.pad(z, ((0, 0), (0, mp - m)))
         tin = jnp.pad(tin, ((0, 0), (0, mp - m)), constant_values=bq)
-    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
-    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
+    row_spec = pl.BlockSpec((None, rp), lambda r, h: (r, h))
+    block_spec = pl.BlockSpec((None, bq), lambda r, h: (r, 0))  # the block's entering keys, every program
+    list_spec = pl.BlockSpec((None, mp), lambda r, h: (r, 0))
     # the cheap search's prefix sums: scores anchored at the block's mean threshold and clipped
     # (free entries lie within 1 of their row's threshold; rows farther than clip - 1 from the
     # anchor are settled by the exact fallback)
@@ -318,7 +329,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
     zent = jnp.where(spos < mp, jnp.take_along_axis(zc, jnp.minimum(spos, mp - 1), 1), 0.0)
     anc = jnp.broadcast_to(anchor[:, None], (n, bq))
-    pre_spec = pl.BlockSpec((None, mp + chunk), lambda r: (r, 0))
+    pre_spec = pl.BlockSpec((None, mp + chunk), lambda r, h: (r, 0))
     out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
     if return_passes:
         out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
@@ -326,16 +337,16 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         functools.partial(_kernel, k=k, chunk=chunk, max_passes=max_passes,
                           search_steps=(mp + 1).bit_length() + 1, clip=clip,
                           tol=4.0 * float(jnp.finfo(jnp.float32).eps)),  # = ops.sparsek.bracket_tolerance
-        grid=(n,),
-        in_specs=[list_spec, list_spec, pre_spec] + [row_spec] * 7,
+        grid=(n, bq // rp),
+        in_specs=[list_spec, list_spec, pre_spec] + [row_spec] * 5 + [block_spec] * 2,
         out_specs=[row_spec] * len(out_shape),
         out_shape=out_shape,
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="sparsek_list_threshold",
     )(z, tin, pre, s, last, active.astype(jnp.int32), theta, anc, spos, zent)
-    if return_passes:
-        return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
+    if return_passes:  # (steps, fallback passes) in the first two rows of each program
+        return out[0][:, :bq0], jnp.max(out[1][:, 0::rp], 1), jnp.max(out[1][:, 1::rp], 1)
     return out[0][:, :bq0]
 
 

@@ -85,6 +85,9 @@ def test_matches_float64_solver_and_xla(rows, bq, m, k, chunk, ties):
     args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
     got = np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True))
+    if bq >= 32:  # the block's queries over programs of 16 rows: the same thresholds, to the bit
+        np.testing.assert_array_equal(
+            got, np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True, rows_per_program=16)))
     want = _expected(z, tin, s, last, active, theta, k)
     xla = np.asarray(list_threshold_reference(*args, k=k))
     assert active.any() and (~active).any()
@@ -116,6 +119,9 @@ def test_bad_arguments():
         list_threshold(z, tin, s, s, act, th, k=0, interpret=True)
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         list_threshold(z, tin, s, s, act, th, k=4, chunk=48, interpret=True)
+    for bad in (8, 24, 32):  # below 16, not a power of two, more than the block's 16 rows
+        with pytest.raises(ValueError, match="rows_per_program must be None or a power of two"):
+            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, rows_per_program=bad)
 
 
 @pytest.mark.parametrize("clip,fallback", [(8.0, False), (0.25, True)])
@@ -151,8 +157,8 @@ def test_root_at_a_breakpoint_ends_the_search():
     np.testing.assert_allclose(xla, tau, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("return_passes", [False, True])
-def test_lowers_to_triton_for_an_h100(return_passes):
+@pytest.mark.parametrize("return_passes,rows_per_program", [(False, None), (True, None), (True, 16)])
+def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program):
     """The Pallas -> Triton lowering runs on the CPU machine (jaxlib's Triton dialect): a
     construct Triton cannot take fails here, not first on the GPU."""
     import re
@@ -164,7 +170,8 @@ def test_lowers_to_triton_for_an_h100(return_passes):
     n, m, bq = 4, 2112, 64
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
-        text = jax.jit(lambda *a: list_threshold(*a, k=1024, chunk=64, return_passes=return_passes)).trace(
+        text = jax.jit(lambda *a: list_threshold(*a, k=1024, chunk=64, return_passes=return_passes,
+                                                 rows_per_program=rows_per_program)).trace(
             sds((n, m), jnp.float32), sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32),
             sds((n, bq), jnp.bool_), sds((n, bq), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
