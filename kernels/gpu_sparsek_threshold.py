@@ -292,9 +292,12 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         exact fallback's passes over the list (0: not needed) of each list (the most over its
         programs).
       rows_per_program: split each list's queries over programs of this many rows (a power of
-        two >= 16 dividing the padded block; None: one program per list). Smaller programs hold
+        two >= 16 dividing the padded block; None: min(block, 64)). Smaller programs hold
         smaller [rows, block_q] correction tiles (fewer registers, more programs per SM) and
-        each passes over the whole list. Results are the same. (Not measured on a GPU yet.)
+        each passes over the whole list; results are the same to rounding. 64-row programs are what was
+        measured (block_q 64); 128-row ones (block_q 128 in one program per list) took 13.4 ms
+        at 32k in the layer against 5.2 (profile_layer_32k_bq128.json), so larger blocks are
+        split. Other sizes: not measured on a GPU yet (bench variant chunk/warps/rN).
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
@@ -305,7 +308,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     if bq != bq0:
         pad = lambda a: jnp.pad(a, ((0, 0), (0, bq - bq0)))  # noqa: E731
         s, last, active, theta = pad(s), pad(last), pad(active), pad(theta)
-    rp = bq if rows_per_program is None else rows_per_program
+    rp = min(bq, 64) if rows_per_program is None else rows_per_program
     if isinstance(rp, bool) or not isinstance(rp, int) or rp < 16 or rp & (rp - 1) or bq % rp:
         raise ValueError(f"rows_per_program must be None or a power of two >= 16 dividing the padded "
                          f"block ({bq} rows), got {rows_per_program!r}")
