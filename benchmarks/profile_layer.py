@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--layers", default="dense_cudnn,sparsek")
     ap.add_argument("--options", default="{}", help="JSON of SparseKOptions fields for 'sparsek'")
+    ap.add_argument("--kernel_options", default=None,
+                    help="JSON of gathered_attention kernel_options for 'sparsek' (e.g. '{\"num_warps\": "
+                         "[4, 4, 4, 4, 4]}': forward, dQ, window dK/dV, slot dK/dV, reduction)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--trace_reps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -105,6 +108,13 @@ def main():
     kq, kk, kv, kx = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (1, S, H, D), jnp.bfloat16) for key in (kq, kk, kv))
     x = jax.random.normal(kx, (1, S, H * D), jnp.bfloat16)
+    if args.kernel_options:  # the layer passes none: hand these to every gathered_attention call
+        import functools
+
+        import sea_jax.kernels as kernels
+
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.kernel_options).items()}
+        kernels.gathered_attention = functools.partial(kernels.gathered_attention, kernel_options=opts)
     out = dict(env=env_info(), args=vars(args), rows=[])
     for name in args.layers.split(","):
         if name == "dense_cudnn":
