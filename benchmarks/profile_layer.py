@@ -111,10 +111,11 @@ def main():
     if args.kernel_options:  # the layer passes none: hand these to every gathered_attention call
         import functools
 
-        import sea_jax.kernels as kernels
+        import sea_jax.kernels as sea_kernels
 
-        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.kernel_options).items()}
-        kernels.gathered_attention = functools.partial(kernels.gathered_attention, kernel_options=opts)
+        opts = {name: tuple(val) if isinstance(val, list) else val
+                for name, val in json.loads(args.kernel_options).items()}
+        sea_kernels.gathered_attention = functools.partial(sea_kernels.gathered_attention, kernel_options=opts)
     out = dict(env=env_info(), args=vars(args), rows=[])
     for name in args.layers.split(","):
         if name == "dense_cudnn":
