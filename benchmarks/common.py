@@ -44,6 +44,11 @@ def time_ms(fn, args, reps):
     return statistics.median(times)
 
 
+def kernel_options_json(text):
+    """kernel_options from a JSON object: lists (per-kernel warps / stages) become tuples."""
+    return {name: tuple(val) if isinstance(val, list) else val for name, val in json.loads(text).items()}
+
+
 def env_info():
     info = dict(jax=jax.__version__, backend=jax.default_backend(), python=platform.python_version())
     try:

@@ -14,7 +14,6 @@ and cuDNN dense causal in the same run. Median of ``--reps`` calls after a warm 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import JsonRows, env_info, time_ms  # noqa: E402
+from common import JsonRows, env_info, kernel_options_json, time_ms  # noqa: E402
 
 from sea_jax.kernels import gathered_attention  # noqa: E402
 from sea_jax.kernels import gpu_gathered as gg  # noqa: E402
@@ -114,7 +113,7 @@ def main():
 
     stage("gathered fwd+bwd", whole, q, kk, v, do, sel.union_index, sel_kw)
     for text in [t for t in args.options.split(";") if t.strip() not in ("", "{}")]:
-        opts = {key: tuple(val) if isinstance(val, list) else val for key, val in json.loads(text).items()}
+        opts = kernel_options_json(text)
         stage(f"gathered fwd+bwd {text}", lambda *a, opts=opts: whole(*a, opts=opts),
               q, kk, v, do, sel.union_index, sel_kw)
     if not args.smoke:

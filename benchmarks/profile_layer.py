@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_layers import dense_functions, sparsek_functions  # noqa: E402
-from common import env_info, time_ms  # noqa: E402
+from common import env_info, kernel_options_json, time_ms  # noqa: E402
 
 from sea_jax.attention.base import AttentionDims  # noqa: E402
 from sea_jax.attention.sparsek import SparseKOptions  # noqa: E402
@@ -113,8 +113,7 @@ def main():
 
         import sea_jax.kernels as sea_kernels
 
-        opts = {name: tuple(val) if isinstance(val, list) else val
-                for name, val in json.loads(args.kernel_options).items()}
+        opts = kernel_options_json(args.kernel_options)
         sea_kernels.gathered_attention = functools.partial(sea_kernels.gathered_attention, kernel_options=opts)
     out = dict(env=env_info(), args=vars(args), rows=[])
     for name in args.layers.split(","):

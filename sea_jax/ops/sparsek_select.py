@@ -408,10 +408,10 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
     lists = fast.sorted_block_lists(carry, ent_rank, table.score.shape[-1])  # [nQ, B, K, C + Bq]
 
     def one_block(args):
-        carry_q, ev_q, ent_q, qpos_q, qrun_q, list_q = args
+        list_q, ev_q, ent_q, qpos_q, qrun_q = args
         pos, mask, weight, tau, overflow = fast.fast_select_blocks(
-            carry_q, ev_q, ent_q, qpos_q, qrun_q, order=order, score=table.score, run=table.run,
-            k=k, c=c, window=window, union=union, method=method, factored=factored, block_list=list_q)
+            list_q, ev_q, ent_q, qpos_q, qrun_q, order=order, score=table.score, run=table.run,
+            k=k, c=c, window=window, union=union, method=method, factored=factored)
         return BlockSelection(pos, pos, mask, weight, tau, overflow)
 
     if block_batch is None:
@@ -422,7 +422,7 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
         block_batch = nq if method.startswith("pallas") else default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
     # no checkpoint: the residuals are the block lists' scores and per-query scalars (the
     # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
-    args = (carry, ev, ent_rank, qpos, qrun, lists)
+    args = (lists, ev, ent_rank, qpos, qrun)
     if block_batch >= nq:  # one step: a plain vmap, no loop around the block outputs
         return jax.vmap(one_block)(args)
     return lax.map(one_block, args, batch_size=block_batch)

@@ -381,12 +381,9 @@ def _list_sparsek_fwd(z, r, k, union, method):
 
 
 def _list_sparsek_bwd(k, union, method, res, g):
-    """The SparseK VJP (sea_jax.ops.sparsek._sparsek_bwd) over generated rows."""
-    return _sparsek_list_grad(k, union, res, *g)
-
-
-def _sparsek_list_grad(k, union, res, g_w, g_tau):
-    """dz of (weight, tau) with cotangents (g_w [..., Bq, U] or None: zero, g_tau [..., Bq])."""
+    """The SparseK VJP (sea_jax.ops.sparsek._sparsek_bwd) over generated rows: dz of (weight,
+    tau) with cotangents g = (g_w [..., Bq, U], g_tau [..., Bq])."""
+    g_w, g_tau = g
     z, r, tau_s = res
     M = z.shape[-1]
     dtype = z.dtype
@@ -396,8 +393,8 @@ def _sparsek_list_grad(k, union, res, g_w, g_tau):
     n_free = jnp.sum(free, axis=-1).astype(dtype)
     denom = jnp.where(n_free > 0, n_free, 1)
     # weight = where(sel, p, 0)[:U]: p's cotangent is g_w on selected entries (all within U)
-    g_p = None if g_w is None else jnp.where(sel[..., :union], g_w, 0)
-    sum_g = 0 if g_w is None else jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-1)
+    g_p = jnp.where(sel[..., :union], g_w, 0)
+    sum_g = jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-1)
     shift = (g_tau - sum_g) / denom  # every free entry gets g_p - mean_g + g_tau / |S|
     # rows without a free set send tau's cotangent to one entry: the first minimum (prefix
     # rule) or the first k-th value (exact saturation), as the dense operator's argmin/argmax
@@ -409,9 +406,8 @@ def _sparsek_list_grad(k, union, res, g_w, g_tau):
     first = jnp.where(inactive | saturated, first, -1)
     dz = jnp.sum(jnp.where(free, shift[..., None], 0) + jnp.where(m == first[..., None], g_tau[..., None], 0),
                  axis=-2)
-    if g_w is not None:
-        dz = dz + jnp.pad(jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-2),
-                          [(0, 0)] * (dz.ndim - 1) + [(0, M - union)])
+    dz = dz + jnp.pad(jnp.sum(jnp.where(free[..., :union], g_p, 0), axis=-2),
+                      [(0, 0)] * (dz.ndim - 1) + [(0, M - union)])
     r_zero = jax.tree.map(lambda a: None, r)
     return dz.astype(dtype), r_zero
 
@@ -457,7 +453,7 @@ def _scatter_add(base, idx, val):
 
 
 def _tau_grad_ranges(k, res, g_tau):
-    """_sparsek_list_grad with g_w = 0 (tau's cotangent alone) without [Bq, M] arrays.
+    """_list_sparsek_bwd with g_w = 0 (tau's cotangent alone) without [Bq, M] arrays.
 
     The free set of query i (0 < x < 1 on its visible candidates) is one range [a_i, b_i) of
     its score-sorted list minus the entering keys it cannot see yet: each row adds
@@ -510,13 +506,14 @@ def _nth_visible(s, inv, vb, j):
 
 
 def fast_select_blocks(
-    carry_ranks, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
-    k: int, c: int, window: int, union: int, method: str, factored: bool = False, block_list=None,
+    block_list, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
+    k: int, c: int, window: int, union: int, method: str, factored: bool = False,
 ):
     """Selection of one query block from its carry (what select_block returns).
 
     Args:
-      carry_ranks: int32 [B, K, C] ascending ranks carried into the block (EMPTY-padded).
+      block_list: int32 [B, K, C + Bq]: the block's list, i.e. the C ranks carried into it and its
+        entering ranks, ascending, EMPTY last (:func:`sorted_block_lists`, all blocks at once).
       ev_rank: int32 [B, K] the (C + 1)-th rank of the prefix (EMPTY: none).
       enter_ranks: int32 [B, K, Bq] rank of the key entering at each query (EMPTY: none).
       query_pos: int32 [Bq]; query_run: int32 [B, Bq] (-1: padding query).
@@ -529,8 +526,6 @@ def fast_select_blocks(
         scores, the XLA "bracket" solver otherwise).
       factored: return the selection as (slot range, slot scores and gate thresholds) instead
         of a mask and weights (sea_jax.kernels.SlotSelection's vectors).
-      block_list: optional int32 [B, K, C + Bq]: the carry and entering ranks already sorted
-        (:func:`sorted_block_lists` for all blocks at once); sorted here when None.
     Returns:
       (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
       tau [B, K, Bq], overflow bool [B, K, Bq]); factored: mask is (lo, hi) int32 [B, K, Bq]
@@ -539,11 +534,8 @@ def fast_select_blocks(
       weight 1), both differentiable.
     """
     Bq = enter_ranks.shape[-1]
-    if block_list is None:
-        block_list = jnp.sort(jnp.concatenate([carry_ranks, enter_ranks], -1), axis=-1)
-    lst = block_list  # [B, K, M]
     # a union rounded up past the list (causal_prefix_select's union_multiple): empty entries
-    lst = _pad_to(lst, max(union, lst.shape[-1]))
+    lst = _pad_to(block_list, max(union, block_list.shape[-1]))  # [B, K, M]
     M = lst.shape[-1]
     has = lst != EMPTY
     slot = jnp.where(has, _take(order, lst), -1)
