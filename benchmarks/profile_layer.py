@@ -96,6 +96,8 @@ def main():
     ap.add_argument("--kernel_options", default=None,
                     help="JSON of gathered_attention kernel_options for 'sparsek' (e.g. '{\"num_warps\": "
                          "[4, 4, 4, 4, 4]}': forward, dQ, window dK/dV, slot dK/dV, reduction)")
+    ap.add_argument("--threshold_options", default=None,
+                    help="JSON of list_threshold options for 'sparsek' (e.g. '{\"search_arity\": 16}')")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--trace_reps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -115,6 +117,13 @@ def main():
 
         opts = kernel_options_json(args.kernel_options)
         sea_kernels.gathered_attention = functools.partial(sea_kernels.gathered_attention, kernel_options=opts)
+    if args.threshold_options:  # the selection passes none: hand these to its threshold kernel
+        import functools
+
+        import sea_jax.kernels.gpu_sparsek_threshold as threshold_kernel
+
+        threshold_kernel.list_threshold = functools.partial(threshold_kernel.list_threshold,
+                                                            **json.loads(args.threshold_options))
     out = dict(env=env_info(), args=vars(args), rows=[])
     for name in args.layers.split(","):
         if name == "dense_cudnn":

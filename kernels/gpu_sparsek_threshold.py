@@ -65,7 +65,7 @@ __all__ = ["list_threshold", "list_threshold_reference"]
 
 
 def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
-            tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip, tol):
+            tau_ref, *passes_ref, k, chunk, max_passes, search_steps, clip, tol, arity):
     bq = s_ref.shape[0]  # rows of this program (all of the block's queries unless rows_per_program)
     s = s_ref[...]
     end = last_ref[...] + 1  # exclusive end of each row's candidate range
@@ -121,9 +121,33 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         return lax.while_loop(lambda m: jnp.sum(jnp.where(hid(m), 1, 0)) > 0,
                               lambda m: jnp.where(hid(m), m + 1, m), lo)
 
+    def first_not_above_both(t, lo, hi):
+        """first_not_above(t, 1, lo, hi) and first_not_above(t, 0, lo, hi) by two interleaved
+        `arity`-ary searches: each step probes arity - 1 points of both intervals at once (one
+        [rows, arity] gather each), so a search takes ~log_arity(M) dependent loads instead of
+        log2(M) - the kernel waits on load latency, not on arithmetic."""
+        j = lax.broadcasted_iota(jnp.int32, (1, arity), 1) + 1  # probe j at lo + j * L // arity; j = arity: hi
+
+        def narrow(lo, hi, c):
+            n = hi - lo
+            pos = lo[:, None] + (j * n[:, None]) // arity
+            zm = z_ref[jnp.clip(pos, 0, z_ref.shape[0] - 1)]
+            above = (pos < hi[:, None]) & ((zm - theta[:, None]) - t[:, None] > c)
+            cnt = jnp.sum(above.astype(jnp.int32), axis=1)  # the predicate is monotone: a prefix of the probes
+            return jnp.where(cnt > 0, lo + (cnt * n) // arity + 1, lo), lo + ((cnt + 1) * n) // arity
+
+        def step(_, st):
+            return (*narrow(st[0], st[1], 1.0), *narrow(st[2], st[3], 0.0))
+
+        out = lax.fori_loop(0, search_steps, step, (lo, hi, lo, hi))
+        return out[0], out[2]
+
     def cheap_stats(t):
-        a = first_not_above(t, 1.0, s, end)  # [s, a): x > 1
-        b = first_not_above(t, 0.0, a, end)  # [a, b): 0 < x <= 1
+        if arity == 2:
+            a = first_not_above(t, 1.0, s, end)  # [s, a): x > 1
+            b = first_not_above(t, 0.0, a, end)  # [a, b): 0 < x <= 1
+        else:
+            a, b = first_not_above_both(t, s, end)
         ha, _ = hidden_in(s, a)
         hb, zh = hidden_in(a, b)
         u = a - s - ha
@@ -252,6 +276,17 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         passes_ref[0][...] = jnp.where(local == 0, it1 + 1, it2)
 
 
+def _search_steps(n: int, arity: int) -> int:
+    """Steps that close any index interval of length <= n (binary: the first_not_above loop)."""
+    if arity == 2:
+        return n.bit_length() + 1
+    steps = 0
+    while n > 0:  # an arity-ary step leaves at most ceil(n / arity) - [n < arity] entries
+        n = 0 if n < arity else -(-n // arity)
+        steps += 1
+    return steps
+
+
 def _check(z, tin, s, last, active, theta, k):
     if z.ndim != 2 or z.dtype != jnp.float32:
         raise ValueError(f"z must be float32 [rows, M], got {z.dtype} {z.shape}")
@@ -270,7 +305,8 @@ def _check(z, tin, s, last, active, theta, k):
 
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int = 4,
                    max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
-                   return_passes: bool = False, rows_per_program: int | None = None) -> jax.Array:
+                   return_passes: bool = False, rows_per_program: int | None = None,
+                   search_arity: int = 2) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -298,6 +334,9 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         measured (block_q 64); 128-row ones (block_q 128 in one program per list) took 13.4 ms
         at 32k in the layer against 5.2 (profile_layer_32k_bq128.json), so larger blocks are
         split. Other sizes: not measured on a GPU yet (bench variant chunk/warps/rN).
+      search_arity: the cheap search's index searches probe this many - 1 points per step (a
+        power of two; 2: binary searches, one after the other; more: both searches at once,
+        log_arity(M) dependent steps instead of 2 log2(M)). The result does not depend on it.
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
@@ -312,6 +351,9 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     if isinstance(rp, bool) or not isinstance(rp, int) or rp < 16 or rp & (rp - 1) or bq % rp:
         raise ValueError(f"rows_per_program must be None or a power of two >= 16 dividing the padded "
                          f"block ({bq} rows), got {rows_per_program!r}")
+    if isinstance(search_arity, bool) or not isinstance(search_arity, int) or search_arity < 2 \
+            or search_arity & (search_arity - 1):
+        raise ValueError(f"search_arity must be a power of two >= 2, got {search_arity!r}")
     mp = -(-m // chunk) * chunk
     if mp != m:  # entries past M are beyond every row's range
         z = jnp.pad(z, ((0, 0), (0, mp - m)))
@@ -338,7 +380,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
     out = pl.pallas_call(
         functools.partial(_kernel, k=k, chunk=chunk, max_passes=max_passes,
-                          search_steps=(mp + 1).bit_length() + 1, clip=clip,
+                          search_steps=_search_steps(mp + 1, search_arity), clip=clip, arity=search_arity,
                           tol=4.0 * float(jnp.finfo(jnp.float32).eps)),  # = ops.sparsek.bracket_tolerance
         grid=(n, bq // rp),
         in_specs=[list_spec, list_spec, pre_spec] + [row_spec] * 5 + [block_spec] * 2,

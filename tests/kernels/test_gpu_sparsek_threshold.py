@@ -92,6 +92,14 @@ def test_matches_float64_solver_and_xla(rows, bq, m, k, chunk, ties):
     for rows_per_program in sorted({16, max(16, bq)}) if bq >= 32 else ():
         np.testing.assert_allclose(got, np.asarray(list_threshold(
             *args, k=k, chunk=chunk, interpret=True, rows_per_program=rows_per_program)), atol=5e-7, rtol=0)
+    # arity-ary index searches find the same indices as the binary ones: the same search steps and
+    # fallback passes (a wrong index would mostly be caught by the exact check and cost fallback
+    # passes, not a wrong threshold) and the same thresholds, bit for bit
+    binary = [np.asarray(a) for a in list_threshold(*args, k=k, chunk=chunk, interpret=True, return_passes=True)]
+    for arity in (4, 16):
+        for want, have in zip(binary, list_threshold(*args, k=k, chunk=chunk, interpret=True, return_passes=True,
+                                                     search_arity=arity)):
+            np.testing.assert_array_equal(want, np.asarray(have))
     want = _expected(z, tin, s, last, active, theta, k)
     xla = np.asarray(list_threshold_reference(*args, k=k))
     assert active.any() and (~active).any()
@@ -126,6 +134,9 @@ def test_bad_arguments():
     for bad in (8, 24, 32):  # below 16, not a power of two, more than the block's 16 rows
         with pytest.raises(ValueError, match="rows_per_program must be None or a power of two"):
             list_threshold(z, tin, s, s, act, th, k=4, interpret=True, rows_per_program=bad)
+    for bad in (1, 3, 12, True):
+        with pytest.raises(ValueError, match="search_arity must be a power of two >= 2"):
+            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, search_arity=bad)
 
 
 @pytest.mark.parametrize("clip,fallback", [(8.0, False), (0.25, True)])
@@ -161,8 +172,9 @@ def test_root_at_a_breakpoint_ends_the_search():
     np.testing.assert_allclose(xla, tau, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("return_passes,rows_per_program", [(False, None), (True, None), (True, 16)])
-def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program):
+@pytest.mark.parametrize("return_passes,rows_per_program,arity", [
+    (False, None, 2), (True, None, 2), (True, 16, 2), (False, None, 16)])
+def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program, arity):
     """The Pallas -> Triton lowering runs on the CPU machine (jaxlib's Triton dialect): a
     construct Triton cannot take fails here, not first on the GPU."""
     import re
@@ -175,7 +187,8 @@ def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program):
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
         text = jax.jit(lambda *a: list_threshold(*a, k=1024, chunk=64, return_passes=return_passes,
-                                                 rows_per_program=rows_per_program)).trace(
+                                                 rows_per_program=rows_per_program,
+                                                 search_arity=arity)).trace(
             sds((n, m), jnp.float32), sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32),
             sds((n, bq), jnp.bool_), sds((n, bq), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
@@ -192,4 +205,5 @@ def test_compiled_matches_float64_solver(bq, m, k, ties):
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
     got = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k))(*args))
     np.testing.assert_allclose(got, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k, search_arity=16))(*args)))
 
