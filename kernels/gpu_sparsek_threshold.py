@@ -306,7 +306,7 @@ def _check(z, tin, s, last, active, theta, k):
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int = 4,
                    max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
                    return_passes: bool = False, rows_per_program: int | None = None,
-                   search_arity: int = 2) -> jax.Array:
+                   search_arity: int = 8) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -328,15 +328,19 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         exact fallback's passes over the list (0: not needed) of each list (the most over its
         programs).
       rows_per_program: split each list's queries over programs of this many rows (a power of
-        two >= 16 dividing the padded block; None: min(block, 64)). Smaller programs hold
-        smaller [rows, block_q] correction tiles (fewer registers, more programs per SM) and
-        each passes over the whole list; results are the same to rounding. 64-row programs are what was
-        measured (block_q 64); 128-row ones (block_q 128 in one program per list) took 13.4 ms
-        at 32k in the layer against 5.2 (profile_layer_32k_bq128.json), so larger blocks are
-        split. Other sizes: not measured on a GPU yet (bench variant chunk/warps/rN).
+        two >= 16 dividing the padded block; None: 16). Smaller programs hold smaller
+        [rows, block_q] correction tiles: the kernel is latency-bound and its occupancy register-bound
+        (ncu, H100, 64-row programs of 4 warps: 255 registers per thread, 2 programs per SM), so
+        more, smaller programs hide the loads' latency better, although each passes over
+        the whole list. Results are the same to rounding. On the layer's lists at 32k (block_q 64,
+        threshold_layer_lists_arity{,2}.json): 64 / 32 / 16 rows per program 5.85 / 4.56 / 4.84 ms
+        with binary searches, 3.51 / 3.30 / 2.27 ms with 8-ary ones.
       search_arity: the cheap search's index searches probe this many - 1 points per step (a
         power of two; 2: binary searches, one after the other; more: both searches at once,
-        log_arity(M) dependent steps instead of 2 log2(M)). The result does not depend on it.
+        log_arity(M) dependent steps instead of 2 log2(M)). The same indices whatever the arity
+        (the thresholds may differ by float rounding: the compiled reductions differ). 64-row
+        programs on the layer's lists at 32k: arity 2 / 4 / 8 / 16 / 32: 5.85 / 3.05 / 3.51 /
+        5.93 / 11.30 ms (wider probes cost registers).
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
@@ -347,7 +351,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     if bq != bq0:
         pad = lambda a: jnp.pad(a, ((0, 0), (0, bq - bq0)))  # noqa: E731
         s, last, active, theta = pad(s), pad(last), pad(active), pad(theta)
-    rp = min(bq, 64) if rows_per_program is None else rows_per_program
+    rp = 16 if rows_per_program is None else rows_per_program
     if isinstance(rp, bool) or not isinstance(rp, int) or rp < 16 or rp & (rp - 1) or bq % rp:
         raise ValueError(f"rows_per_program must be None or a power of two >= 16 dividing the padded "
                          f"block ({bq} rows), got {rows_per_program!r}")
