@@ -137,6 +137,7 @@ class GatheredGpuConfig:
     tq: int
     tk: int
     tu: int
+    slot_tq: int  # the slot dK/dV kernel's query sub-tile (divides block_q)
     always_mask: bool  # window tiles: element mask always (True) or branch per tile
     warps: tuple[int, int, int, int, int]  # fwd, dq, window dkv, slot dkv, sorted reduce
     stages: tuple[int, int, int, int, int]
@@ -642,7 +643,7 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
         out_specs += [slotspec, slotspec]
         out_shape += [jax.ShapeDtypeStruct((B, K, nq, U_pad, Dp), jnp.dtype(cfg.partial_dtype))] * 2
     outs = pl.pallas_call(
-        functools.partial(_dkv_slots_kernel, cfg=cfg),
+        functools.partial(_dkv_slots_kernel, cfg=dataclasses.replace(cfg, tq=cfg.slot_tq)),
         grid=(nq, K, B),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -880,6 +881,7 @@ def gathered_attention_gpu(
     tq: int | None = None,
     tk: int = 64,
     tu: int = 64,
+    slot_tq: int | None = None,
     num_warps: tuple[int, ...] | None = None,
     num_stages: tuple[int, ...] = (3, 3, 3, 3, 2),
     always_mask: bool = False,
@@ -902,7 +904,9 @@ def gathered_attention_gpu(
       rounded to bfloat16 before the float32 sum) or "auto" (bfloat16 when k is bfloat16,
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
-      reduction key tile), ``tu`` (slot tile); ``num_warps``/``num_stages`` per kernel (fwd,
+      reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
+      sub-tile, divides block_q; default tq: one sub-tile per block keeps the [tu, D] sums out
+      of a loop's carry); ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
       default warps (4, 4, 4, 4, 4) for a factored ``selection`` with block_q <= 64, else
       (4, 4, 4, 8, 4): see the module docstring);
@@ -947,6 +951,9 @@ def gathered_attention_gpu(
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     tk = validate_block_size("tk", tk)
     tu = validate_block_size("tu", tu)
+    slot_tq = validate_block_size("slot_tq", slot_tq if slot_tq is not None else tq)
+    if block_q % slot_tq:
+        raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
     scale = D**-0.5 if scale is None else float(scale)
     cfg = GatheredGpuConfig(
         seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, block_q=block_q,
@@ -955,7 +962,7 @@ def gathered_attention_gpu(
         has_segments=segment_ids is not None, factored=selection is not None, scale=scale, interpret=bool(interpret),
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
         partial_dtype=partial_dtype,
-        tq=tq, tk=tk, tu=tu, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
+        tq=tq, tk=tk, tu=tu, slot_tq=slot_tq, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
     )
     nq = num_blocks(Sq, block_q)
     Dp = _next_pow2(D)

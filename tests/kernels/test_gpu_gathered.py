@@ -130,6 +130,9 @@ BWD_CASES = [
      False, dict(tu=16, tk=16)),
     ("bf16_segments_scatter_fp32_partials", 1, 80, 2, 1, 64, 16, 24, jnp.bfloat16, 5, True, False, "gate",
      True, dict(tu=16, tk=16, partial_dtype="float32", **SCATTER)),
+    # the slot dK/dV kernel's blocks in two query sub-tiles (the others: one tile of 32)
+    ("slot_sub_tiles_log", 1, 70, 2, 1, 64, 32, 18, jnp.float32, 9, True, True, "log", False,
+     dict(tu=16, tk=16, slot_tq=16)),
 ]
 
 
@@ -222,6 +225,8 @@ def test_empty_union_gives_zero_and_zero_grads():
     (dict(num_stages=(2, 2, 2, 2, 0)), "num_stages"),
     (dict(tq=64), "tq"),
     (dict(tu=24), "tu"),
+    (dict(slot_tq=64), "slot_tq"),
+    (dict(slot_tq=12), "slot_tq"),
     (dict(tk=8), "tk"),
 ])
 def test_bad_kernel_options(opts, match):
@@ -273,6 +278,9 @@ SLOT_CASES = [
     ("gqa2_odd_d48_xla_gather", 1, 53, 4, 2, 48, 16, 10, jnp.float32, 7, "gate", False,
      dict(tu=16, tk=16, gather="xla")),
     ("bf16_gqa2_window", 1, 64, 4, 2, 64, 32, 16, jnp.bfloat16, 6, "gate", False, dict(tu=16, tk=16)),
+    # the slot dK/dV kernel on whole blocks (one query sub-tile) while the others use tq = 16
+    ("gqa2_window_slot_tq", 1, 75, 4, 2, 64, 32, 16, jnp.float32, 6, "gate", False,
+     dict(tq=16, tu=16, tk=16, slot_tq=32)),
 ]
 
 
@@ -349,7 +357,8 @@ def test_slot_selection_bad_arguments():
         call(selection=(1, 2, 3, 4))
 
 
-def test_slot_selection_lowers_to_triton_for_an_h100():
+@pytest.mark.parametrize("bq,opts", [(64, None), (128, dict(slot_tq=128, num_warps=(4, 4, 4, 8, 4)))])
+def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
     """Forward and backward of the factored form go through the Pallas -> Triton lowering on
     the CPU machine (a construct Triton cannot take fails here, not first on the GPU)."""
     import re
@@ -360,12 +369,12 @@ def test_slot_selection_lowers_to_triton_for_an_h100():
     from sea_jax.kernels import SlotSelection
 
     sds = jax.ShapeDtypeStruct
-    B, S, H, K, D, bq, U = 1, 512, 4, 2, 128, 64, 128
+    B, S, H, K, D, U = 1, 512, 4, 2, 128, 128
     nq = S // bq
 
     def loss(q, k, v, union, z, lo, hi, thr):
         o = gathered_attention(q, k, v, union, block_q=bq, window=64, impl="pallas_gpu",
-                               selection=SlotSelection(z, lo, hi, thr))
+                               selection=SlotSelection(z, lo, hi, thr), kernel_options=opts)
         return jnp.sum(o.astype(jnp.float32))
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
