@@ -905,10 +905,11 @@ def gathered_attention_gpu(
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
-      sub-tile, divides block_q; default tq: one sub-tile per block keeps the [tu, D] sums out
-      of a loop's carry); ``num_warps``/``num_stages`` per kernel (fwd,
+      sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128,
+      else tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
+      ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
-      default warps (4, 4, 4, 4, 4) for a factored ``selection`` with block_q <= 64, else
+      default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
       (4, 4, 4, 8, 4): see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
@@ -930,18 +931,6 @@ def gathered_attention_gpu(
         raise ValueError(f"partial_dtype must be 'auto', 'float32' or 'bfloat16', got {partial_dtype!r}")
     if partial_dtype == "auto":
         partial_dtype = "bfloat16" if k.dtype == jnp.bfloat16 else "float32"
-    if num_warps is None:
-        # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
-        # loop; with a factored selection and one query tile per block 4 are faster
-        # (benchmarks/results/gathered_stages_sweep2.json)
-        num_warps = (4, 4, 4, 4 if selection is not None and block_q <= 64 else 8, 4)
-    num_warps, num_stages = tuple(num_warps), tuple(num_stages)
-    for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
-        if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
-            raise ValueError(f"{name} must be 4 or 5 positive ints (fwd, dq, window dkv, slot dkv"
-                             f"[, sorted reduce]), got {val!r}")
-    num_warps += (4,) * (5 - len(num_warps))
-    num_stages += (2,) * (5 - len(num_stages))
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     # default query tile 64: with tq = 128 and D = 128 a backward kernel needs 265 KiB of shared
@@ -949,11 +938,30 @@ def gathered_attention_gpu(
     tq = validate_block_size("tq", tq if tq is not None else min(64, block_q))
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
-    tk = validate_block_size("tk", tk)
-    tu = validate_block_size("tu", tu)
-    slot_tq = validate_block_size("slot_tq", slot_tq if slot_tq is not None else tq)
+    if slot_tq is None:
+        # factored selections: the slot kernel takes a whole block (up to 128 queries) as one
+        # sub-tile, so its [tu, D] sums are never a loop's carry; at block_q 128 this took the
+        # slot kernel from 7.48 (two 64-query sub-tiles) to 3.67 ms at 32k
+        # (profile_layer_32k_1123c_p_*.json)
+        slot_tq = block_q if selection is not None and block_q <= 128 else tq
+    slot_tq = validate_block_size("slot_tq", slot_tq)
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
+    if num_warps is None:
+        # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
+        # loop; with a factored selection and 64-query sub-tiles 4 are faster
+        # (benchmarks/results/gathered_stages_sweep2.json); with 128-query ones 8 again
+        # (3.67 vs 5.76 ms at 32k, profile_layer_32k_1123c_p_bq128_s128_w{8,4}.json)
+        num_warps = (4, 4, 4, 4 if selection is not None and slot_tq <= 64 else 8, 4)
+    num_warps, num_stages = tuple(num_warps), tuple(num_stages)
+    for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
+        if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
+            raise ValueError(f"{name} must be 4 or 5 positive ints (fwd, dq, window dkv, slot dkv"
+                             f"[, sorted reduce]), got {val!r}")
+    num_warps += (4,) * (5 - len(num_warps))
+    num_stages += (2,) * (5 - len(num_stages))
+    tk = validate_block_size("tk", tk)
+    tu = validate_block_size("tu", tu)
     scale = D**-0.5 if scale is None else float(scale)
     cfg = GatheredGpuConfig(
         seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, block_q=block_q,

@@ -47,6 +47,14 @@ of the SparseK layer itself (``--from_layer``, three input seeds;
 threshold_layer_lists_{before,after}.json): 18.9 / 18.1 / 6.1 ms before the bracket width stop
 (2, 1 and 0 lists ran all 64 fallback passes), 7.9 / 7.3 / 6.1 ms after it (at most 24 passes).
 
+The cheap search is bound by load latency, not arithmetic: ncu (H100, 64-row programs of 4
+warps, binary searches) showed 255 registers per thread, so 2 programs per SM (12.5 %
+occupancy) and ~0.4 eligible warps per scheduler. Two changes took the kernel on the layer's
+lists at 32k from 5.85 / 6.62 ms (input seeds 0 / 1) to 2.14 / 2.25 ms (same run;
+threshold_layer_lists_{arity,arity2,sweep}.json): 8-ary index searches (both searches of a
+step at once, 7 probes each: 4 dependent loads instead of 2 x 13) and 16-row programs (smaller
+[rows, block_q] correction tiles: 72 registers, 43.8 % occupancy; ncu_threshold_*.txt).
+
 The result is the XLA solver's root up to rounding (max |difference| 1.4e-6 there).
 """
 

@@ -63,7 +63,9 @@ class SparseKOptions:
     """k: keys selected per query (>= 1). window: sliding-window keys at weight 1, the query
     itself included (>= 0; 0 = none). extra: c, extra candidates carried for the threshold
     (>= 0; None = k). block_q: query block of the scan (>= 1; a power of two >= 16 for the
-    Pallas kernels). weight_mode: "gate" (value gating, default) or "log" (softmax(s + log m)).
+    Pallas kernels; None: 128 for impl "pallas_gpu", whose kernels then write half the per-slot
+    partial sums (SparseK layer forward+backward at 32k on an H100: 17.4 vs 20.2 ms at 64),
+    else 64). The selection is the same for every block_q (up to candidate-set overflow). weight_mode: "gate" (value gating, default) or "log" (softmax(s + log m)).
     position_slope: the fixed position term (score += slope * position). impl: "auto" (Pallas
     on GPU/TPU, XLA on CPU) | "xla" | "pallas_gpu" | "pallas_tpu". interpret: run the Pallas
     kernel in interpret mode (CPU tests). method: SparseK threshold solver ("bracket"|"sort").
@@ -80,7 +82,7 @@ class SparseKOptions:
     k: int = 64
     window: int = 64
     extra: int | None = None
-    block_q: int = 64
+    block_q: int | None = None
     weight_mode: str = "gate"
     position_slope: float = 1e-3
     impl: str = "auto"
@@ -94,7 +96,8 @@ class SparseKOptions:
         check_budget("window", self.window, minimum=0)
         if self.extra is not None:
             check_budget("extra", self.extra, minimum=0)
-        check_budget("block_q", self.block_q)
+        if self.block_q is not None:
+            check_budget("block_q", self.block_q)
         if self.weight_mode not in WEIGHT_MODES:
             raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
         if self.impl not in IMPLS:
@@ -113,6 +116,12 @@ class SparseKOptions:
             raise ValueError(f"position_slope must be a finite float, got {slope!r}")
         if not isinstance(self.interpret, bool):
             raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
+
+    def resolved_block_q(self, impl: str) -> int:
+        """block_q, or its default for ``impl`` (resolved) when None."""
+        if self.block_q is not None:
+            return self.block_q
+        return 128 if impl == "pallas_gpu" else 64
 
     def resolved_schedule(self, impl: str) -> str:
         """The selection schedule of the kernel path with attention backend ``impl``."""
@@ -306,9 +315,10 @@ class SparseKAttention(nnx.Module):
         from sea_jax.kernels import gathered_attention
 
         o = self.options
+        bq = o.resolved_block_q(impl)
         factored = o.resolved_selection_form(impl) == "factored"
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
-                                   block_q=o.block_q, segment_ids=segment_ids, method=o.method,
+                                   block_q=bq, segment_ids=segment_ids, method=o.method,
                                    schedule=o.resolved_schedule(impl), interpret=o.interpret,
                                    # the GPU kernel's slot tile (64): no padding copies of the
                                    # per-slot arrays
@@ -318,13 +328,13 @@ class SparseKAttention(nnx.Module):
         runs = None if segment_ids is None else segment_runs(segment_ids, *q.shape[:2]) + 1
         dense = {} if factored else dict(selection_mask=sel.mask, selection_weights=sel.weight.astype(jnp.float32))
         out = gathered_attention(
-            q, k, v, sel.union_index, block_q=o.block_q, window=o.window, selection=sel.slots, **dense,
+            q, k, v, sel.union_index, block_q=bq, window=o.window, selection=sel.slots, **dense,
             weight_mode=o.weight_mode, causal=True, segment_ids=runs,
             scale=self.dims.head_dim ** -0.5, impl=impl, interpret=o.interpret,
         )
         aux = {}
         if return_aux:
-            mask, weight = sel.dense_mask_weight(o.window, o.block_q)
+            mask, weight = sel.dense_mask_weight(o.window, bq)
             aux = dict(sparsek_index=sel.union_index, sparsek_mask=mask, sparsek_weight=weight,
                        sparsek_tau=sel.tau, sparsek_overflow=sel.overflow,
                        sparsek_overflow_count=sel.overflow_count, sparsek_scores=u)
@@ -336,7 +346,7 @@ class SparseKAttention(nnx.Module):
         B, T, H, D = q.shape
         K, G = self.dims.num_kv_heads, self.dims.group_size
         C, w = o.num_candidates, o.window
-        Bq = min(o.block_q, T)
+        Bq = min(o.resolved_block_q("xla"), T)
         nq = -(-T // Bq)
         Tp = nq * Bq
         L = cache.length

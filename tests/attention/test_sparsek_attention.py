@@ -540,12 +540,14 @@ def test_bad_call_arguments_raise():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiled Pallas Triton kernels need a GPU (interpret mode covers them on CPU)")
-def test_factored_and_dense_selection_agree_on_gpu():
+@pytest.mark.parametrize("block_q", [64, None])
+def test_factored_and_dense_selection_agree_on_gpu(block_q):
     """The GPU default (fused schedule, factored selection: mask and weights generated in the
     kernel) against the dense form and the XLA path: outputs and gradients of q, k, v, x and
-    w_score, with segments, 2000 tokens."""
+    w_score, with segments, 2000 tokens. block_q None: 128 on the GPU path, 64 on the XLA one
+    (the same selection)."""
     B, T, H, K, D, E = 1, 2000, 4, 2, 64, 32
-    opts = dict(k=96, window=64, block_q=64)
+    opts = dict(k=96, window=64, block_q=block_q)
     q, k, v, x = inputs(21, B, T, H, K, D, E)
     seg = jnp.asarray(np.array([[1] * 1200 + [2] * 790 + [0] * 10], np.int32))
     ct = jax.random.normal(jax.random.key(22), (B, T, H, D))

@@ -391,13 +391,15 @@ def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="the compiled Triton kernels need a GPU (interpret mode covers them on CPU)")
-@pytest.mark.parametrize("dtype,D,H,K,W", [(jnp.bfloat16, 128, 4, 2, 100), (jnp.float32, 64, 2, 2, 0)])
-def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W):
+@pytest.mark.parametrize("dtype,D,H,K,W,bq", [(jnp.bfloat16, 128, 4, 2, 100, 64), (jnp.float32, 64, 2, 2, 0, 64),
+                                              (jnp.bfloat16, 128, 2, 2, 100, 128)])
+def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
     """The compiled factored kernels (forward, dQ + thresholds, slot dK/dV + slot scores)
-    against the XLA path on the GPU: 1000 tokens (padding), block 64, U = 192."""
+    against the XLA path on the GPU: 1000 tokens (padding), blocks of 64 or 128 (the slot
+    kernel then on whole 128-query blocks, 8 warps), U = 192."""
     from sea_jax.kernels import SlotSelection
 
-    B, S, bq, U = 1, 1000, 64, 192
+    B, S, U = 1, 1000, 192
     rng = _rng("compiled", D)
     q, k, v, union, _, _, _ = _inputs(rng, B, S, H, K, D, bq, U, dtype, False, None, False)
     z, lo, hi, thr = _random_slot_selection(rng, B, K, S, bq, U)
