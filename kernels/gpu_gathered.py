@@ -905,8 +905,8 @@ def gathered_attention_gpu(
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
-      sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128,
-      else tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
+      sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
+      and no GQA, else tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
       ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
       default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
@@ -939,11 +939,12 @@ def gathered_attention_gpu(
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     if slot_tq is None:
-        # factored selections: the slot kernel takes a whole block (up to 128 queries) as one
-        # sub-tile, so its [tu, D] sums are never a loop's carry; at block_q 128 this took the
-        # slot kernel from 7.48 (two 64-query sub-tiles) to 3.67 ms at 32k
-        # (profile_layer_32k_1123c_p_*.json)
-        slot_tq = block_q if selection is not None and block_q <= 128 else tq
+        # factored selections without GQA: the slot kernel takes a whole block (up to 128
+        # queries) as one sub-tile, so its [tu, D] sums are never a loop's carry; at block_q 128
+        # this took the slot kernel from 7.48 (two 64-query sub-tiles) to 3.67 ms at 32k
+        # (H = K = 16, profile_layer_32k_1123c_p_*.json). With GQA the head loop would carry
+        # them again, and that is not measured (nor verified on a GPU) yet
+        slot_tq = block_q if selection is not None and block_q <= 128 and H == K else tq
     slot_tq = validate_block_size("slot_tq", slot_tq)
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
