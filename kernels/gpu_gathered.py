@@ -80,6 +80,15 @@ sort of the union slots was then made one 1-D sort over all (batch, KV head) row
 radix sort; batched sorts take its comparison sort): 3.3 -> 0.83 ms, whole fwd+bwd 13.24 ms
 (gathered_stages_1d_sort.json).
 
+Blocks of 128 queries halve the per-slot partial sums (the union of a 128-query block is at
+most k + 127 slots, against k + 63 for each of two 64-query blocks), but with 64-query
+sub-tiles the slot kernel carries its [tu, D] sums through the sub-tile loop: 7.48 ms at 32k
+against 4.74 at block 64. One 128-query sub-tile (``slot_tq``, the default for factored
+selections without GQA) takes 3.67 ms with 8 warps (5.76 with 4), and the SparseK layer's
+forward+backward 17.35 ms against 20.19 at block 64 (H = K = 16; cuDNN 27.66 in the same
+process; profile_layer_32k_1123c_p_*.json), so SparseKAttention uses 128-query blocks on the GPU
+when it has no GQA.
+
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
 
