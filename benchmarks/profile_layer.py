@@ -92,6 +92,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--layers", default="dense_cudnn,sparsek")
+    ap.add_argument("--kv_heads", type=int, default=16, help="KV heads (16 query heads; < 16: GQA)")
     ap.add_argument("--options", default="{}", help="JSON of SparseKOptions fields for 'sparsek'")
     ap.add_argument("--kernel_options", default=None,
                     help="JSON of gathered_attention kernel_options for 'sparsek' (e.g. '{\"num_warps\": "
@@ -104,11 +105,14 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    H, D, S = 16, 128, args.seq
-    dims = AttentionDims(H, H, D, H * D)
+    H, D, S, K = 16, 128, args.seq, args.kv_heads
+    if K < 1 or H % K:
+        raise ValueError(f"--kv_heads must divide the 16 query heads, got {K}")
+    dims = AttentionDims(H, K, D, H * D)
     sk = SparseKOptions(**{"k": 1024, "window": 512, **json.loads(args.options)})
     kq, kk, kv, kx = jax.random.split(jax.random.key(0), 4)
-    q, k, v = (jax.random.normal(key, (1, S, H, D), jnp.bfloat16) for key in (kq, kk, kv))
+    q = jax.random.normal(kq, (1, S, H, D), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (1, S, K, D), jnp.bfloat16) for key in (kk, kv))
     x = jax.random.normal(kx, (1, S, H * D), jnp.bfloat16)
     if args.kernel_options:  # the layer passes none: hand these to every gathered_attention call
         import functools
