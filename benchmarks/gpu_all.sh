@@ -64,7 +64,12 @@ for p in "$@"; do
       done
       part skgqa "${SKG_S:-90}" $PY benchmarks/profile_layer.py --seq 32768 --kv_heads 4 --top 8 --layers sparsek \
         --options '{"block_q": 128}' --kernel_options '{"slot_tq": 128, "num_warps": [4, 4, 4, 8, 4]}' \
-        --out "$OUT/profile_gqa4_128_slot128.json" ;;
+        --out "$OUT/profile_gqa4_128_slot128.json"
+      # (with GQA the slot kernel's head loop pipelines the [128, D] q / dO loads: 2 stages may
+      # be what fits in shared memory)
+      part skgqa "${SKG_S:-90}" $PY benchmarks/profile_layer.py --seq 32768 --kv_heads 4 --top 8 --layers sparsek \
+        --options '{"block_q": 128}' --kernel_options '{"slot_tq": 128, "num_warps": [4, 4, 4, 8, 4], "num_stages": [3, 3, 3, 2, 2]}' \
+        --out "$OUT/profile_gqa4_128_slot128_s2.json" ;;
     *) echo "unknown part $p" | tee -a "$LOG" ;;
   esac
 done
