@@ -66,7 +66,8 @@ class SparseKOptions:
     Pallas kernels; None: 128 for impl "pallas_gpu" without GQA (one query head per KV head),
     whose kernels then write half the per-slot partial sums (SparseK layer forward+backward at
     32k, H = K = 16, on an H100: 17.4 vs 20.2 ms at 64), else 64: 128-query blocks with GQA
-    are not measured yet). The selection is the same for every block_q. weight_mode: "gate"
+    are not measured yet). The selection is the same for every block_q unless the candidate set
+    overflows (reported in the aux outputs). weight_mode: "gate"
     (value gating, default) or "log" (softmax(s + log m)).
     position_slope: the fixed position term (score += slope * position). impl: "auto" (Pallas
     on GPU/TPU, XLA on CPU) | "xla" | "pallas_gpu" | "pallas_tpu". interpret: run the Pallas
