@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -115,15 +116,11 @@ def main():
     k, v = (jax.random.normal(key, (1, S, K, D), jnp.bfloat16) for key in (kk, kv))
     x = jax.random.normal(kx, (1, S, H * D), jnp.bfloat16)
     if args.kernel_options:  # the layer passes none: hand these to every gathered_attention call
-        import functools
-
         import sea_jax.kernels as sea_kernels
 
         opts = kernel_options_json(args.kernel_options)
         sea_kernels.gathered_attention = functools.partial(sea_kernels.gathered_attention, kernel_options=opts)
     if args.threshold_options:  # the selection passes none: hand these to its threshold kernel
-        import functools
-
         import sea_jax.kernels.gpu_sparsek_threshold as threshold_kernel
 
         threshold_kernel.list_threshold = functools.partial(threshold_kernel.list_threshold,
