@@ -5,8 +5,10 @@ w = 512, selection included; B = 1, H = 16, D = 128, bf16), times them like benc
 (median of ``--reps`` calls), then records ``--trace_reps`` calls under
 ``jax.profiler.trace`` and sums the device events of the trace by kernel name (Pallas
 kernels keep their Python names; XLA's fusions, sorts and copies keep their HLO names).
-Prints, per function, the kernels that make up most of the device time and writes all of
-them to JSON:
+Prints, per function, the kernels that make up most of the device time, and the same time
+summed per ``jax.named_scope`` of the library (``sparsek_*``, ``gathered_*``: the stages of
+the selection and of the kernels' XLA glue, read from the compiled HLO's op_names), and
+writes all of them to JSON:
 
     python benchmarks/profile_layer.py --seq 32768 --out benchmarks/results/profile_layer_32k.json
 
@@ -22,6 +24,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +61,38 @@ def device_kernel_times(xplane_path):
                 t[0] += 1
                 t[1] += event.duration_ns
     return dict(totals), planes
+
+
+SCOPE_RE = re.compile(r"\b(sparsek_[a-z_]+|gathered_[a-z_]+)")
+
+
+def kernel_scopes(hlo_text):
+    """{kernel name: named scope} from a compiled executable's HLO text: the innermost
+    ``sparsek_*`` / ``gathered_*`` jax.named_scope in each instruction's op_name (XLA names
+    a fusion's kernel after its instruction, "." and "-" becoming "_")."""
+    out = {}
+    for m in re.finditer(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"', hlo_text):
+        scopes = SCOPE_RE.findall(m.group(2))
+        name = re.sub(r"[.\-]", "_", m.group(1))
+        if scopes and name not in out:
+            out[name] = scopes[-1]
+    return out
+
+
+def by_scope(kernels, scopes):
+    """Kernel times summed per named scope (unmapped kernels: "other", cub sorts: "cub_sort")."""
+    totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    for k in kernels:
+        name = re.sub(r"__\d+$", "", k["name"])
+        scope = scopes.get(name) or scopes.get(k["name"])
+        if scope is None:
+            scope = "cub_sort" if "cub::" in name else ("copies" if "emcpy" in name else "other")
+        t = totals[scope]
+        t[0] += k["ms"]
+        t[1] += k["calls"]
+        t[2] += 1
+    return sorted(({"scope": n, "ms": ms, "calls": c, "kernels": nk} for n, (ms, c, nk) in totals.items()),
+                  key=lambda r: -r["ms"])
 
 
 def profile(fn, args, trace_reps):
@@ -140,10 +175,14 @@ def main():
             compiled = fn.lower(*fargs).compile()
             wall = time_ms(compiled, fargs, args.reps)
             kernels, planes = profile(compiled, fargs, args.trace_reps)
+            scopes = by_scope(kernels, kernel_scopes(compiled.as_text()))
             row = dict(name=name, part=part, S=S, wall_ms=wall, device_ms=sum(k["ms"] for k in kernels),
-                       planes=planes, kernels=kernels, seconds=time.perf_counter() - t0)
+                       planes=planes, kernels=kernels, scopes=scopes, seconds=time.perf_counter() - t0)
             out["rows"].append(row)
             print_table(f"{name} {part} S={S}", wall, kernels, args.top)
+            print(f"  by named scope (jax.named_scope in the op_name of each kernel's HLO instruction):")
+            for r in scopes:
+                print(f"  {r['ms']:8.3f} {r['calls']:6.1f} calls {r['kernels']:4d} kernels  {r['scope']}")
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:

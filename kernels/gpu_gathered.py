@@ -116,7 +116,7 @@ from sea_jax.kernels.gpu_block_sparse import (
 )
 from sea_jax.kernels.layout import num_blocks, validate_block_size
 
-__all__ = ["gathered_attention_gpu", "GatheredGpuConfig"]
+__all__ = ["gathered_attention_gpu", "GatheredGpuConfig", "default_slot_tq", "default_slot_stages"]
 
 GATHER_MODES = ("kernel", "xla")
 DKV_REDUCE_MODES = ("sorted", "scatter", "atomic")
@@ -678,6 +678,7 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
 
 
 # ------------------------------------------------- sorted (atomic-free) slot reduction
+@jax.named_scope("gathered_slot_sort")
 def _sorted_slots(union, Skv_pad: int, tk: int, chunk: int):
     """The slots of each (batch, KV head) grouped by key tile: for the key-tile reduction kernel.
 
@@ -751,6 +752,7 @@ def _reduce_kernel(keys_ref, pos_ref, starts_ref, pk_ref, pv_ref, dkw_ref, dvw_r
     dv_ref[...] = (dvw_ref[...] + dv).astype(dv_ref.dtype)
 
 
+@jax.named_scope("gathered_reduce_glue")
 def _reduce_sorted(cfg, union, part_k, part_v, dk_win, dv_win, out_dtype):
     """dK = dk_win + sum over slots (i, u) with union[..., i, u] = key of part_k[..., i, u, :].
 
@@ -834,11 +836,13 @@ def _attention(cfg, q, k, v, wsel, sel, seg, union, slot_tiles):
     return o
 
 
+@jax.named_scope("gathered_fwd_glue")
 def _attention_fwd(cfg, q, k, v, wsel, sel, seg, union, slot_tiles):
     o, lse = _forward(cfg, _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles), _shapes(q, k, union))
     return o, (q, k, v, wsel, sel, seg, union, slot_tiles, o, lse)
 
 
+@jax.named_scope("gathered_bwd_glue")
 def _attention_bwd(cfg, res, do):
     q, k, v, wsel, sel, seg, union, slot_tiles, o, lse = res
     cfg = dataclasses.replace(cfg, gather=cfg.bwd_gather)
@@ -866,6 +870,29 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ---------------------------------------------------------------------------- public
+def default_slot_tq(block_q: int, tq: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                    factored: bool) -> int:
+    """The slot dK/dV kernel's default query sub-tile.
+
+    Factored selections: the whole block (up to 128 queries) as one sub-tile, so that the
+    kernel's [tu, D] sums are never a loop's carry. At block_q 128 this took the slot kernel
+    from 7.48 (two 64-query sub-tiles) to 3.67 ms at 32k (H = K = 16,
+    profile_layer_32k_1123c_p_*.json), with GQA 4 from 10.23 to 4.14 ms
+    (profile_gqa4_128*_1123d.json). With GQA the head loop pipelines [slot_tq, D] q and dO
+    tiles: 3 stages of 128 x 128 bfloat16 asked for 242 KiB of shared memory (227 on an H100),
+    2 stages fit (:func:`default_slot_stages`), and float32 at D = 128 would not fit with 2
+    either, so it keeps ``tq``. Dense masks / weights: ``tq``.
+    """
+    fits = num_heads == num_kv_heads or _next_pow2(head_dim) * jnp.dtype(dtype).itemsize <= 256
+    return block_q if factored and block_q <= 128 and fits else tq
+
+
+def default_slot_stages(slot_tq: int, num_heads: int, num_kv_heads: int) -> int:
+    """Pipeline stages of the slot dK/dV kernel: 3 (measured best, module docstring), 2 when GQA
+    makes its head loop pipeline q / dO tiles of more than 64 queries (shared memory)."""
+    return 2 if num_heads > num_kv_heads and slot_tq > 64 else 3
+
+
 def gathered_attention_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -892,7 +919,7 @@ def gathered_attention_gpu(
     tu: int = 64,
     slot_tq: int | None = None,
     num_warps: tuple[int, ...] | None = None,
-    num_stages: tuple[int, ...] = (3, 3, 3, 3, 2),
+    num_stages: tuple[int, ...] | None = None,
     always_mask: bool = False,
 ) -> jax.Array:
     """Gathered attention with the Pallas Triton kernels (forward and backward).
@@ -915,11 +942,13 @@ def gathered_attention_gpu(
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
       sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
-      and no GQA, else tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
+      whose pipelined q / dO tiles fit in shared memory (no GQA, or D * itemsize <= 256), else
+      tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
       ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
       default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
-      (4, 4, 4, 8, 4): see the module docstring);
+      (4, 4, 4, 8, 4); default stages (3, 3, 3, 3, 2), the slot kernel 2 when GQA makes its
+      head loop pipeline [slot_tq > 64, D] q / dO tiles: see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
@@ -948,15 +977,12 @@ def gathered_attention_gpu(
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     if slot_tq is None:
-        # factored selections without GQA: the slot kernel takes a whole block (up to 128
-        # queries) as one sub-tile, so its [tu, D] sums are never a loop's carry; at block_q 128
-        # this took the slot kernel from 7.48 (two 64-query sub-tiles) to 3.67 ms at 32k
-        # (H = K = 16, profile_layer_32k_1123c_p_*.json). With GQA the head loop would carry
-        # them again, and that is not measured (nor verified on a GPU) yet
-        slot_tq = block_q if selection is not None and block_q <= 128 and H == K else tq
+        slot_tq = default_slot_tq(block_q, tq, H, K, D, q.dtype, factored=selection is not None)
     slot_tq = validate_block_size("slot_tq", slot_tq)
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
+    if num_stages is None:
+        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), 2)
     if num_warps is None:
         # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
         # loop; with a factored selection and 64-query sub-tiles 4 are faster

@@ -63,10 +63,9 @@ class SparseKOptions:
     """k: keys selected per query (>= 1). window: sliding-window keys at weight 1, the query
     itself included (>= 0; 0 = none). extra: c, extra candidates carried for the threshold
     (>= 0; None = k). block_q: query block of the scan (>= 1; a power of two >= 16 for the
-    Pallas kernels; None: 128 for impl "pallas_gpu" without GQA (one query head per KV head),
-    whose kernels then write half the per-slot partial sums (SparseK layer forward+backward at
-    32k, H = K = 16, on an H100: 17.4 vs 20.2 ms at 64), else 64: 128-query blocks with GQA
-    are not measured yet). The selection is the same for every block_q unless the candidate set
+    Pallas kernels; None: 128 for impl "pallas_gpu", whose kernels then write half the
+    per-slot partial sums (SparseK layer forward+backward at 32k on an H100: H = K = 16 17.4
+    vs 20.2 ms at 64; H = 16, K = 4 12.2 vs 17.6 ms), else 64). The selection is the same for every block_q unless the candidate set
     overflows (reported in the aux outputs). weight_mode: "gate"
     (value gating, default) or "log" (softmax(s + log m)).
     position_slope: the fixed position term (score += slope * position). impl: "auto" (Pallas
@@ -120,12 +119,13 @@ class SparseKOptions:
         if not isinstance(self.interpret, bool):
             raise ValueError(f"interpret must be a bool, got {self.interpret!r}")
 
-    def resolved_block_q(self, impl: str, group_size: int = 1) -> int:
-        """block_q, or its default for ``impl`` (resolved) and ``group_size`` (query heads per
-        KV head) when None."""
+    def resolved_block_q(self, impl: str) -> int:
+        """block_q, or its default for ``impl`` (resolved) when None: 128 on the GPU kernels
+        (half the per-slot partial sums of 64; with or without GQA, see
+        sea_jax.kernels.gpu_gathered), 64 elsewhere."""
         if self.block_q is not None:
             return self.block_q
-        return 128 if impl == "pallas_gpu" and group_size == 1 else 64
+        return 128 if impl == "pallas_gpu" else 64
 
     def resolved_schedule(self, impl: str) -> str:
         """The selection schedule of the kernel path with attention backend ``impl``."""
@@ -249,6 +249,7 @@ class SparseKAttention(nnx.Module):
         self.w_score = logical_param(init(rngs.params(), (E, K), param_dtype), ("embed", "kv_heads"))
 
     # ------------------------------------------------------------------ scores
+    @jax.named_scope("sparsek_scores")
     def scores(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """u: [B, T, K] = x [B, T, E] . w_score + slope * positions [T] (fp32, fp64 for fp64 x)."""
         acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -319,7 +320,7 @@ class SparseKAttention(nnx.Module):
         from sea_jax.kernels import gathered_attention
 
         o = self.options
-        bq = o.resolved_block_q(impl, self.dims.group_size)
+        bq = o.resolved_block_q(impl)
         factored = o.resolved_selection_form(impl) == "factored"
         sel = causal_prefix_select(u, o.k, window=o.window, extra=o.num_candidates - o.k,
                                    block_q=bq, segment_ids=segment_ids, method=o.method,
@@ -350,7 +351,7 @@ class SparseKAttention(nnx.Module):
         B, T, H, D = q.shape
         K, G = self.dims.num_kv_heads, self.dims.group_size
         C, w = o.num_candidates, o.window
-        Bq = min(o.resolved_block_q("xla", G), T)
+        Bq = min(o.resolved_block_q("xla"), T)
         nq = -(-T // Bq)
         Tp = nq * Bq
         L = cache.length

@@ -538,6 +538,7 @@ def causal_prefix_select(
         # [nQ, B, K, block_q, C + block_q] residuals
         sel = lax.map(jax.checkpoint(one_block), (tuple(states), xs), batch_size=min(block_batch, nq))
 
+    @jax.named_scope("sparsek_outputs")
     def per_query(a):  # [nq, B, K, Bq, ...] -> [B, K, T, ...]
         a = jnp.moveaxis(a, 0, 2)
         return a.reshape(a.shape[:2] + (Tp,) + a.shape[4:])[:, :, :T]

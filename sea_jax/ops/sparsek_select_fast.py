@@ -65,6 +65,7 @@ def _take(a, idx):
     return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[-1] - 1), axis=-1)
 
 
+@jax.named_scope("sparsek_ranks")
 def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array]:
     """order, rank: int32 [B, K, T] of keys sorted by (run, score, position) descending.
 
@@ -88,6 +89,7 @@ def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array
     return order, rank
 
 
+@jax.named_scope("sparsek_lists")
 def sorted_block_lists(carry_ranks: jax.Array, enter_ranks: jax.Array, num_keys: int) -> jax.Array:
     """Every block's list: its carry and entering ranks, ascending (EMPTY last).
 
@@ -162,6 +164,7 @@ def _merge(a: _RankList, b: _RankList) -> _RankList:
     return _RankList(ranks, jnp.minimum(ev, jnp.minimum(a.ev, b.ev)))
 
 
+@jax.named_scope("sparsek_carries")
 def prefix_ranks(enter_ranks: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """The carry of every query block: the top-C ranks entered before it and the (C + 1)-th.
 
@@ -322,6 +325,7 @@ def _sorted_threshold(z, r: _Rows, k: int, rows, active, max_passes: int = 64):
     return jnp.where(active, tau, 0)
 
 
+@jax.named_scope("sparsek_threshold")
 def _kernel_threshold(z, r: _Rows, k: int, interpret: bool):
     """tau - theta by the on-chip solver (sea_jax.kernels.gpu_sparsek_threshold): one Pallas
     program per block list instead of 10-25 XLA passes over generated rows."""
@@ -380,6 +384,7 @@ def _list_sparsek_fwd(z, r, k, union, method):
     return _outputs(z, r, tau_s, k, union), (z, r, tau_s)
 
 
+@jax.named_scope("sparsek_weight_grad")
 def _list_sparsek_bwd(k, union, method, res, g):
     """The SparseK VJP (sea_jax.ops.sparsek._sparsek_bwd) over generated rows: dz of (weight,
     tau) with cotangents g = (g_w [..., Bq, U], g_tau [..., Bq])."""
@@ -452,6 +457,7 @@ def _scatter_add(base, idx, val):
     return out.reshape(base.shape)
 
 
+@jax.named_scope("sparsek_tau_grad")
 def _tau_grad_ranges(k, res, g_tau):
     """_list_sparsek_bwd with g_w = 0 (tau's cotangent alone) without [Bq, M] arrays.
 
@@ -505,6 +511,7 @@ def _nth_visible(s, inv, vb, j):
     return s + j - 1 + jnp.sum(inv & (vb < j[..., None]), axis=-1, dtype=jnp.int32)
 
 
+@jax.named_scope("sparsek_block")
 def fast_select_blocks(
     block_list, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
     k: int, c: int, window: int, union: int, method: str, factored: bool = False,

@@ -429,10 +429,9 @@ def test_pallas_gpu_route_in_interpret_mode_matches_xla():
     assert SparseKOptions().resolved_impl() == "xla"  # this CPU machine
     assert [SparseKOptions().resolved_impl(b) for b in ("cpu", "gpu", "tpu")] == ["xla", "pallas_gpu", "pallas_tpu"]
     assert SparseKOptions(impl="xla").resolved_impl("gpu") == "xla"
-    # block_q None: 128-query blocks on the GPU kernels without GQA (measured), 64 elsewhere
-    assert [SparseKOptions().resolved_block_q(i, g) for i, g in (("pallas_gpu", 1), ("pallas_gpu", 2), ("xla", 1),
-                                                                  ("pallas_tpu", 1))] == [128, 64, 64, 64]
-    assert SparseKOptions(block_q=32).resolved_block_q("pallas_gpu", 1) == 32
+    # block_q None: 128-query blocks on the GPU kernels (measured, with and without GQA), 64 elsewhere
+    assert [SparseKOptions().resolved_block_q(i) for i in ("pallas_gpu", "xla", "pallas_tpu")] == [128, 64, 64]
+    assert SparseKOptions(block_q=32).resolved_block_q("pallas_gpu") == 32
     q, k, v, x = inputs(9, B, T, H, K, D, E)
     seg = jnp.asarray(np.array([[1] * 20 + [2] * 14 + [0] * 3], np.int32))
     ct = jax.random.normal(jax.random.key(10), (B, T, H, D))
@@ -544,12 +543,12 @@ def test_bad_call_arguments_raise():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiled Pallas Triton kernels need a GPU (interpret mode covers them on CPU)")
-@pytest.mark.parametrize("block_q,H,K", [(64, 4, 2), (None, 4, 4), (128, 4, 2)])
+@pytest.mark.parametrize("block_q,H,K", [(64, 4, 2), (None, 4, 4), (None, 4, 2), (None, 8, 2)])
 def test_factored_and_dense_selection_agree_on_gpu(block_q, H, K):
     """The GPU default (fused schedule, factored selection: mask and weights generated in the
     kernel) against the dense form and the XLA path: outputs and gradients of q, k, v, x and
-    w_score, with segments, 2000 tokens. block_q None without GQA: 128 on the GPU path (the
-    slot kernel on whole blocks), 64 on the XLA one (the same selection)."""
+    w_score, with segments, 2000 tokens. block_q None: 128 on the GPU path (the slot kernel on
+    whole blocks; with GQA 2 pipeline stages), 64 on the XLA one (the same selection)."""
     B, T, D, E = 1, 2000, 64, 32
     opts = dict(k=96, window=64, block_q=block_q)
     q, k, v, x = inputs(21, B, T, H, K, D, E)
