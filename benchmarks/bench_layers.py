@@ -1,7 +1,8 @@
 """Attention layers at long context: SparseKAttention and SEAAttention vs dense cuDNN.
 
 Forward and forward+backward time and peak memory of one attention core at B = 1, H = 16
-(= KV heads), D = 128, bf16, causal, for S = 8k, 32k, 64k, 128k, all in one process:
+(= KV heads; ``--kv_heads 4``: GQA), D = 128, bf16, causal, for S = 8k, 32k, 64k, 128k, all
+in one process:
 
 * ``dense_cudnn``: ``jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")``;
   fwd+bwd = grad of mean(out) w.r.t. q, k, v.
@@ -141,6 +142,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default="8192,32768,65536,131072")
     ap.add_argument("--layers", default="dense_cudnn,sparsek,sea")
+    ap.add_argument("--kv_heads", type=int, default=None,
+                    help="KV heads of every layer (default: = the 16 query heads; fewer: GQA)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--deadline", type=float, default=None, help="seconds; no new measurement after it")
     ap.add_argument("--out", default=os.path.join(RESULTS, "layers_bench.json"))
@@ -176,10 +179,13 @@ def main():
         sk = SparseKOptions(k=1024, window=512)
         sea = SEAOptions(k=64, t_m=256, granularity="block", impl="auto")
         dense_impl = "cudnn"
-    dims = AttentionDims(H, H, D, H * D)
+    K = H if args.kv_heads is None else args.kv_heads
+    if K < 1 or H % K:
+        raise ValueError(f"--kv_heads must divide the {H} query heads, got {K}")
+    dims = AttentionDims(H, K, D, H * D)
     layers = args.layers.split(",")
     meta = dict(env=env_info(), args=vars(args),
-                config=dict(B=1, H=H, K=H, D=D, E=H * D, dtype=jnp.dtype(dtype).name, causal=True),
+                config=dict(B=1, H=H, K=K, D=D, E=H * D, dtype=jnp.dtype(dtype).name, causal=True),
                 sparsek_options=dict(k=sk.k, window=sk.window, extra=sk.extra, block_q=sk.block_q,
                                      weight_mode=sk.weight_mode, impl=sk.impl,
                                      resolved_impl=sk.resolved_impl(), method=sk.method,
@@ -207,7 +213,8 @@ def main():
     fns = {}
     for S in seqs:
         ks = jax.random.split(jax.random.PRNGKey(S), 4)
-        q, k, v = (jax.random.normal(kk, (1, S, H, D), jnp.float32).astype(dtype) for kk in ks[:3])
+        q = jax.random.normal(ks[0], (1, S, H, D), jnp.float32).astype(dtype)
+        k, v = (jax.random.normal(kk, (1, S, K, D), jnp.float32).astype(dtype) for kk in ks[1:3])
         x = jax.random.normal(ks[3], (1, S, H * D), jnp.float32).astype(dtype)
         for name in layers:
             if args.deadline is not None and time.perf_counter() - t_start > args.deadline:

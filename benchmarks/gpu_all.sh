@@ -6,7 +6,7 @@
 #
 # Parts: bs (bench_block_sparse.py), ga (bench_gathered.py), layers (bench_layers.py),
 # sea (bench_sea.py), bsx (extra forward tuning of the block-sparse kernel), sktests (the GPU-only
-# SparseK tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
+# kernel tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
 # without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
 # BS_S, GA_S, LAYERS_S, SEA_S, BSX_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
 # GA_SECTIONS, SEA_VARIANTS (space-separated), BSX_GRID (JSON list of forward options) for bsx.
@@ -54,9 +54,10 @@ for p in "$@"; do
     sea)
       part sea "${SEA_S:-180}" $PY benchmarks/bench_sea.py --out "$OUT/sea_bench.json" \
         --lengths 2048 8192 32768 --reps-fwd 10 --reps-bwd 6 --variants ${SEA_VARIANTS:-sea_token_xla sea_block_pallas sea_block_pallas_am} --deadline "$(( ${SEA_S:-180} * 7 / 10 ))" ;;
-    sktests)  # the GPU-only SparseK / gathered / threshold tests (whole output in $OUT/run.log)
+    sktests)  # the GPU-only kernel tests: SparseK / gathered / threshold / block-sparse (whole output in $OUT/run.log)
       part sktests "${SKT_S:-300}" env JAX_PLATFORMS=cuda $PY -m pytest -q -rf tests/kernels/test_gpu_sparsek_threshold.py \
-        tests/kernels/test_gpu_gathered.py tests/attention/test_sparsek_attention.py -k "compiled or on_gpu" ;;
+        tests/kernels/test_gpu_gathered.py tests/kernels/test_gpu_block_sparse.py tests/attention/test_sparsek_attention.py \
+        -k "compiled or on_gpu" ;;
     skgqa)  # SparseK layer at 32k with GQA (4 KV heads): block 64 (the default there) vs 128-query blocks
       for o in '{}' '{"block_q": 128}'; do
         part skgqa "${SKG_S:-90}" $PY benchmarks/profile_layer.py --seq 32768 --kv_heads 4 --top 8 --options "$o" \

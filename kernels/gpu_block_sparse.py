@@ -58,6 +58,17 @@ def _next_pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
+def row_scaled_tile(tile: int, head_dim: int, dtype) -> int:
+    """A default tile of rows, scaled down for rows wider than 256 bytes.
+
+    The default tiles and pipeline stages were measured (and fit the H100's 227 KiB of shared
+    memory) with bfloat16 rows of D = 128, 256 bytes. Wider rows (float32 at D = 128, bfloat16
+    at D = 256) keep the same bytes per tile by halving the rows per doubling of the row width
+    (min 16): float32 at D = 128 with the bfloat16 tiles asked for 273-355 KiB."""
+    row_bytes = _next_pow2(head_dim) * jnp.dtype(dtype).itemsize
+    return max(16, tile * 256 // max(256, row_bytes))
+
+
 def compiler_params(num_warps: int, num_stages: int):
     """Explicit Triton compiler params (forces the Triton lowering on every jax version)."""
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -577,8 +588,10 @@ def block_sparse_attention_gpu(
     tuning knobs (``kernel_options``):
       fwd_tiles / dq_tiles / dkv_tiles: (tq, tk) kernel tiles of the forward, dQ and dK/dV
         kernels; powers of two >= 16 dividing the layout's (block_q, block_k). Defaults:
-        (min(128, block_q), min(128, block_k)) forward (tk 64 for head dims > 128: shared
-        memory), (min(64, block_q), min(64, block_k)) backward.
+        (min(128, block_q), min(128, block_k)) forward, (min(64, block_q), min(64, block_k))
+        backward, for rows of up to 256 bytes (bfloat16 / float16 at D <= 128); wider rows
+        (float32 at D = 128, D = 256) take proportionally fewer rows per tile
+        (:func:`row_scaled_tile`: the same shared memory).
       num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
       always_mask: mask every tile elementwise instead of branching per tile.
       forward: "auto" | "triton" | "mosaic": the forward kernel. "mosaic" is the Mosaic GPU
@@ -606,9 +619,10 @@ def block_sparse_attention_gpu(
     layout = layout.broadcast_batch(B)
     bq, bk = layout.block_q, layout.block_k
     Dp = _next_pow2(D)
-    fq, fk = fwd_tiles or (min(128, bq), min(128 if Dp <= 128 else 64, bk))
-    dqq, dqk = dq_tiles or (min(64, bq), min(64, bk))
-    kq, kk = dkv_tiles or (min(64, bq), min(64, bk))
+    t128, t64 = row_scaled_tile(128, D, q.dtype), row_scaled_tile(64, D, q.dtype)  # 128 / 64 at 256-byte rows
+    fq, fk = fwd_tiles or (min(t128, bq), min(t128, bk))
+    dqq, dqk = dq_tiles or (min(t64, bq), min(t64, bk))
+    kq, kk = dkv_tiles or (min(t64, bq), min(t64, bk))
     fq, dqq, kq = (_tile(n, x, bq) for n, x in (("fwd tq", fq), ("dq tq", dqq), ("dkv tq", kq)))
     fk, dqk, kk = (_tile(n, x, bk) for n, x in (("fwd tk", fk), ("dq tk", dqk), ("dkv tk", kk)))
     warps = num_warps or (8 if fq >= 128 else 4, 4, 4)

@@ -113,6 +113,7 @@ from sea_jax.kernels.gpu_block_sparse import (
     _tile_needs_mask,
     compiler_params,
     pltriton,
+    row_scaled_tile,
 )
 from sea_jax.kernels.layout import num_blocks, validate_block_size
 
@@ -880,10 +881,11 @@ def default_slot_tq(block_q: int, tq: int, num_heads: int, num_kv_heads: int, he
     profile_layer_32k_1123c_p_*.json), with GQA 4 from 10.23 to 4.14 ms
     (profile_gqa4_128*_1123d.json). With GQA the head loop pipelines [slot_tq, D] q and dO
     tiles: 3 stages of 128 x 128 bfloat16 asked for 242 KiB of shared memory (227 on an H100),
-    2 stages fit (:func:`default_slot_stages`), and float32 at D = 128 would not fit with 2
-    either, so it keeps ``tq``. Dense masks / weights: ``tq``.
+    2 stages fit (:func:`default_slot_stages`). Rows wider than 256 bytes (float32 at D = 128)
+    keep ``tq`` (float32 128 x 128 sub-tiles asked for 355 KiB even without GQA), and so do
+    dense masks / weights.
     """
-    fits = num_heads == num_kv_heads or _next_pow2(head_dim) * jnp.dtype(dtype).itemsize <= 256
+    fits = _next_pow2(head_dim) * jnp.dtype(dtype).itemsize <= 256
     return block_q if factored and block_q <= 128 and fits else tq
 
 
@@ -915,8 +917,8 @@ def gathered_attention_gpu(
     reduce_chunk: int = 64,
     partial_dtype: str = "auto",
     tq: int | None = None,
-    tk: int = 64,
-    tu: int = 64,
+    tk: int | None = None,
+    tu: int | None = None,
     slot_tq: int | None = None,
     num_warps: tuple[int, ...] | None = None,
     num_stages: tuple[int, ...] | None = None,
@@ -942,8 +944,9 @@ def gathered_attention_gpu(
     * ``tq`` (query tile, divides block_q, default min(64, block_q)), ``tk`` (window and
       reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
       sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
-      whose pipelined q / dO tiles fit in shared memory (no GQA, or D * itemsize <= 256), else
-      tq; one sub-tile per block keeps the [tu, D] sums out of a loop's carry);
+      and rows of at most 256 bytes (D * itemsize), else tq; one sub-tile per block keeps the
+      [tu, D] sums out of a loop's carry; :func:`default_slot_tq`); tiles default to 64 for
+      rows of up to 256 bytes and fewer rows for wider ones (``row_scaled_tile``);
       ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
       default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
@@ -971,9 +974,14 @@ def gathered_attention_gpu(
         partial_dtype = "bfloat16" if k.dtype == jnp.bfloat16 else "float32"
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
-    # default query tile 64: with tq = 128 and D = 128 a backward kernel needs 265 KiB of shared
-    # memory on the H100 (227 KiB available; benchmarks/results/gathered_bench.json)
-    tq = validate_block_size("tq", tq if tq is not None else min(64, block_q))
+    # default tiles 64 (at 256-byte rows, fewer rows for wider ones: row_scaled_tile): with
+    # tq = 128 and D = 128 a backward kernel needs 265 KiB of shared memory on the H100 (227 KiB
+    # available; benchmarks/results/gathered_bench.json), and float32 at D = 128 with the
+    # bfloat16 tiles asked for 273 KiB in the forward
+    t64 = row_scaled_tile(64, D, q.dtype)
+    tq = validate_block_size("tq", tq if tq is not None else min(t64, block_q))
+    tk = t64 if tk is None else tk
+    tu = t64 if tu is None else tu
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     if slot_tq is None:

@@ -190,3 +190,45 @@ def test_bad_kernel_options(opts, match):
     lay = BlockLayout.causal(32, 32, 32, 16)
     with pytest.raises(ValueError, match=match):
         block_sparse_attention(q, q, q, lay, impl="pallas_gpu", interpret=True, kernel_options=opts)
+
+
+def test_row_scaled_tile():
+    """Default tiles keep their bytes: 256-byte rows (bfloat16 at D = 128) as measured, fewer
+    rows for wider ones, never below 16."""
+    from sea_jax.kernels.gpu_block_sparse import row_scaled_tile
+
+    cases = [(128, 128, jnp.bfloat16, 128), (128, 64, jnp.float32, 128), (128, 128, jnp.float32, 64),
+             (64, 96, jnp.float32, 32), (64, 256, jnp.bfloat16, 32), (64, 256, jnp.float32, 16),
+             (16, 128, jnp.float32, 16), (64, 32, jnp.float16, 64)]
+    for tile, head_dim, dtype, want in cases:
+        assert row_scaled_tile(tile, head_dim, dtype) == want, (tile, head_dim, dtype)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernels need a GPU (interpret mode covers them on CPU)")
+@pytest.mark.parametrize("dtype,D,H,K", [(jnp.bfloat16, 128, 4, 2), (jnp.float32, 128, 4, 2), (jnp.float32, 64, 2, 2),
+                                         (jnp.float16, 64, 4, 1), (jnp.bfloat16, 256, 2, 1)])
+def test_compiled_defaults_on_gpu(dtype, D, H, K):
+    """The compiled kernels with their default tiles and stages (which must fit in shared memory
+    for every dtype and head dim) against the XLA path: forward and gradients of q, k, v and
+    the key weights, causal with a window, 1000 tokens (padding), 128-query / 64-key blocks."""
+    rng = _rng("compiled_defaults", D, str(jnp.dtype(dtype)))
+    B, S, bq, bk = 1, 1000, 128, 64
+    q, k, v, kw, _ = _inputs(rng, B, S, S, H, K, D, dtype, "gate", False)
+    mask, lay = _layout(rng, B, 1, num_blocks(S, bq), num_blocks(S, bk), bq, bk, ("random", "full", "one"))
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+
+    def run(impl, q, k, v, kw):
+        f = lambda q, k, v, kw: block_sparse_attention(q, k, v, lay, key_weights=kw, window=300, impl=impl)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, kw)
+        return out, vjp(ct.astype(q.dtype))
+
+    out, g = run("pallas_gpu", q, k, v, kw)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        out_x, gx = run("xla", f32(q), f32(k), f32(v), kw)
+    # float32 inputs: the Triton dots run in TF32 on the GPU (10-bit mantissa products)
+    fwd_tol, grad_tol = (3e-3, 1e-2) if dtype == jnp.float32 else (FWD_TOL[dtype], 3e-2)
+    assert rel_err(out, out_x) < fwd_tol
+    for name, a, r in zip(["q", "k", "v", "key_weights"], g, gx):
+        assert rel_err(a, r) < grad_tol, (name, rel_err(a, r))

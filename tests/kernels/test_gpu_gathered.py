@@ -358,13 +358,14 @@ def test_slot_selection_bad_arguments():
 
 
 def test_slot_kernel_defaults():
-    """Whole 128-query blocks as the slot kernel's sub-tile where the pipelined q / dO tiles fit
-    in an H100's shared memory (measured: GQA with 3 stages of 128 x 128 bfloat16 did not),
-    2 stages under GQA; dense selections keep tq."""
+    """Whole 128-query blocks as the slot kernel's sub-tile where the q / dO tiles fit in an
+    H100's shared memory (rows of <= 256 bytes; measured: float32 128 x 128 did not), 2 stages
+    under GQA (3 stages of 128 x 128 bfloat16 did not fit); dense selections keep tq."""
     from sea_jax.kernels.gpu_gathered import default_slot_stages, default_slot_tq
 
     bf, f32 = jnp.bfloat16, jnp.float32
-    assert default_slot_tq(128, 64, 16, 16, 128, f32, factored=True) == 128  # no head loop
+    assert default_slot_tq(128, 64, 16, 16, 128, bf, factored=True) == 128
+    assert default_slot_tq(128, 32, 16, 16, 128, f32, factored=True) == 32  # 512-byte rows: tq
     assert default_slot_tq(128, 64, 16, 4, 128, bf, factored=True) == 128
     assert default_slot_tq(128, 64, 16, 4, 64, f32, factored=True) == 128
     assert default_slot_tq(128, 64, 16, 4, 128, f32, factored=True) == 64  # 2 x 128 KiB stages
