@@ -84,10 +84,13 @@ Blocks of 128 queries halve the per-slot partial sums (the union of a 128-query 
 most k + 127 slots, against k + 63 for each of two 64-query blocks), but with 64-query
 sub-tiles the slot kernel carries its [tu, D] sums through the sub-tile loop: 7.48 ms at 32k
 against 4.74 at block 64. One 128-query sub-tile (``slot_tq``, the default for factored
-selections without GQA) takes 3.67 ms with 8 warps (5.76 with 4), and the SparseK layer's
-forward+backward 17.35 ms against 20.19 at block 64 (H = K = 16; cuDNN 27.66 in the same
-process; profile_layer_32k_1123c_p_*.json), so SparseKAttention uses 128-query blocks on the GPU
-when it has no GQA.
+selections with rows of <= 256 bytes) takes 3.67 ms with 8 warps (5.76 with 4), and the SparseK
+layer's forward+backward 17.35 ms against 20.19 at block 64 (H = K = 16; cuDNN 27.66 in the same
+process; profile_layer_32k_1123c_p_*.json). With GQA 4 the head loop pipelines the sub-tile's q /
+dO loads: 3 stages do not fit in shared memory, 2 do (slot kernel 4.14 ms against 9.20 at block
+64; layer 12.18 against 17.55 ms; profile_gqa4_*_1123d.json), so SparseKAttention uses 128-query
+blocks on the GPU, GQA or not. Default tiles shrink for rows wider than 256 bytes (float32 at
+D = 128 did not compile with the bfloat16 tiles).
 
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
