@@ -65,8 +65,8 @@ class SparseKOptions:
     (>= 0; None = k). block_q: query block of the scan (>= 1; a power of two >= 16 for the
     Pallas kernels; None: 128 for impl "pallas_gpu", whose kernels then write half the
     per-slot partial sums (SparseK layer forward+backward at 32k on an H100: H = K = 16 17.4
-    vs 20.2 ms at 64; H = 16, K = 4 12.2 vs 17.6 ms), else 64). The selection is the same for every block_q unless the candidate set
-    overflows (reported in the aux outputs). weight_mode: "gate"
+    vs 20.2 ms at 64; H = 16, K = 4 12.2 vs 17.6 ms), else 64). The selection is the same for
+    every block_q unless the candidate set overflows (reported in the aux outputs). weight_mode: "gate"
     (value gating, default) or "log" (softmax(s + log m)).
     position_slope: the fixed position term (score += slope * position). impl: "auto" (Pallas
     on GPU/TPU, XLA on CPU) | "xla" | "pallas_gpu" | "pallas_tpu". interpret: run the Pallas

@@ -219,7 +219,8 @@ def test_compiled_defaults_on_gpu(dtype, D, H, K):
     ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
 
     def run(impl, q, k, v, kw):
-        f = lambda q, k, v, kw: block_sparse_attention(q, k, v, lay, key_weights=kw, window=300, impl=impl)  # noqa: E731
+        def f(q, k, v, kw):
+            return block_sparse_attention(q, k, v, lay, key_weights=kw, window=300, impl=impl)
         out, vjp = jax.vjp(jax.jit(f), q, k, v, kw)
         return out, vjp(ct.astype(q.dtype))
 
