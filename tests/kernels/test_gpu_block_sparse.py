@@ -221,6 +221,7 @@ def test_compiled_defaults_on_gpu(dtype, D, H, K):
     def run(impl, q, k, v, kw):
         def f(q, k, v, kw):
             return block_sparse_attention(q, k, v, lay, key_weights=kw, window=300, impl=impl)
+
         out, vjp = jax.vjp(jax.jit(f), q, k, v, kw)
         return out, vjp(ct.astype(q.dtype))
 
