@@ -120,7 +120,8 @@ from sea_jax.kernels.gpu_block_sparse import (
 )
 from sea_jax.kernels.layout import num_blocks, validate_block_size
 
-__all__ = ["gathered_attention_gpu", "GatheredGpuConfig", "default_slot_tq", "default_slot_stages"]
+__all__ = ["gathered_attention_gpu", "GatheredGpuConfig", "default_slot_tq", "default_slot_stages",
+           "default_reduce_stages"]
 
 GATHER_MODES = ("kernel", "xla")
 DKV_REDUCE_MODES = ("sorted", "scatter", "atomic")
@@ -898,6 +899,15 @@ def default_slot_stages(slot_tq: int, num_heads: int, num_kv_heads: int) -> int:
     return 2 if num_heads > num_kv_heads and slot_tq > 64 else 3
 
 
+def default_reduce_stages(head_dim: int, partial_dtype) -> int:
+    """Pipeline stages of the sorted reduction: 3 for bfloat16 partial sums at D <= 128 (1.27 ->
+    1.18 ms at 32k against 2 stages, D = 128, block_q 128; gathered_knobs_bq128_1123d.txt), 2
+    for float32 partials or wider rows (the setting the GPU tests ran with; 3 stages are not
+    compiled on a GPU there yet)."""
+    itemsize = jnp.dtype(partial_dtype).itemsize
+    return 3 if itemsize == 2 and _next_pow2(head_dim) * itemsize <= 256 else 2
+
+
 def gathered_attention_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -953,8 +963,9 @@ def gathered_attention_gpu(
       ``num_warps``/``num_stages`` per kernel (fwd,
       dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
       default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
-      (4, 4, 4, 8, 4); default stages (3, 3, 3, 3, 2), the slot kernel 2 when GQA makes its
-      head loop pipeline [slot_tq > 64, D] q / dO tiles: see the module docstring);
+      (4, 4, 4, 8, 4); default stages (3, 3, 3, 3, 3), the slot kernel 2 when GQA makes its
+      head loop pipeline [slot_tq > 64, D] q / dO tiles, the reduction 2 unless its partial
+      sums are bfloat16 at D <= 128: see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
@@ -993,7 +1004,7 @@ def gathered_attention_gpu(
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
     if num_stages is None:
-        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), 2)
+        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), default_reduce_stages(D, partial_dtype))
     if num_warps is None:
         # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
         # loop; with a factored selection and 64-query sub-tiles 4 are faster

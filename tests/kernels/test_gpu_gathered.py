@@ -361,7 +361,7 @@ def test_slot_kernel_defaults():
     """Whole 128-query blocks as the slot kernel's sub-tile where the q / dO tiles fit in an
     H100's shared memory (rows of <= 256 bytes; measured: float32 128 x 128 did not), 2 stages
     under GQA (3 stages of 128 x 128 bfloat16 did not fit); dense selections keep tq."""
-    from sea_jax.kernels.gpu_gathered import default_slot_stages, default_slot_tq
+    from sea_jax.kernels.gpu_gathered import default_reduce_stages, default_slot_stages, default_slot_tq
 
     bf, f32 = jnp.bfloat16, jnp.float32
     assert default_slot_tq(128, 64, 16, 16, 128, bf, factored=True) == 128
@@ -374,6 +374,9 @@ def test_slot_kernel_defaults():
     assert default_slot_tq(256, 64, 16, 16, 128, bf, factored=True) == 64
     assert default_slot_tq(64, 64, 16, 4, 128, bf, factored=True) == 64
     assert [default_slot_stages(t, h, kv) for t, h, kv in ((128, 16, 4), (128, 16, 16), (64, 16, 4))] == [2, 3, 3]
+    # the sorted reduction: 3 stages for bfloat16 partials at D <= 128 (measured), else 2
+    assert [default_reduce_stages(d, dt) for d, dt in ((128, "bfloat16"), (64, "bfloat16"), (64, "float32"),
+                                                       (128, "float32"), (256, "bfloat16"))] == [3, 3, 2, 2, 2]
 
 
 @pytest.mark.parametrize("bq,opts", [(64, None), (128, dict(slot_tq=128, num_warps=(4, 4, 4, 8, 4))), (128, None)])
