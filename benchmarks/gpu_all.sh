@@ -8,7 +8,7 @@
 # sea (bench_sea.py), bsx (extra forward tuning of the block-sparse kernel), sktests (the GPU-only
 # kernel tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
 # without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
-# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
+# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S, SKT_S (sktests: 24 tests, ~6 min on an H100), SKG_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
 # GA_SECTIONS, SEA_VARIANTS (space-separated), BSX_GRID (JSON list of forward options) for bsx.
 set -u
 export PYTHONUNBUFFERED=1
@@ -55,7 +55,7 @@ for p in "$@"; do
       part sea "${SEA_S:-180}" $PY benchmarks/bench_sea.py --out "$OUT/sea_bench.json" \
         --lengths 2048 8192 32768 --reps-fwd 10 --reps-bwd 6 --variants ${SEA_VARIANTS:-sea_token_xla sea_block_pallas sea_block_pallas_am} --deadline "$(( ${SEA_S:-180} * 7 / 10 ))" ;;
     sktests)  # the GPU-only kernel tests: SparseK / gathered / threshold / block-sparse (whole output in $OUT/run.log)
-      part sktests "${SKT_S:-300}" env JAX_PLATFORMS=cuda $PY -m pytest -q -rf tests/kernels/test_gpu_sparsek_threshold.py \
+      part sktests "${SKT_S:-480}" env JAX_PLATFORMS=cuda $PY -m pytest -q -rf tests/kernels/test_gpu_sparsek_threshold.py \
         tests/kernels/test_gpu_gathered.py tests/kernels/test_gpu_block_sparse.py tests/attention/test_sparsek_attention.py \
         -k "compiled or on_gpu" ;;
     skgqa)  # SparseK layer at 32k with GQA (4 KV heads): block 64 (the default there) vs 128-query blocks
