@@ -886,7 +886,7 @@ def default_slot_tq(block_q: int, tq: int, num_heads: int, num_kv_heads: int, he
     (profile_gqa4_128*_1123d.json). With GQA the head loop pipelines [slot_tq, D] q and dO
     tiles: 3 stages of 128 x 128 bfloat16 asked for 242 KiB of shared memory (227 on an H100),
     2 stages fit (:func:`default_slot_stages`). Rows wider than 256 bytes (float32 at D = 128)
-    keep ``tq`` (float32 128 x 128 sub-tiles asked for 355 KiB even without GQA), and so do
+    keep ``tq`` (the float32 D = 128 compiles asked for 273-355 KiB, GQA or not), and so do
     dense masks / weights.
     """
     fits = _next_pow2(head_dim) * jnp.dtype(dtype).itemsize <= 256
