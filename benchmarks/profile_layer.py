@@ -80,11 +80,14 @@ def kernel_scopes(hlo_text):
 
 
 def by_scope(kernels, scopes):
-    """Kernel times summed per named scope (unmapped kernels: "other", cub sorts: "cub_sort")."""
+    """Kernel times summed per named scope (Pallas kernels under their own names, e.g. "kernel
+    gathered_fwd"; cub sorts: "cub_sort"; unmapped XLA kernels: "other")."""
     totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
     for k in kernels:
         name = re.sub(r"__\d+$", "", k["name"])
         scope = scopes.get(name) or scopes.get(k["name"])
+        if scope is None and SCOPE_RE.fullmatch(name):
+            scope = f"kernel {name}"  # a Pallas kernel (its custom call keeps the kernel's name)
         if scope is None:
             scope = "cub_sort" if "cub::" in name else ("copies" if "emcpy" in name else "other")
         t = totals[scope]
@@ -180,7 +183,7 @@ def main():
                        planes=planes, kernels=kernels, scopes=scopes, seconds=time.perf_counter() - t0)
             out["rows"].append(row)
             print_table(f"{name} {part} S={S}", wall, kernels, args.top)
-            print(f"  by named scope (jax.named_scope in the op_name of each kernel's HLO instruction):")
+            print("  by named scope (jax.named_scope in the op_name of each kernel's HLO instruction):")
             for r in scopes:
                 print(f"  {r['ms']:8.3f} {r['calls']:6.1f} calls {r['kernels']:4d} kernels  {r['scope']}")
             if args.out:
