@@ -875,8 +875,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ---------------------------------------------------------------------------- public
-def default_slot_tq(block_q: int, tq: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
-                    factored: bool) -> int:
+def default_slot_tq(block_q: int, tq: int, head_dim: int, dtype, factored: bool) -> int:
     """The slot dK/dV kernel's default query sub-tile.
 
     Factored selections: the whole block (up to 128 queries) as one sub-tile, so that the
@@ -999,7 +998,7 @@ def gathered_attention_gpu(
     if block_q % tq:
         raise ValueError(f"tq={tq} must divide block_q={block_q}")
     if slot_tq is None:
-        slot_tq = default_slot_tq(block_q, tq, H, K, D, q.dtype, factored=selection is not None)
+        slot_tq = default_slot_tq(block_q, tq, D, q.dtype, factored=selection is not None)
     slot_tq = validate_block_size("slot_tq", slot_tq)
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")

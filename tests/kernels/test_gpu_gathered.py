@@ -364,15 +364,14 @@ def test_slot_kernel_defaults():
     from sea_jax.kernels.gpu_gathered import default_reduce_stages, default_slot_stages, default_slot_tq
 
     bf, f32 = jnp.bfloat16, jnp.float32
-    assert default_slot_tq(128, 64, 16, 16, 128, bf, factored=True) == 128
-    assert default_slot_tq(128, 32, 16, 16, 128, f32, factored=True) == 32  # 512-byte rows: tq
-    assert default_slot_tq(128, 64, 16, 4, 128, bf, factored=True) == 128
-    assert default_slot_tq(128, 64, 16, 4, 64, f32, factored=True) == 128
-    assert default_slot_tq(128, 64, 16, 4, 128, f32, factored=True) == 64  # 2 x 128 KiB stages
-    assert default_slot_tq(128, 64, 16, 4, 96, f32, factored=True) == 64  # D rounds up to 128
-    assert default_slot_tq(128, 64, 16, 16, 128, bf, factored=False) == 64
-    assert default_slot_tq(256, 64, 16, 16, 128, bf, factored=True) == 64
-    assert default_slot_tq(64, 64, 16, 4, 128, bf, factored=True) == 64
+    assert default_slot_tq(128, 64, 128, bf, factored=True) == 128
+    assert default_slot_tq(128, 32, 128, f32, factored=True) == 32  # 512-byte rows: tq
+    assert default_slot_tq(128, 64, 64, f32, factored=True) == 128
+    assert default_slot_tq(128, 64, 128, f32, factored=True) == 64  # 512-byte rows
+    assert default_slot_tq(128, 64, 96, f32, factored=True) == 64  # D rounds up to 128
+    assert default_slot_tq(128, 64, 128, bf, factored=False) == 64
+    assert default_slot_tq(256, 64, 128, bf, factored=True) == 64
+    assert default_slot_tq(64, 64, 128, bf, factored=True) == 64
     assert [default_slot_stages(t, h, kv) for t, h, kv in ((128, 16, 4), (128, 16, 16), (64, 16, 4))] == [2, 3, 3]
     # the sorted reduction: 3 stages for bfloat16 partials at D <= 128 (measured), else 2
     assert [default_reduce_stages(d, dt) for d, dt in ((128, "bfloat16"), (64, "bfloat16"), (64, "float32"),
@@ -420,8 +419,8 @@ def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
 def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
     """The compiled factored kernels (forward, dQ + thresholds, slot dK/dV + slot scores)
     against the XLA path on the GPU: 1000 tokens (padding), blocks of 64 or 128 (the slot
-    kernel then on whole 128-query blocks, 8 warps; with GQA 2 stages, or two 64-query
-    sub-tiles where float32 q / dO tiles of D = 128 would not fit in shared memory), U = 192.
+    kernel then on whole 128-query blocks, 8 warps, with GQA on 2 stages; float32 at D = 128
+    takes 32-row tiles and sub-tiles, row_scaled_tile), U = 192.
     The default tiles and stages of every dtype / head dim / GQA layout must compile."""
     from sea_jax.kernels import SlotSelection
 
