@@ -8,7 +8,7 @@
 # sea (bench_sea.py), bsx (extra forward tuning of the block-sparse kernel), sktests (the GPU-only
 # kernel tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
 # without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
-# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S, SKT_S (sktests: 24 tests, ~6 min on an H100), SKG_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
+# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S, SKT_S (sktests: 21 tests, ~6 min on an H100), SKG_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
 # GA_SECTIONS, SEA_VARIANTS (space-separated), BSX_GRID (JSON list of forward options) for bsx.
 set -u
 export PYTHONUNBUFFERED=1
