@@ -953,8 +953,8 @@ def gathered_attention_gpu(
       ``partial_dtype``: "float32", "bfloat16" (half the partials' traffic; each partial
       rounded to bfloat16 before the float32 sum) or "auto" (bfloat16 when k is bfloat16,
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
-    * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256 bytes), ``tk`` (window and
-      reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
+    * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256
+      bytes), ``tk`` (window and reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
       sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
       and rows of at most 256 bytes (D * itemsize), else tq; one sub-tile per block keeps the
       [tu, D] sums out of a loop's carry; :func:`default_slot_tq`); tiles default to 64 for
@@ -990,7 +990,7 @@ def gathered_attention_gpu(
     # default tiles 64 (at 256-byte rows, fewer rows for wider ones: row_scaled_tile): with
     # tq = 128 and D = 128 a backward kernel needs 265 KiB of shared memory on the H100 (227 KiB
     # available; benchmarks/results/gathered_bench.json), and float32 at D = 128 with the
-    # bfloat16 tiles asked for 273 KiB in the forward
+    # bfloat16 tiles asked for 273-355 KiB (benchmarks/results/gpu_run_1123d_2.log)
     t64 = row_scaled_tile(64, D, q.dtype)
     tq = validate_block_size("tq", tq if tq is not None else min(t64, block_q))
     tk = t64 if tk is None else tk
