@@ -954,8 +954,8 @@ def gathered_attention_gpu(
       rounded to bfloat16 before the float32 sum) or "auto" (bfloat16 when k is bfloat16,
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256
-      bytes), ``tk`` (window and reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the slot dK/dV kernel's query
-      sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
+      bytes), ``tk`` (window and reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the
+      slot dK/dV kernel's query sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
       and rows of at most 256 bytes (D * itemsize), else tq; one sub-tile per block keeps the
       [tu, D] sums out of a loop's carry; :func:`default_slot_tq`); tiles default to 64 for
       rows of up to 256 bytes and fewer rows for wider ones (``row_scaled_tile``);
