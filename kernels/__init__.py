@@ -297,7 +297,7 @@ def gathered_attention(
             raise ValueError("give either selection or selection_mask / selection_weights, not both")
         if not isinstance(selection, SlotSelection):
             raise ValueError(f"selection must be a SlotSelection, got {type(selection).__name__}")
-        selection.check(B, K, Sq, nq, U)
+        selection.check(B, K, Sq, nq, U, Skv)
     if not isinstance(union_index, jax.core.Tracer):
         _check_union_index(np.asarray(union_index), Skv)
     union_index = union_index.astype(jnp.int32)

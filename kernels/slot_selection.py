@@ -15,6 +15,14 @@ the GPU kernel generates mask and weights tile by tile on chip, and its backward
 the gradients of ``z`` (per slot) and ``tau`` (per query) directly. :meth:`SlotSelection.dense`
 expands it into the dense pair: the XLA and TPU paths use that, and the tests use it as the
 definition.
+
+SparseK's selection has one more structure: scores do not depend on the query, so once k
+better keys are visible to a query a key is never selected again. Key p is therefore selected
+by one contiguous range of queries, [p + window, key_end[p]) (of those that can see it: same
+segment). With the optional ``key_scores`` / ``key_end`` the GPU backward computes the
+selected keys' dK / dV key-major (one program per tile of keys over the query range the tile
+is selected by: no per-slot partial sums, no reduction pass) and returns the scores'
+gradient per key.
 """
 
 from __future__ import annotations
@@ -42,12 +50,26 @@ class SlotSelection(NamedTuple):
       lo_t <= u < hi_t (and, as always, only keys visible to it).
     threshold: float [batch, kv_heads, seq_q]: tau_t (differentiable). The weight of a used
       slot is clip(z_u - tau_t, 0, 1); tau_t = -inf gives weight 1.
+    key_scores, key_end: optional, both or neither: float / int [batch, kv_heads, seq_kv], the
+      same selection key by key: key p is used by exactly the queries t with
+      p + window <= t < key_end[p] that can see it (same segment), and every slot holding key
+      p has the score key_scores[p] (the caller guarantees both; SparseK's selection builds
+      them, tests/ops/test_sparsek_select.py checks it). key_scores must be a differentiable
+      view of the same scores as slot_scores: an implementation returns the scores' gradient
+      through one of the two (the GPU kernel's key-major backward through key_scores, every
+      other path through slot_scores), so only their sum is defined.
     """
 
     slot_scores: jax.Array
     select_lo: jax.Array
     select_hi: jax.Array
     threshold: jax.Array
+    key_scores: jax.Array | None = None
+    key_end: jax.Array | None = None
+
+    @property
+    def has_key_intervals(self) -> bool:
+        return self.key_scores is not None
 
     def dense(self, block_q: int) -> tuple[jax.Array, jax.Array]:
         """(mask bool, weights float32) [batch, kv_heads, seq_q, U] of the dense interface
@@ -59,15 +81,20 @@ class SlotSelection(NamedTuple):
         w = slot_weights(z - self.threshold.astype(jnp.float32)[..., None])
         return mask, jnp.where(mask, w, 0.0)
 
-    def check(self, batch: int, kv_heads: int, seq_q: int, n_blocks: int, slots: int) -> None:
+    def check(self, batch: int, kv_heads: int, seq_q: int, n_blocks: int, slots: int,
+              seq_kv: int | None = None) -> None:
         """ValueError naming the field whose shape or dtype is wrong."""
         want = {"slot_scores": (batch, kv_heads, n_blocks, slots), "select_lo": (batch, kv_heads, seq_q),
                 "select_hi": (batch, kv_heads, seq_q), "threshold": (batch, kv_heads, seq_q)}
+        if (self.key_scores is None) != (self.key_end is None):
+            raise ValueError("selection.key_scores and selection.key_end go together: give both or neither")
+        if self.key_scores is not None:
+            want["key_scores"] = want["key_end"] = (batch, kv_heads, seq_q if seq_kv is None else seq_kv)
         for name, shape in want.items():
             x = getattr(self, name)
             if getattr(x, "shape", None) != shape:
                 raise ValueError(f"selection.{name} must have shape {shape}, got {getattr(x, 'shape', None)}")
-            floating = name in ("slot_scores", "threshold")
+            floating = name in ("slot_scores", "threshold", "key_scores")
             if floating != jnp.issubdtype(x.dtype, jnp.floating) or not (
                     floating or jnp.issubdtype(x.dtype, jnp.integer)):
                 kind = "floating point" if floating else "integer"

@@ -391,8 +391,9 @@ def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int
     return max(1, budget_bytes // per_block)
 
 
-def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch, factored=False) -> BlockSelection:
-    """schedule="fast": BlockSelection with a leading block axis (slots hold positions)."""
+def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch, factored=False):
+    """schedule="fast": BlockSelection with a leading block axis (slots hold positions); factored:
+    (BlockSelection, key_end [B, K, T]) (:func:`sea_jax.ops.sparsek_select_fast.key_ends`)."""
     from sea_jax.ops import sparsek_select_fast as fast
 
     qpos, qrun, enter = xs  # [nQ, Bq], [nQ, B, Bq], [nQ, B, Bq]
@@ -424,8 +425,15 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
     # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
     args = (lists, ev, ent_rank, qpos, qrun)
     if block_batch >= nq:  # one step: a plain vmap, no loop around the block outputs
-        return jax.vmap(one_block)(args)
-    return lax.map(one_block, args, batch_size=block_batch)
+        sel = jax.vmap(one_block)(args)
+    else:
+        sel = lax.map(one_block, args, batch_size=block_batch)
+    if not factored:
+        return sel
+    lo, hi, kth = sel.mask
+    T = rank.shape[-1]
+    kth = jnp.moveaxis(kth, 0, 2).reshape(B, K, nq * Bq)[..., :T]
+    return sel._replace(mask=(lo, hi)), fast.key_ends(kth, rank, table.run, window)
 
 
 def causal_prefix_select(
@@ -525,6 +533,8 @@ def causal_prefix_select(
             solver = "pallas_interpret" if interpret else "pallas"
         sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=solver,
                              block_batch=block_batch, factored=factored)
+        if factored:
+            sel, key_end = sel
     else:
         states = prefix_candidates(table, xs[2], k + extra)
 
@@ -548,7 +558,10 @@ def causal_prefix_select(
         from sea_jax.kernels.slot_selection import SlotSelection
 
         (lo, hi), (zs, thr) = sel.mask, sel.weight
-        slots = SlotSelection(jnp.moveaxis(zs, 0, 2), per_query(lo), per_query(hi), per_query(thr))
+        # key_scores: the same scores, per key (the GPU backward's key-major dK/dV returns the
+        # scores' gradient there; the other paths through the slot scores)
+        slots = SlotSelection(jnp.moveaxis(zs, 0, 2), per_query(lo), per_query(hi), per_query(thr),
+                              key_scores=table.score, key_end=key_end)
         return Selection(jnp.moveaxis(sel.pos, 0, 2), None, None, per_query(sel.tau), overflow,
                          jnp.sum(overflow, dtype=jnp.int32), slots)
     return Selection(

@@ -55,7 +55,7 @@ from jax import lax
 
 from sea_jax.ops.sparsek import bracket_tolerance, solve_shifted_threshold, sort_shifted_threshold
 
-__all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fast_select_blocks"]
+__all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fast_select_blocks", "key_ends"]
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 
@@ -511,6 +511,36 @@ def _nth_visible(s, inv, vb, j):
     return s + j - 1 + jnp.sum(inv & (vb < j[..., None]), axis=-1, dtype=jnp.int32)
 
 
+@jax.named_scope("sparsek_key_ends")
+def key_ends(kth: jax.Array, rank: jax.Array, run: jax.Array, window: int) -> jax.Array:
+    """key_end int32 [B, K, T]: key p is selected by exactly the queries [p + window, key_end[p])
+    (of those in its run; key_end <= p + window: never).
+
+    Args:
+      kth: int32 [B, K, T] per query the rank of its k-th visible key, -1 where it keeps every
+        visible key (or sees none); rank: int32 [B, K, T] the global ranks
+        (:func:`global_ranks`); run: int32 [B, K, T] run ids (start positions, -1: padding).
+
+    Query t selects the visible keys ranked <= R_t, R_t = kth_t, or for queries keeping all
+    they see the last rank of their run (runs rank later-first, so the keys of runs >= r hold
+    the ranks [0, #keys at positions >= r)). R is non-increasing along the sequence: within a
+    run more visible keys can only bring the k-th best rank down, and a later run's ranks are
+    all below an earlier one's. So the queries that rank key p in are a prefix, and key p's
+    range ends at the first query after p + window with R_t < rank_p (binary search).
+    """
+    T = rank.shape[-1]
+    has = run >= 0
+    keys_from = jnp.cumsum(has[..., ::-1].astype(jnp.int32), axis=-1)[..., ::-1]  # keys at positions >= p
+    run_last = _take(keys_from, run) - 1  # the last rank of the query's run
+    big = jnp.iinfo(jnp.int32).max
+    r = jnp.where(has, jnp.where(kth >= 0, kth, run_last), big)
+    r = lax.cummin(r, axis=r.ndim - 1)  # padding queries take the previous value (they select nothing)
+    start = jnp.minimum(jnp.arange(T, dtype=jnp.int32) + window, T)
+    start = jnp.broadcast_to(start, rank.shape)
+    end = _first_false(lambda m: _take(r, m) >= rank, start, jnp.full_like(start, T), T)
+    return jnp.where(has, end, start)
+
+
 @jax.named_scope("sparsek_block")
 def fast_select_blocks(
     block_list, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
@@ -532,10 +562,12 @@ def fast_select_blocks(
         "pallas" / "pallas_interpret" (the on-chip solver, :func:`_kernel_threshold`; float32
         scores, the XLA "bracket" solver otherwise).
       factored: return the selection as (slot range, slot scores and gate thresholds) instead
-        of a mask and weights (sea_jax.kernels.SlotSelection's vectors).
+        of a mask and weights (sea_jax.kernels.SlotSelection's vectors); the mask is then
+        (lo, hi, kth): kth int32 [B, K, Bq] the rank of the k-th visible key of an active
+        query, -1 for the others (:func:`key_ends` turns it into key intervals).
     Returns:
       (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
-      tau [B, K, Bq], overflow bool [B, K, Bq]); factored: mask is (lo, hi) int32 [B, K, Bq]
+      tau [B, K, Bq], overflow bool [B, K, Bq]); factored: mask is (lo, hi, kth) int32 [B, K, Bq]
       (query i selects the slots lo <= u < hi that it can see) and weight is (slot scores
       [B, K, U], thresholds [B, K, Bq]: tau, -inf where the query keeps everything with
       weight 1), both differentiable.
@@ -582,7 +614,8 @@ def fast_select_blocks(
         # the list is sorted by score within a run: query i's selected entries are the
         # visible ones of [s, kpos] (tin > i hides the rest, the kernel's causal check)
         tau = _list_tau(z, r, k, method)
-        sel = (s, jnp.minimum(jnp.where(nvis > 0, jnp.minimum(e, kpos + 1), s), union))
+        sel = (s, jnp.minimum(jnp.where(nvis > 0, jnp.minimum(e, kpos + 1), s), union),
+               jnp.where(nvis > k, _take(lst, kpos), -1))  # the k-th visible rank (-1: inactive)
         weight = (z[..., :union], jnp.where(nvis > k, tau, -jnp.inf))
     else:
         weight, tau = _list_sparsek(z, r, k, union, method)
