@@ -685,12 +685,13 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
 
 
 # ------------------------------------------------------- key-major slot dK/dV (SparseK)
+_PACKED_SORT_LIMIT = 2**31  # _key_tiles packs (row, bucket, position) into one int32 below this
 @jax.named_scope("gathered_key_tiles")
 def _key_tiles(cfg, kend):
     """Tiles of keys for the key-major dK/dV kernel.
 
     kend: int32 [B, K, Skv_pad] (key p is selected by the queries [p + w, kend[p]); kend <=
-    p + w: never). Returns perm int32 [B, K, Skv_pad] (the keys, tile t = perm[t * tk:(t + 1) *
+    p + w: never; kend <= seq_q). Returns perm int32 [B, K, Skv_pad] (the keys, tile t = perm[t * tk:(t + 1) *
     tk]), first and count int32 [B, K, Skv_pad // tk]: the tile's first query tile (of tq
     queries) and how many it visits (0: no key of the tile is ever selected).
 
@@ -709,7 +710,7 @@ def _key_tiles(cfg, kend):
     n_buckets = -(-cfg.seq_q // cfg.key_bucket)
     bucket = jnp.where(alive, n_buckets - 1 - lax.div(kend - 1, jnp.int32(cfg.key_bucket)), n_buckets)
     span = (n_buckets + 1) * S
-    if B * K * span < 2**31:
+    if B * K * span < _PACKED_SORT_LIMIT:
         row = jnp.arange(B * K, dtype=jnp.int32).reshape(B, K, 1)
         key = jnp.sort((row * span + bucket * S + pos).reshape(-1))
         perm = (key % S).reshape(B, K, S)
@@ -1224,7 +1225,9 @@ def gathered_attention_gpu(
         sel = (rows(selection.select_lo, jnp.int32), rows(selection.select_hi, jnp.int32))
         if cfg.key_major:  # padding keys: never selected (end 0)
             wsel += (_pad_to(selection.key_scores.astype(jnp.float32), 2, Skv_pad),)
-            sel += (_pad_to(selection.key_end.astype(jnp.int32), 2, Skv_pad),)
+            # (ends past the last query mean the same as the last query: clipped, so that
+            # the key tiles' end buckets stay in range)
+            sel += (_pad_to(jnp.minimum(selection.key_end.astype(jnp.int32), Sq), 2, Skv_pad),)
     seg = None
     if segment_ids is not None:
         seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(Sq_pad, Skv_pad))

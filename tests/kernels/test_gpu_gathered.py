@@ -335,6 +335,162 @@ def test_slot_selection(case):
         assert rel_err(a, r) < GRAD_TOL[dtype], name_
 
 
+def _random_key_intervals(rng, B, K, S, bq, W, seg=None):
+    """A key-interval selection and the same selection in slot form, by explicit loops.
+
+    Key p is used by the queries [p + W, end[p]) (ends random: before the start = never used,
+    inside the sequence, or past its end); a block's union holds the keys whose range meets
+    the block, sorted by end, latest first, so that the queries using a slot form a prefix of
+    it: lo = 0, hi = the number of the block's keys whose range ends after the query.
+    Returns (union, lo, hi, end, key scores, thresholds) as NumPy arrays."""
+    nq = num_blocks(S, bq)
+    start = np.arange(S) + W
+    end = start + rng.integers(-20, S, (B, K, S))
+    end[..., ::9] = start[::9]  # never used
+    end = np.clip(end, 0, S + 5)
+    rows = []
+    for b in range(B):
+        for kh in range(K):
+            for i in range(nq):
+                q0, q1 = i * bq, min((i + 1) * bq, S)
+                keys = [p for p in range(S) if start[p] < q1 and end[b, kh, p] > q0 and end[b, kh, p] > start[p]]
+                rows.append(sorted(keys, key=lambda p: -end[b, kh, p]))
+    U = max(1, max(len(r) for r in rows))
+    union = np.full((B, K, nq, U), -1, np.int32)
+    lo = np.zeros((B, K, S), np.int32)
+    hi = np.zeros((B, K, S), np.int32)
+    for n, r in enumerate(rows):
+        b, kh, i = n // (K * nq), (n // nq) % K, n % nq
+        union[b, kh, i, : len(r)] = r
+        for t in range(i * bq, min((i + 1) * bq, S)):
+            hi[b, kh, t] = sum(end[b, kh, p] > t for p in r)
+    z = rng.normal(0.0, 1.0, (B, K, S)).astype(np.float32)
+    thr = rng.normal(0.0, 0.5, (B, K, S)).astype(np.float32)
+    thr[rng.random((B, K, S)) < 0.2] = -np.inf
+    return union, lo, hi, end.astype(np.int32), z, thr
+
+
+KEY_CASES = [
+    # name, B, S, H, K, D, bq, dtype, window, wmode, seg, options
+    ("gqa2_window_gate", 1, 70, 4, 2, 64, 32, jnp.float32, 10, "gate", False, dict(tq=16, tu=16, tk=16)),
+    ("gqa4_log_segments", 2, 48, 4, 1, 32, 16, jnp.float32, 0, "log", True, dict(tu=16, tk=16, key_bucket=16)),
+    ("bf16_gqa1_window_default_tiles", 1, 90, 2, 2, 64, 32, jnp.bfloat16, 6, "gate", False, {}),
+]
+
+
+@pytest.mark.parametrize("case", KEY_CASES, ids=[c[0] for c in KEY_CASES])
+def test_key_interval_selection(case):
+    """SlotSelection with key intervals (the GPU backward's key-major dK/dV: slot_dkv="keys",
+    the default for such selections): output and the gradients of q, k, v, the per-key scores
+    (the only ones the key-major path returns; the test's slot scores are a gather of them, so
+    every path's total is compared) and the thresholds, against float64 autodiff of a dense
+    masked softmax built from the intervals by explicit loops, and against the per-slot path."""
+    from sea_jax.kernels import SlotSelection
+
+    name, B, S, H, K, D, bq, dtype, W, wm, use_seg, opts = case
+    rng = _rng(name, "keys")
+    q = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
+    seg = _inputs(rng, B, S, H, K, D, bq, 4, dtype, False, None, True)[-1] if use_seg else None
+    union, lo, hi, end, z, thr = _random_key_intervals(rng, B, K, S, bq, W)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    segj = None if seg is None else jnp.asarray(seg)
+    uj, lo_j, hi_j, end_j = (jnp.asarray(a) for a in (union, lo, hi, end))
+
+    def run(impl, q, k, v, z, thr, **extra):
+        def f(q, k, v, z, thr):
+            zslot = jnp.take_along_axis(jnp.repeat(z[:, :, None], uj.shape[2], 2), jnp.maximum(uj, 0), -1)
+            sel = SlotSelection(zslot, lo_j, hi_j, thr, key_scores=z, key_end=end_j)
+            return gathered_attention(q, k, v, uj, selection=sel, impl=impl, block_q=bq, window=W,
+                                      weight_mode=wm, segment_ids=segj, **extra)
+
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
+        return out, vjp(ct.astype(q.dtype))
+
+    zj, thrj = jnp.asarray(z), jnp.asarray(thr)
+    out, g = run("pallas_gpu", q, k, v, zj, thrj, interpret=True, kernel_options=opts)
+    assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in (out,) + g)
+    # the dense definition: key p used by query t iff p + W <= t < end[p] (and visible)
+    nq = union.shape[2]
+    mask = np.zeros((B, K, S, union.shape[-1]), bool)
+    for b in range(B):
+        for kh in range(K):
+            for t in range(S):
+                for u, p in enumerate(union[b, kh, t // bq]):
+                    mask[b, kh, t, u] = p >= 0 and p + W <= t < end[b, kh, p]
+    # the slot form (lo <= u < hi, and the kernel's causal check) is the same selection
+    pos = np.repeat(union, bq, axis=2)[:, :, :S]
+    u = np.arange(union.shape[-1])
+    slot_form = (u >= lo[..., None]) & (u < hi[..., None]) & (pos >= 0) & (pos + W <= np.arange(S)[:, None])
+    np.testing.assert_array_equal(slot_form, mask)
+    onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=True, selection_mask=mask, segment_ids=seg)
+    with enable_x64():
+        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+
+        def f64(q, k, v, z, thr):
+            zs = jnp.take_along_axis(jnp.repeat(z[:, :, None], nq, 2), jnp.asarray(np.maximum(union, 0)), -1)
+            x = jnp.repeat(zs, bq, axis=2)[:, :, :S] - thr[..., None]
+            w = jnp.where(jnp.asarray(mask), jnp.where(x >= 1, 1.0, jnp.where(x > 0, x, 0.0)), 0.0)
+            allowed, Wm = gathered_allowed_weights(onehot, win, w)
+            return dense_attention_jnp(q, k, v, allowed, Wm, wm)
+
+        out64, vjp64 = jax.vjp(f64, up(q), up(k), up(v), up(z), up(thr))
+        g64 = [np.asarray(x) for x in vjp64(up(ct))]
+    assert rel_err(out, out64) < FWD_TOL[dtype]
+    for name_, a, r in zip(["q", "k", "v", "key_scores", "threshold"], g, g64):
+        assert a.shape == r.shape, name_
+        assert rel_err(a, r) < GRAD_TOL[dtype], (name_, rel_err(a, r))
+    # the per-slot path (slot kernel + sorted reduction) on the same selection
+    out_s, gs = run("pallas_gpu", q, k, v, zj, thrj, interpret=True, kernel_options={**opts, "slot_dkv": "slots"})
+    assert rel_err(out_s, out) == 0.0  # the same forward kernel
+    for name_, a, r in zip(["q", "k", "v", "key_scores", "threshold"], g, gs):
+        assert rel_err(a, r) < GRAD_TOL[dtype], (name_, rel_err(a, r))
+
+
+def test_key_tiles():
+    """_key_tiles against explicit loops: every key in exactly one tile; a tile's query tiles
+    cover the ranges of all its selected keys; selected keys come first, tiles of never-selected
+    keys visit nothing; a packed-key sort and the batched fallback give the same tiles' ranges."""
+    from sea_jax.kernels.gpu_gathered import _key_tiles
+
+    rng = np.random.default_rng(5)
+    B, K, S, W, tk, tq = 2, 3, 256, 8, 16, 16
+    start = np.arange(S) + W
+    end = np.clip(start + rng.integers(-40, 120, (B, K, S)), 0, S)
+    end[0, 0, :20] = S  # long ranges
+    cfg = type("Cfg", (), dict(tk=tk, tq=tq, w=W, seq_q=S, key_bucket=32))()
+    perm, first, count = (np.asarray(a) for a in _key_tiles(cfg, jnp.asarray(end, jnp.int32)))
+    for b in range(B):
+        for kh in range(K):
+            assert sorted(perm[b, kh]) == list(range(S))
+            live = end[b, kh] > start
+            n_live = int(live.sum())
+            assert live[perm[b, kh, :n_live]].all() and not live[perm[b, kh, n_live:]].any()
+            for t in range(S // tk):
+                keys = perm[b, kh, t * tk:(t + 1) * tk]
+                keys = keys[live[keys]]
+                if keys.size == 0:
+                    assert count[b, kh, t] == 0
+                    continue
+                q_lo, q_hi = first[b, kh, t] * tq, (first[b, kh, t] + count[b, kh, t]) * tq
+                assert q_lo <= start[keys].min() and end[b, kh, keys].max() <= q_hi
+                assert q_lo > start[keys].min() - tq and end[b, kh, keys].max() > q_hi - tq  # no extra tile
+    big = type("Cfg", (), dict(tk=tk, tq=tq, w=W, seq_q=S, key_bucket=16))()
+    import sea_jax.kernels.gpu_gathered as gg
+
+    packed = [np.asarray(a) for a in _key_tiles(big, jnp.asarray(end, jnp.int32))]
+    limit = gg.__dict__.get("_PACKED_SORT_LIMIT")
+    assert limit is not None
+    gg._PACKED_SORT_LIMIT = 0  # force the batched sort
+    try:
+        batched = [np.asarray(a) for a in _key_tiles(big, jnp.asarray(end, jnp.int32))]
+    finally:
+        gg._PACKED_SORT_LIMIT = limit
+    for a, b_ in zip(packed, batched):
+        np.testing.assert_array_equal(a, b_)
+
+
 def test_slot_selection_bad_arguments():
     from sea_jax.kernels import SlotSelection
 
@@ -355,6 +511,23 @@ def test_slot_selection_bad_arguments():
         call(selection=good._replace(threshold=jnp.zeros((B, K, S), jnp.int32)))
     with pytest.raises(ValueError, match="must be a SlotSelection"):
         call(selection=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="key_scores and selection.key_end go together"):
+        call(selection=good._replace(key_scores=jnp.zeros((B, K, S))))
+    keyed = good._replace(key_scores=jnp.zeros((B, K, S)), key_end=jnp.zeros((B, K, S), jnp.int32))
+    call(selection=keyed)
+    with pytest.raises(ValueError, match=r"selection.key_end must have shape \(1, 1, 32\)"):
+        call(selection=keyed._replace(key_end=jnp.zeros((B, K, S + 1), jnp.int32)))
+    with pytest.raises(ValueError, match="selection.key_end must be integer"):
+        call(selection=keyed._replace(key_end=jnp.zeros((B, K, S))))
+    gpu = lambda sel, **o: gathered_attention(  # noqa: E731
+        q, q[:, :, :1], q[:, :, :1], union, block_q=bq, impl="pallas_gpu", interpret=True, selection=sel,
+        kernel_options=o)
+    with pytest.raises(ValueError, match="slot_dkv='keys' needs a selection with key intervals"):
+        gpu(good, slot_dkv="keys")
+    with pytest.raises(ValueError, match="slot_dkv must be 'auto', 'slots' or 'keys'"):
+        gpu(keyed, slot_dkv="key")
+    with pytest.raises(ValueError, match="key_bucket must be a power-of-two"):
+        gpu(keyed, key_bucket=100)
 
 
 def test_slot_kernel_defaults():
@@ -378,8 +551,9 @@ def test_slot_kernel_defaults():
                                                        (128, "float32"), (256, "bfloat16"))] == [3, 3, 2, 2, 2]
 
 
-@pytest.mark.parametrize("bq,opts", [(64, None), (128, dict(slot_tq=128, num_warps=(4, 4, 4, 8, 4))), (128, None)])
-def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
+@pytest.mark.parametrize("bq,opts,keyed", [(64, None, False), (128, dict(slot_tq=128, num_warps=(4, 4, 4, 8, 4)), False),
+                                           (128, None, False), (128, None, True)])
+def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts, keyed):
     """Forward and backward of the factored form go through the Pallas -> Triton lowering on
     the CPU machine (a construct Triton cannot take fails here, not first on the GPU)."""
     import re
@@ -394,8 +568,9 @@ def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
     nq = S // bq
 
     def loss(q, k, v, union, z, lo, hi, thr):
+        keys = dict(key_scores=z[:, :, 0, :1].repeat(S, -1), key_end=lo) if keyed else {}
         o = gathered_attention(q, k, v, union, block_q=bq, window=64, impl="pallas_gpu",
-                               selection=SlotSelection(z, lo, hi, thr), kernel_options=opts)
+                               selection=SlotSelection(z, lo, hi, thr, **keys), kernel_options=opts)
         return jnp.sum(o.astype(jnp.float32))
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -406,7 +581,8 @@ def test_slot_selection_lowers_to_triton_for_an_h100(bq, opts):
             sds((B, K, S), jnp.int32), sds((B, K, S), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @(\w+)", text)
     assert calls and set(calls) == {"__gpu"}
-    for name in ("gathered_fwd", "gathered_dq", "gathered_dkv_window", "gathered_dkv_slots"):
+    for name in ("gathered_fwd", "gathered_dq", "gathered_dkv_window",
+                 "gathered_dkv_keys" if keyed else "gathered_dkv_slots"):
         assert name in text, name
 
 

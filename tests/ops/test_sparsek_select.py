@@ -490,6 +490,19 @@ def test_factored_selection_equals_dense(case, schedule, multiple):
     np.testing.assert_allclose(np.asarray(weight), np.asarray(a.weight), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(b.tau), np.asarray(a.tau), atol=1e-6, rtol=0)
     assert np.asarray(a.mask).any() and (np.asarray(b.slots.threshold) == -np.inf).any()
+    # the key intervals describe the same selection: key p is selected by exactly the queries
+    # [p + window, key_end[p]) of its run, and its slots carry its score
+    idx = np.asarray(b.union_index)
+    pos = np.repeat(idx, block_q, axis=2)[:, :, :T]  # [B, K, T, U]
+    safe = np.maximum(pos, 0)
+    end = np.take_along_axis(np.asarray(b.slots.key_end)[:, :, None, :].repeat(T, 2), safe, -1)
+    runs = np.asarray(segment_runs(seg, B, T))[:, None, :].repeat(K, 1)  # [B, K, T]
+    same_run = (np.take_along_axis(runs[:, :, None, :].repeat(T, 2), safe, -1) == runs[..., None]) & (runs[..., None] >= 0)
+    t = np.arange(T)[:, None]
+    np.testing.assert_array_equal((pos >= 0) & (pos + window <= t) & (t < end) & same_run, np.asarray(a.mask))
+    nq = idx.shape[2]
+    zkey = np.take_along_axis(np.asarray(b.slots.key_scores)[:, :, None, :].repeat(nq, 2), np.maximum(idx, 0), -1)
+    np.testing.assert_array_equal(np.where(idx >= 0, zkey, 0), np.where(idx >= 0, np.asarray(b.slots.slot_scores), 0))
 
     rng = np.random.default_rng(case)
     ct = jnp.asarray(rng.standard_normal(a.weight.shape), jnp.float32)
