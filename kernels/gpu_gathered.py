@@ -149,14 +149,16 @@ class GatheredGpuConfig:
     reduce_chunk: int
     partial_dtype: str  # per-slot partial sums ("scatter", "sorted"): "float32" or "bfloat16"
     key_major: bool  # factored selection with key intervals: slot dK/dV key by key (_dkv_keys)
-    key_bucket: int  # key tiles group keys whose query ranges end in the same span of this many queries
+    key_tk: int  # the key-major kernel's key tile
+    key_tq: int  # and query tile
+    key_group: int  # key tiles per group of keys ordered by the end of their query range (_key_tiles)
     tq: int
     tk: int
     tu: int
     slot_tq: int  # the slot dK/dV kernel's query sub-tile (divides block_q)
     always_mask: bool  # window tiles: element mask always (True) or branch per tile
-    warps: tuple[int, int, int, int, int]  # fwd, dq, window dkv, slot dkv, sorted reduce
-    stages: tuple[int, int, int, int, int]
+    warps: tuple[int, int, int, int, int, int]  # fwd, dq, window dkv, slot dkv, sorted reduce, key dkv
+    stages: tuple[int, int, int, int, int, int]
 
     @property
     def w(self) -> int:
@@ -691,31 +693,41 @@ def _key_tiles(cfg, kend):
     """Tiles of keys for the key-major dK/dV kernel.
 
     kend: int32 [B, K, Skv_pad] (key p is selected by the queries [p + w, kend[p]); kend <=
-    p + w: never; kend <= seq_q). Returns perm int32 [B, K, Skv_pad] (the keys, tile t = perm[t * tk:(t + 1) *
-    tk]), first and count int32 [B, K, Skv_pad // tk]: the tile's first query tile (of tq
-    queries) and how many it visits (0: no key of the tile is ever selected).
+    p + w: never; kend <= seq_q). Returns perm int32 [B, K, Skv_pad] (the keys, tile t =
+    perm[t * key_tk:(t + 1) * key_tk]), first and count int32 [B, K, Skv_pad // key_tk]: the
+    tile's first query tile (of key_tq queries) and how many it visits (0: no key of the tile
+    is ever selected).
 
-    Selected keys come first, grouped by the span of ``key_bucket`` queries their range ends
-    in (latest first, so the longest tiles start first), then by position: a tile's keys
-    start and end close to each other, so the query range it visits (from its first start to
-    its last end) is not much more than its keys' own ranges (on random scores at 32k,
-    k = 1024, w = 512: 1.35-1.7x the selected pairs, against 1.12x for the per-block unions).
-    One 1-D sort of a packed int32 key when it fits (XLA's GPU radix sort), else a batched one.
+    A tile visits the query range from its keys' first start to their last end, so its keys
+    should start and end close together. Selected keys are ordered by where their range ends
+    (latest first: the longest tiles start first), cut into groups of ``key_group`` tiles,
+    and ordered by position inside each group. Groups by count adapt to how the ends are
+    spread (on random scores at 32k, k = 1024, w = 512, with position terms from none to
+    strong, 64-key tiles in groups of 8 visit 1.4-1.6x the selected (key, query) pairs, the
+    per-block unions of the slot kernel 1.12x; ends bucketed by value instead: 1.5-2.9x).
+    Two 1-D sorts of packed int32 keys when they fit (XLA's GPU radix sort), else batched ones.
     """
     B, K, S = kend.shape
-    tk, tq, w = cfg.tk, cfg.tq, cfg.w
-    pos = jnp.arange(S, dtype=jnp.int32)
+    tk, tq, w, G = cfg.key_tk, cfg.key_tq, cfg.w, cfg.key_group
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), kend.shape)
     start = pos + w
     alive = kend > start
-    n_buckets = -(-cfg.seq_q // cfg.key_bucket)
-    bucket = jnp.where(alive, n_buckets - 1 - lax.div(kend - 1, jnp.int32(cfg.key_bucket)), n_buckets)
-    span = (n_buckets + 1) * S
-    if B * K * span < _PACKED_SORT_LIMIT:
-        row = jnp.arange(B * K, dtype=jnp.int32).reshape(B, K, 1)
-        key = jnp.sort((row * span + bucket * S + pos).reshape(-1))
-        perm = (key % S).reshape(B, K, S)
-    else:
-        _, perm = lax.sort((bucket, jnp.broadcast_to(pos, bucket.shape)), dimension=-1, num_keys=2)
+    rows = B * K
+    row = jnp.arange(rows, dtype=jnp.int32).reshape(B, K, 1)
+
+    def sort_rows(key, span):  # positions of each row ordered by key in [0, span), stable
+        if rows * span * S < _PACKED_SORT_LIMIT:
+            packed = jnp.sort(((row * span + key) * S + pos).reshape(-1))
+            return (packed % S).reshape(B, K, S)
+        return lax.sort((key, pos), dimension=-1, num_keys=2)[1]
+
+    # 1. by end, latest first (never-selected keys last)
+    by_end = sort_rows(jnp.where(alive, cfg.seq_q - kend, cfg.seq_q + 1), cfg.seq_q + 2)
+    # 2. groups of G tiles in that order, by position inside a group
+    n_groups = -(-S // (G * tk))
+    group = jnp.zeros((B, K, S), jnp.int32)
+    group = jnp.put_along_axis(group, by_end, jnp.broadcast_to(pos // (G * tk), by_end.shape), axis=-1, inplace=False)
+    perm = sort_rows(jnp.where(alive, group, n_groups), n_groups + 1)
     ks = jnp.take_along_axis(kend, perm, axis=-1).reshape(B, K, S // tk, tk)
     st = (perm + w).reshape(B, K, S // tk, tk)
     live = ks > st
@@ -736,7 +748,7 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     names = ["perm", "first", "count", "q", "k", "v"] + (["seg"] if cfg.has_segments else [])
     names += ["do", "lse", "delta", "zkey", "kend", "thr", "dkw", "dvw", "dk", "dv", "dz"]
     r = _Refs(refs, names)
-    tq, tk = cfg.tq, cfg.tk
+    tq, tk = cfg.key_tq, cfg.key_tk
     t = pl.program_id(0)
     rep = cfg.num_heads // cfg.num_kv_heads
     qk_scale = cfg.scale * LOG2E
@@ -797,7 +809,7 @@ def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
     [B, Skv_pad, K, Dp] with the window part included, and the key scores' gradient
     float32 [B, K, Skv_pad]."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
-    rep, tk = H // K, cfg.tk
+    rep, tk = H // K, cfg.key_tk
     perm, first, count = _key_tiles(cfg, arrays["kend"])
     n_tiles = Skv_pad // tk
     krow = pl.BlockSpec((None, None, Skv_pad), lambda t, kh, b: (b, kh, 0))
@@ -823,7 +835,7 @@ def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
         out_specs=[kvspec, kvspec, krow],
         out_shape=[shape, shape, jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)],
         input_output_aliases={n_in - 2: 0, n_in - 1: 1},
-        compiler_params=compiler_params(cfg.warps[2], cfg.stages[2]),
+        compiler_params=compiler_params(cfg.warps[5], cfg.stages[5]),
         interpret=cfg.interpret,
         name="gathered_dkv_keys",
     )(*args)
@@ -1082,7 +1094,8 @@ def gathered_attention_gpu(
     bwd_gather: str | None = None,
     dkv_reduce: str = "sorted",
     slot_dkv: str = "auto",
-    key_bucket: int = 4096,
+    key_tiles: tuple[int, int] | None = None,
+    key_group: int = 8,
     reduce_chunk: int = 64,
     partial_dtype: str = "auto",
     tq: int | None = None,
@@ -1112,9 +1125,10 @@ def gathered_attention_gpu(
       whose dK is rounded to bfloat16 anyway; float32 otherwise);
     * ``slot_dkv``: the selected keys' dK / dV: "slots" (per query block and slot, reduced as
       ``dkv_reduce`` says), "keys" (key-major, for a ``selection`` with key intervals: one
-      program per tile of keys, no partial sums; ``key_bucket`` queries: how close the ends of
-      a tile's query ranges are kept) or "auto" ("keys" when the selection has key
-      intervals);
+      program per tile of keys, no partial sums) or "auto" ("keys" when the selection has key
+      intervals); ``key_tiles``: its (key tile, query tile), default (tk, tq); ``key_group``:
+      key tiles per group of keys ordered by where their query ranges end (int >= 1,
+      :func:`_key_tiles`);
     * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256
       bytes), ``tk`` (window and reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the
       slot dK/dV kernel's query sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
@@ -1122,9 +1136,10 @@ def gathered_attention_gpu(
       [tu, D] sums out of a loop's carry; :func:`default_slot_tq`); tiles default to 64 for
       rows of up to 256 bytes and fewer rows for wider ones (``row_scaled_tile``);
       ``num_warps``/``num_stages`` per kernel (fwd,
-      dq, window dkv, slot dkv, sorted reduce; a 4-tuple leaves the reduction at 4 / 2;
-      default warps (4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
-      (4, 4, 4, 8, 4); default stages (3, 3, 3, 3, 3), the slot kernel 2 when GQA makes its
+      dq, window dkv, slot dkv, sorted reduce, key dkv; a 4-tuple leaves the reduction at 4 / 2,
+      a 5-tuple the key-major kernel at 4 / 3;
+      default warps (4, 4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
+      (4, 4, 4, 8, 4, 4); default stages (3, 3, 3, 3, 3, 3), the slot kernel 2 when GQA makes its
       head loop pipeline [slot_tq > 64, D] q / dO tiles, the reduction 2 unless its partial
       sums are bfloat16 at D <= 128: see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
@@ -1152,7 +1167,8 @@ def gathered_attention_gpu(
     keyed = selection is not None and selection.has_key_intervals
     if slot_dkv == "keys" and not keyed:
         raise ValueError("slot_dkv='keys' needs a selection with key intervals (SlotSelection.key_scores / key_end)")
-    key_bucket = validate_block_size("key_bucket", key_bucket)
+    if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
+        raise ValueError(f"key_group must be an int >= 1, got {key_group!r}")
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
     # default tiles 64 (at 256-byte rows, fewer rows for wider ones: row_scaled_tile): with
@@ -1171,22 +1187,27 @@ def gathered_attention_gpu(
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
     if num_stages is None:
-        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), default_reduce_stages(D, partial_dtype))
+        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), default_reduce_stages(D, partial_dtype), 3)
     if num_warps is None:
         # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
         # loop; with a factored selection and 64-query sub-tiles 4 are faster
         # (benchmarks/results/gathered_stages_sweep2.json); with 128-query ones 8 again
         # (3.67 vs 5.76 ms at 32k, profile_layer_32k_1123c_p_bq128_s128_w{8,4}.json)
-        num_warps = (4, 4, 4, 4 if selection is not None and slot_tq <= 64 else 8, 4)
+        num_warps = (4, 4, 4, 4 if selection is not None and slot_tq <= 64 else 8, 4, 4)
     num_warps, num_stages = tuple(num_warps), tuple(num_stages)
     for name, val, default in (("num_warps", num_warps, 4), ("num_stages", num_stages, 2)):
-        if len(val) not in (4, 5) or not all(isinstance(x, int) and x >= 1 for x in val):
-            raise ValueError(f"{name} must be 4 or 5 positive ints (fwd, dq, window dkv, slot dkv"
-                             f"[, sorted reduce]), got {val!r}")
-    num_warps += (4,) * (5 - len(num_warps))
-    num_stages += (2,) * (5 - len(num_stages))
+        if len(val) not in (4, 5, 6) or not all(isinstance(x, int) and x >= 1 for x in val):
+            raise ValueError(f"{name} must be 4 to 6 positive ints (fwd, dq, window dkv, slot dkv"
+                             f"[, sorted reduce[, key dkv]]), got {val!r}")
+    num_warps += (4, 4)[len(num_warps) - 4:]
+    num_stages += (2, 3)[len(num_stages) - 4:]
     tk = validate_block_size("tk", tk)
     tu = validate_block_size("tu", tu)
+    key_tk, key_tq = (tk, tq) if key_tiles is None else tuple(key_tiles)
+    key_tk = validate_block_size("key_tiles[0]", key_tk)
+    key_tq = validate_block_size("key_tiles[1]", key_tq)
+    if block_q % key_tq:
+        raise ValueError(f"key_tiles[1]={key_tq} (the key-major kernel's query tile) must divide block_q={block_q}")
     scale = D**-0.5 if scale is None else float(scale)
     cfg = GatheredGpuConfig(
         seq_q=Sq, seq_k=Skv, num_heads=H, num_kv_heads=K, block_q=block_q,
@@ -1194,7 +1215,8 @@ def gathered_attention_gpu(
         has_mask=selection_mask is not None, has_weights=selection_weights is not None,
         has_segments=segment_ids is not None, factored=selection is not None, scale=scale, interpret=bool(interpret),
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
-        partial_dtype=partial_dtype, key_major=keyed and slot_dkv != "slots", key_bucket=key_bucket,
+        partial_dtype=partial_dtype, key_major=keyed and slot_dkv != "slots", key_tk=key_tk, key_tq=key_tq,
+        key_group=key_group,
         tq=tq, tk=tk, tu=tu, slot_tq=slot_tq, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
     )
     nq = num_blocks(Sq, block_q)
@@ -1204,7 +1226,8 @@ def gathered_attention_gpu(
     Sq_pad = nq * block_q
     # keys padded so that every window / key tile lies inside the array, with at least one
     # spare row past the real keys (the slot kernel's target for empty slots)
-    Skv_pad = -(-(max(Skv, Sq_pad) + 1) // tk) * tk
+    kt = max(tk, key_tk)  # powers of two: a multiple of both tiles
+    Skv_pad = -(-(max(Skv, Sq_pad) + 1) // kt) * kt
     qp = _pad_to(_pad_to(q, 1, Sq_pad), 3, Dp)
     kp = _pad_to(_pad_to(k, 1, Skv_pad), 3, Dp)
     vp = _pad_to(_pad_to(v, 1, Skv_pad), 3, Dp)

@@ -373,7 +373,7 @@ def _random_key_intervals(rng, B, K, S, bq, W, seg=None):
 KEY_CASES = [
     # name, B, S, H, K, D, bq, dtype, window, wmode, seg, options
     ("gqa2_window_gate", 1, 70, 4, 2, 64, 32, jnp.float32, 10, "gate", False, dict(tq=16, tu=16, tk=16)),
-    ("gqa4_log_segments", 2, 48, 4, 1, 32, 16, jnp.float32, 0, "log", True, dict(tu=16, tk=16, key_bucket=16)),
+    ("gqa4_log_segments", 2, 48, 4, 1, 32, 16, jnp.float32, 0, "log", True, dict(tu=16, tk=16, key_group=1, key_tiles=(32, 16))),
     ("bf16_gqa1_window_default_tiles", 1, 90, 2, 2, 64, 32, jnp.bfloat16, 6, "gate", False, {}),
 ]
 
@@ -450,8 +450,10 @@ def test_key_interval_selection(case):
 
 def test_key_tiles():
     """_key_tiles against explicit loops: every key in exactly one tile; a tile's query tiles
-    cover the ranges of all its selected keys; selected keys come first, tiles of never-selected
-    keys visit nothing; a packed-key sort and the batched fallback give the same tiles' ranges."""
+    cover the ranges of all its selected keys (and no more); selected keys come first, in
+    groups of key_group tiles by where their ranges end (latest first), by position inside a
+    group; tiles of never-selected keys visit nothing; the packed-key sorts and the batched
+    fallback give the same tiles."""
     from sea_jax.kernels.gpu_gathered import _key_tiles
 
     rng = np.random.default_rng(5)
@@ -459,7 +461,7 @@ def test_key_tiles():
     start = np.arange(S) + W
     end = np.clip(start + rng.integers(-40, 120, (B, K, S)), 0, S)
     end[0, 0, :20] = S  # long ranges
-    cfg = type("Cfg", (), dict(tk=tk, tq=tq, w=W, seq_q=S, key_bucket=32))()
+    cfg = type("Cfg", (), dict(key_tk=tk, key_tq=tq, w=W, seq_q=S, key_group=2))()
     perm, first, count = (np.asarray(a) for a in _key_tiles(cfg, jnp.asarray(end, jnp.int32)))
     for b in range(B):
         for kh in range(K):
@@ -467,6 +469,9 @@ def test_key_tiles():
             live = end[b, kh] > start
             n_live = int(live.sum())
             assert live[perm[b, kh, :n_live]].all() and not live[perm[b, kh, n_live:]].any()
+            # groups of 2 tiles in order of the range ends, latest first
+            ends = [np.sort(end[b, kh, perm[b, kh, g:min(g + 2 * tk, n_live)]]) for g in range(0, n_live, 2 * tk)]
+            assert all(x[0] >= y[-1] for x, y in zip(ends, ends[1:]))
             for t in range(S // tk):
                 keys = perm[b, kh, t * tk:(t + 1) * tk]
                 keys = keys[live[keys]]
@@ -474,9 +479,11 @@ def test_key_tiles():
                     assert count[b, kh, t] == 0
                     continue
                 q_lo, q_hi = first[b, kh, t] * tq, (first[b, kh, t] + count[b, kh, t]) * tq
+                if t % 2 == 1 and (t + 1) * tk <= n_live:  # inside a group of 2: by position
+                    assert (np.diff(perm[b, kh, (t - 1) * tk:(t + 1) * tk]) > 0).all()
                 assert q_lo <= start[keys].min() and end[b, kh, keys].max() <= q_hi
                 assert q_lo > start[keys].min() - tq and end[b, kh, keys].max() > q_hi - tq  # no extra tile
-    big = type("Cfg", (), dict(tk=tk, tq=tq, w=W, seq_q=S, key_bucket=16))()
+    big = type("Cfg", (), dict(key_tk=tk, key_tq=tq, w=W, seq_q=S, key_group=3))()
     import sea_jax.kernels.gpu_gathered as gg
 
     packed = [np.asarray(a) for a in _key_tiles(big, jnp.asarray(end, jnp.int32))]
@@ -526,8 +533,12 @@ def test_slot_selection_bad_arguments():
         gpu(good, slot_dkv="keys")
     with pytest.raises(ValueError, match="slot_dkv must be 'auto', 'slots' or 'keys'"):
         gpu(keyed, slot_dkv="key")
-    with pytest.raises(ValueError, match="key_bucket must be a power-of-two"):
-        gpu(keyed, key_bucket=100)
+    with pytest.raises(ValueError, match="key_group must be an int >= 1"):
+        gpu(keyed, key_group=0)
+    with pytest.raises(ValueError, match=r"key_tiles\[1\] must be a power-of-two"):
+        gpu(keyed, key_tiles=(16, 24))
+    with pytest.raises(ValueError, match=r"key_tiles\[1\]=32 \(the key-major kernel's query tile\) must divide block_q=16"):
+        gpu(keyed, key_tiles=(16, 32))
 
 
 def test_slot_kernel_defaults():
@@ -621,6 +632,42 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
     fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
     assert rel_err(out, out_x) < fwd_tol
     for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
+        assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernels need a GPU (interpret mode covers them on CPU)")
+@pytest.mark.parametrize("dtype,D,H,K,W,bq", [
+    (jnp.bfloat16, 128, 2, 2, 100, 128), (jnp.bfloat16, 128, 8, 2, 100, 128), (jnp.float32, 128, 4, 2, 100, 128),
+    (jnp.float32, 64, 2, 2, 0, 64), (jnp.float16, 64, 4, 1, 30, 128)])
+def test_key_interval_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
+    """The compiled key-major dK/dV kernel (selections with key intervals, default tiles)
+    against the XLA path on the GPU: 600 tokens (padding), random key intervals."""
+    from sea_jax.kernels import SlotSelection
+
+    B, S = 1, 600
+    rng = _rng("compiled_keys", D, H)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, S, h, D)), dtype) for h in (H, K, K))
+    union, lo, hi, end, z, thr = _random_key_intervals(rng, B, K, S, bq, W)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    uj, lo_j, hi_j, end_j = (jnp.asarray(a) for a in (union, lo, hi, end))
+
+    def run(impl, q, k, v, z, thr):
+        def f(q, k, v, z, thr):
+            zslot = jnp.take_along_axis(jnp.repeat(z[:, :, None], uj.shape[2], 2), jnp.maximum(uj, 0), -1)
+            sel = SlotSelection(zslot, lo_j, hi_j, thr, key_scores=z, key_end=end_j)
+            return gathered_attention(q, k, v, uj, block_q=bq, window=W, selection=sel, impl=impl)
+
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
+        return out, vjp(ct.astype(q.dtype))
+
+    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
+    fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
+    assert rel_err(out, out_x) < fwd_tol
+    for name_, a, r in zip(["q", "k", "v", "key_scores", "threshold"], g, gx):
         assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
 
 
