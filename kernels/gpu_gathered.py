@@ -715,19 +715,19 @@ def _key_tiles(cfg, kend):
     rows = B * K
     row = jnp.arange(rows, dtype=jnp.int32).reshape(B, K, 1)
 
-    def sort_rows(key, span):  # positions of each row ordered by key in [0, span), stable
+    def sort_rows(key, span, payload):  # payload [B, K, S] in [0, S) ordered by key in [0, span)
         if rows * span * S < _PACKED_SORT_LIMIT:
-            packed = jnp.sort(((row * span + key) * S + pos).reshape(-1))
+            packed = jnp.sort(((row * span + key) * S + payload).reshape(-1))
             return (packed % S).reshape(B, K, S)
-        return lax.sort((key, pos), dimension=-1, num_keys=2)[1]
+        return lax.sort((key, payload), dimension=-1, num_keys=2)[1]
 
     # 1. by end, latest first (never-selected keys last)
-    by_end = sort_rows(jnp.where(alive, cfg.seq_q - kend, cfg.seq_q + 1), cfg.seq_q + 2)
-    # 2. groups of G tiles in that order, by position inside a group
+    by_end = sort_rows(jnp.where(alive, cfg.seq_q - kend, cfg.seq_q + 1), cfg.seq_q + 2, pos)
+    # 2. groups of G tiles in that order (never-selected keys in a group of their own), by
+    # position inside a group
     n_groups = -(-S // (G * tk))
-    group = jnp.zeros((B, K, S), jnp.int32)
-    group = jnp.put_along_axis(group, by_end, jnp.broadcast_to(pos // (G * tk), by_end.shape), axis=-1, inplace=False)
-    perm = sort_rows(jnp.where(alive, group, n_groups), n_groups + 1)
+    group = jnp.where(jnp.take_along_axis(alive, by_end, axis=-1), pos // (G * tk), n_groups)
+    perm = sort_rows(group, n_groups + 1, by_end)
     ks = jnp.take_along_axis(kend, perm, axis=-1).reshape(B, K, S // tk, tk)
     st = (perm + w).reshape(B, K, S // tk, tk)
     live = ks > st
@@ -761,36 +761,35 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     start = keys[:, None] + cfg.w
     end = r.kend[keys][:, None]
     segk = r.seg[keys][:, None] if cfg.has_segments else None
+    # query tiles inside every key's range need no mask (none if the tile holds a key that is
+    # never selected, or with segments)
+    live = end > start
+    full_lo = jnp.max(jnp.where(live, start, 0))
+    full_hi = jnp.where(jnp.min(jnp.where(live, 1, 0)) > 0, jnp.min(end), 0)  # (reduce_and: no Triton lowering)
 
     def head(hr, carry):
         def step(j, carry):
-            dk, dv, dz = carry
             q0 = pl.multiple_of((first + j) * tq, tq)
-            q = r.q[pl.ds(q0, tq), hr, :]
-            do = r.do[pl.ds(q0, tq), hr, :]
-            lse = r.lse[hr, pl.ds(q0, tq)][None, :]
-            delta = r.delta[hr, pl.ds(q0, tq)][None, :]
-            x = z - r.thr[pl.ds(q0, tq)][None, :]  # [tk, tq]; thr = -inf: weight 1, never free
-            qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
-            allowed = (qpos >= start) & (qpos < end)
-            if cfg.has_segments:
-                segq = r.seg[pl.ds(q0, tq)][None, :]
-                allowed = allowed & (segq == segk) & (segk != 0)
-            st = jnp.where(allowed, _dot(k, q, 1, 1) * qk_scale, -jnp.inf)
-            pt = jnp.exp2(st - lse)
-            dpt = _dot(v, do, 1, 1)
-            wf = jnp.minimum(jnp.maximum(x, 0.0), 1.0)
-            pw = pt * wf
-            if cfg.weight_mode == "gate":
-                ds = pt * (wf * dpt - delta)
-                dw = pt * dpt
-            else:
-                ds = pw * (dpt - delta)
-                dw = pt * (dpt - delta)
-            dv = dv + _dot(pw.astype(do.dtype), do)
-            dk = dk + _dot(ds.astype(q.dtype), q)
-            dz = dz + jnp.sum(jnp.where((x > 0.0) & (x < 1.0), dw, 0.0), axis=1)
-            return dk, dv, dz
+
+            def compute(carry, masked):
+                dk, dv, dz = carry
+                q = r.q[pl.ds(q0, tq), hr, :]
+                do = r.do[pl.ds(q0, tq), hr, :]
+                lse = r.lse[hr, pl.ds(q0, tq)][None, :]
+                delta = r.delta[hr, pl.ds(q0, tq)][None, :]
+                x = z - r.thr[pl.ds(q0, tq)][None, :]  # [tk, tq]; thr = -inf: weight 1, never free
+                st = _dot(k, q, 1, 1) * qk_scale
+                if masked:
+                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
+                    allowed = (qpos >= start) & (qpos < end)
+                    if cfg.has_segments:
+                        segq = r.seg[pl.ds(q0, tq)][None, :]
+                        allowed = allowed & (segq == segk) & (segk != 0)
+                    st = jnp.where(allowed, st, -jnp.inf)
+                return _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz)
+
+            needs = None if cfg.has_segments else (q0 < full_lo) | (q0 + tq > full_hi)
+            return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
         return lax.fori_loop(0, count, step, carry)
 
@@ -802,6 +801,25 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     def _():
         r.dk[keys, :] = r.dkw[keys, :] + dk * cfg.scale
         r.dv[keys, :] = r.dvw[keys, :] + dv
+
+
+def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
+    """One (key tile, query tile) step of the key-major kernel: st [tk, tq] scaled (masked)
+    scores, x = z - tau [tk, tq]; returns the updated dK, dV, dz sums."""
+    pt = jnp.exp2(st - lse)
+    dpt = _dot(v, do, 1, 1)
+    wf = jnp.minimum(jnp.maximum(x, 0.0), 1.0)
+    pw = pt * wf
+    if cfg.weight_mode == "gate":
+        ds = pt * (wf * dpt - delta)
+        dw = pt * dpt
+    else:
+        ds = pw * (dpt - delta)
+        dw = pt * (dpt - delta)
+    dv = dv + _dot(pw.astype(do.dtype), do)
+    dk = dk + _dot(ds.astype(q.dtype), q)
+    dz = dz + jnp.sum(jnp.where((x > 0.0) & (x < 1.0), dw, 0.0), axis=1)
+    return dk, dv, dz
 
 
 def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):

@@ -335,7 +335,7 @@ def test_slot_selection(case):
         assert rel_err(a, r) < GRAD_TOL[dtype], name_
 
 
-def _random_key_intervals(rng, B, K, S, bq, W, seg=None):
+def _random_key_intervals(rng, B, K, S, bq, W, long=0.0):
     """A key-interval selection and the same selection in slot form, by explicit loops.
 
     Key p is used by the queries [p + W, end[p]) (ends random: before the start = never used,
@@ -346,6 +346,7 @@ def _random_key_intervals(rng, B, K, S, bq, W, seg=None):
     nq = num_blocks(S, bq)
     start = np.arange(S) + W
     end = start + rng.integers(-20, S, (B, K, S))
+    end[rng.random((B, K, S)) < long] = S + 5  # used up to the end (key tiles without a mask)
     end[..., ::9] = start[::9]  # never used
     end = np.clip(end, 0, S + 5)
     rows = []
@@ -375,6 +376,9 @@ KEY_CASES = [
     ("gqa2_window_gate", 1, 70, 4, 2, 64, 32, jnp.float32, 10, "gate", False, dict(tq=16, tu=16, tk=16)),
     ("gqa4_log_segments", 2, 48, 4, 1, 32, 16, jnp.float32, 0, "log", True, dict(tu=16, tk=16, key_group=1, key_tiles=(32, 16))),
     ("bf16_gqa1_window_default_tiles", 1, 90, 2, 2, 64, 32, jnp.bfloat16, 6, "gate", False, {}),
+    # most keys used to the end: whole query tiles inside every key's range (no mask)
+    ("long_ranges_gqa2_gate", 1, 96, 4, 2, 32, 32, jnp.float32, 4, "gate", False,
+     dict(tq=16, tu=16, tk=16, key_tiles=(16, 16), key_group=1)),
 ]
 
 
@@ -393,7 +397,7 @@ def test_key_interval_selection(case):
     k = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
     v = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
     seg = _inputs(rng, B, S, H, K, D, bq, 4, dtype, False, None, True)[-1] if use_seg else None
-    union, lo, hi, end, z, thr = _random_key_intervals(rng, B, K, S, bq, W)
+    union, lo, hi, end, z, thr = _random_key_intervals(rng, B, K, S, bq, W, long=0.95 if "long" in name else 0.0)
     ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
     segj = None if seg is None else jnp.asarray(seg)
     uj, lo_j, hi_j, end_j = (jnp.asarray(a) for a in (union, lo, hi, end))
