@@ -1144,7 +1144,8 @@ def gathered_attention_gpu(
     * ``slot_dkv``: the selected keys' dK / dV: "slots" (per query block and slot, reduced as
       ``dkv_reduce`` says), "keys" (key-major, for a ``selection`` with key intervals: one
       program per tile of keys, no partial sums) or "auto" ("keys" when the selection has key
-      intervals); ``key_tiles``: its (key tile, query tile), default (tk, tq); ``key_group``:
+      intervals); ``key_tiles``: its (key tile, query tile), default (tk, min(32, block_q));
+      ``key_group``:
       key tiles per group of keys ordered by where their query ranges end (int >= 1,
       :func:`_key_tiles`);
     * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256
@@ -1221,7 +1222,10 @@ def gathered_attention_gpu(
     num_stages += (2, 3)[len(num_stages) - 4:]
     tk = validate_block_size("tk", tk)
     tu = validate_block_size("tu", tu)
-    key_tk, key_tq = (tk, tq) if key_tiles is None else tuple(key_tiles)
+    # 32-query steps: the 64-query ones spilled registers (255 per thread, 57.6 M local-memory
+    # requests at 32k, benchmarks/results/ncu_key_dkv_1123e.txt) and took 4.73 ms against 3.82
+    # (key_dkv_32k_tq_1123e.json)
+    key_tk, key_tq = (tk, min(32, block_q)) if key_tiles is None else tuple(key_tiles)
     key_tk = validate_block_size("key_tiles[0]", key_tk)
     key_tq = validate_block_size("key_tiles[1]", key_tq)
     if block_q % key_tq:
