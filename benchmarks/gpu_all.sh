@@ -6,9 +6,10 @@
 #
 # Parts: bs (bench_block_sparse.py), ga (bench_gathered.py), layers (bench_layers.py),
 # sea (bench_sea.py), bsx (extra forward tuning of the block-sparse kernel), sktests (the GPU-only
-# kernel tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
+# kernel tests), skgqa (the SparseK layer at 32k with GQA 4: block 64 vs 128), keydkv (the selected
+# keys' dK/dV: key-major kernel variants vs the per-slot path, bench_key_dkv.py). Output: $OUT/<part>.json (+ layers_bench.png) and $OUT/run.log;
 # without $OUT, benchmarks/results/. Part limits (seconds) can be overridden with
-# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S, SKT_S (sktests: 21 tests, ~6 min on an H100), SKG_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
+# BS_S, GA_S, LAYERS_S, SEA_S, BSX_S, SKT_S (sktests: 26 tests, ~6.5 min on an H200), SKG_S, KEY_S; BS_OPTIONS / GA_OPTIONS (JSON kernel_options) skip tuning;
 # GA_SECTIONS, SEA_VARIANTS (space-separated), BSX_GRID (JSON list of forward options) for bsx.
 set -u
 export PYTHONUNBUFFERED=1
@@ -71,6 +72,9 @@ for p in "$@"; do
       part skgqa "${SKG_S:-90}" $PY benchmarks/profile_layer.py --seq 32768 --kv_heads 4 --top 8 --layers sparsek \
         --options '{"block_q": 128}' --kernel_options '{"slot_tq": 128, "num_warps": [4, 4, 4, 8, 4], "num_stages": [3, 3, 3, 2, 2]}' \
         --out "$OUT/profile_gqa4_128_slot128_s2.json" ;;
+    keydkv)  # the selected keys' dK/dV on the layer's own selection at 32k (KEY_VARIANTS: ';'-separated JSON)
+      part keydkv "${KEY_S:-240}" $PY benchmarks/bench_key_dkv.py --seq 32768 --out "$OUT/key_dkv.json" \
+        ${KEY_VARIANTS:+--variants "$KEY_VARIANTS"} ;;
     *) echo "unknown part $p" | tee -a "$LOG" ;;
   esac
 done

@@ -264,6 +264,9 @@ def gathered_attention(
         the scores and thresholds); instead of selection_mask / selection_weights. The GPU
         kernel generates them on chip (no [batch, kv_heads, seq_q, U] arrays in memory, forward
         or backward); the XLA and TPU paths expand them with :meth:`SlotSelection.dense`.
+        With key intervals (``key_scores`` / ``key_end``, SparseK's selections) the GPU
+        backward computes the selected keys' dK / dV key-major and returns the scores'
+        gradient through ``key_scores``.
 
     Returns:
       [batch, seq_q, heads, head_dim] in q's dtype; queries with nothing visible give 0.

@@ -92,6 +92,32 @@ dO loads: 3 stages do not fit in shared memory, 2 do (slot kernel 4.14 ms agains
 blocks on the GPU, GQA or not. Default tiles shrink for rows wider than 256 bytes (float32 at
 D = 128 did not compile with the bfloat16 tiles).
 
+Key-major dK/dV (``slot_dkv="keys"``, the default for selections with key intervals: SparseK's
+``SlotSelection.key_end`` / ``key_scores``). Scores do not depend on the query, so key p is
+selected by one range of queries [p + w, key_end[p]). One program per (tile of keys, KV head)
+gathers the tile's K/V rows once and walks the query tiles of the range its keys span
+(:func:`_key_tiles`: keys ordered by where their range ends, cut into groups, by position inside
+a group; on the layer's selection at 32k the tiles visit 1.53x the selected pairs, the per-block
+unions 1.125x), query heads of the GQA group included; every key is in one tile, so its dK / dV
+rows (window part added) and its score's gradient are written once: no per-slot partial sums
+([B, K, nQ, U, D], ~1.2 GB at 32k), no key sort of the union, no reduction pass. Query tiles
+inside every key's range skip the mask. H100, SparseK layer at 32k (k = 1024, w = 512, H = K = 16,
+cuDNN in the same process; benchmarks/bench_key_dkv.py, profile_layer.py):
+
+    selected keys' dK/dV alone (ms, wall)        slots + sort + reduction   key-major
+    64-query steps (key_dkv_32k_1123e.json)      6.20                        4.19 (key tiles 0.61)
+    + unmasked tiles branch, 64-query steps      6.02                        4.73 (same process:)
+    + unmasked tiles branch, 32-query steps                                  3.82 (key_dkv_32k_tq_1123e.json)
+    layer fwd+bwd, device kernels, 64-query      16.04                       14.88 (profile_layer_32k_1123e_*.json)
+    layer fwd+bwd peak memory                    4.01 GiB                    1.86 GiB
+
+64-query steps spill registers (255 per thread, 12.5 % occupancy, 57.6 M local-memory requests:
+benchmarks/results/ncu_key_dkv_1123e.txt, with the unmasked-tiles branch); 32-query steps are
+the default. In the same runs: 32-key tiles 4.44 (64-query) / 6.72 ms (32-query), 128-query
+steps 7.53, 16-query steps 4.65, groups of 4 / 16 tiles 4.45 / 4.52 against 8's 4.19 (64-query);
+with GQA 4, 8 warps 5.31 against 3.87 (key_dkv_32k_kv4_1123e.json). Whether the unmasked-tiles
+branch pays at 32-query steps is not measured on its own.
+
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
 
