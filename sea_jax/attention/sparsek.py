@@ -78,7 +78,9 @@ class SparseKOptions:
     selection reaches the attention kernel: "auto" (default: "factored" for impl pallas_gpu
     with a fast schedule, "dense" otherwise), "dense" ([B, K, T, U] mask and weight arrays) or
     "factored" (sea_jax.kernels.SlotSelection: slot scores, slot ranges and thresholds, the
-    mask and weights generated inside the kernel; schedules "fused", "fast", "fast_sorted").
+    mask and weights generated inside the kernel, and each key's range of selecting queries, with
+    which the GPU backward computes the selected keys' dK / dV key by key; schedules "fused",
+    "fast", "fast_sorted").
     """
 
     k: int = 64
