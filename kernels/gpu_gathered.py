@@ -713,7 +713,9 @@ def _dkv_slots(cfg, arrays, shapes, dk_win, dv_win):
 
 
 # ------------------------------------------------------- key-major slot dK/dV (SparseK)
-_PACKED_SORT_LIMIT = 2**31  # _key_tiles packs (row, bucket, position) into one int32 below this
+_PACKED_SORT_LIMIT = 2**31  # _key_tiles packs (row, sort key, position) into one int32 below this
+
+
 @jax.named_scope("gathered_key_tiles")
 def _key_tiles(cfg, kend):
     """Tiles of keys for the key-major dK/dV kernel.
@@ -1024,7 +1026,8 @@ def _pregather(cfg, k, union):
 
 
 def _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles):
-    """Factored selections come as wsel = (slot scores, thresholds), sel = (lo, hi)."""
+    """Factored selections come as wsel = (slot scores, thresholds[, key scores]), sel = (lo,
+    hi[, key ends]) (the bracketed ones with key intervals)."""
     a = dict(q=q, k=k, v=v, sel=sel, wsel=wsel, seg=seg, union=union, slot_tiles=slot_tiles)
     if cfg.factored:
         (a["zslot"], a["thr"]), (a["slo"], a["shi"]) = wsel[:2], sel[:2]
@@ -1297,7 +1300,7 @@ def gathered_attention_gpu(
         if cfg.key_major:  # padding keys: never selected (end 0)
             wsel += (_pad_to(selection.key_scores.astype(jnp.float32), 2, Skv_pad),)
             # (ends past the last query mean the same as the last query: clipped, so that
-            # the key tiles' end buckets stay in range)
+            # _key_tiles' sort keys stay in range)
             sel += (_pad_to(jnp.minimum(selection.key_end.astype(jnp.int32), Sq), 2, Skv_pad),)
     seg = None
     if segment_ids is not None:
