@@ -30,6 +30,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRows, env_info, time_ms  # noqa: E402
+from profile_gathered_bwd import spy_gathered  # noqa: E402
 
 from sea_jax.attention.base import AttentionDims  # noqa: E402
 from sea_jax.attention.sparsek import SparseKAttention, SparseKOptions  # noqa: E402
@@ -41,18 +42,8 @@ DEFAULT_VARIANTS = ('{};{"key_group": 4};{"key_group": 16};{"key_tiles": [32, 64
 
 def capture_layer_call(module, q, k, v, x):
     """(cfg, padded custom-VJP arguments) of the gathered kernel call inside the layer."""
-    seen = {}
-    original = gg._attention
-
-    def spy(cfg, *args):
-        seen["cfg"], seen["args"] = cfg, args
-        return jnp.zeros_like(args[0])
-
-    gg._attention = spy
-    try:
+    with spy_gathered() as seen:
         jax.block_until_ready(module(q, k, v, x=x).out)
-    finally:
-        gg._attention = original
     return seen["cfg"], seen["args"]
 
 

@@ -14,6 +14,7 @@ and cuDNN dense causal in the same run. Median of ``--reps`` calls after a warm 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -28,8 +29,10 @@ from sea_jax.kernels import gpu_gathered as gg  # noqa: E402
 from sea_jax.ops.sparsek_select import causal_prefix_select  # noqa: E402
 
 
-def capture(q, k, v, union, block_q, window, sel_kw, interpret):
-    """(cfg, padded arguments of the custom-VJP function) of one gathered_attention_gpu call."""
+@contextlib.contextmanager
+def spy_gathered():
+    """Within the block, gathered_attention_gpu records the (cfg, padded arguments) of its
+    custom-VJP function in the yielded dict (keys "cfg", "args") instead of running it."""
     seen = {}
     original = gg._attention
 
@@ -39,10 +42,16 @@ def capture(q, k, v, union, block_q, window, sel_kw, interpret):
 
     gg._attention = spy
     try:
-        gathered_attention(q, k, v, union, block_q=block_q, window=window, impl="pallas_gpu",
-                           interpret=interpret, **sel_kw)
+        yield seen
     finally:
         gg._attention = original
+
+
+def capture(q, k, v, union, block_q, window, sel_kw, interpret):
+    """(cfg, padded arguments of the custom-VJP function) of one gathered_attention_gpu call."""
+    with spy_gathered() as seen:
+        gathered_attention(q, k, v, union, block_q=block_q, window=window, impl="pallas_gpu",
+                           interpret=interpret, **sel_kw)
     return seen["cfg"], seen["args"]
 
 

@@ -269,6 +269,25 @@ def _expand_slot_selection(z, lo, hi, thr, bq, xp=np):
     return mask, xp.where(xp.asarray(mask), w, 0.0)
 
 
+def _float64_check(weights, onehot, win, wm, inputs, ct, out, g, dtype, names):
+    """out and the gradients g of (q, k, v, scores, thresholds) against float64 autodiff of the
+    dense masked softmax (tests/kernels/kernel_reference.py) whose slot weights [B, K, S, U] are
+    ``weights(scores, thresholds)``; relative-norm tolerances FWD_TOL / GRAD_TOL."""
+    with enable_x64():
+        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+
+        def f64(q, k, v, z, thr):
+            allowed, Wm = gathered_allowed_weights(onehot, win, weights(z, thr))
+            return dense_attention_jnp(q, k, v, allowed, Wm, wm)
+
+        out64, vjp64 = jax.vjp(f64, *(up(x) for x in inputs))
+        g64 = [np.asarray(x) for x in vjp64(up(ct))]
+    assert rel_err(out, out64) < FWD_TOL[dtype]
+    for name_, a, r in zip(names, g, g64):
+        assert a.shape == r.shape, name_
+        assert rel_err(a, r) < GRAD_TOL[dtype], (name_, rel_err(a, r))
+
+
 SLOT_CASES = [
     # name, B, S, H, K, D, bq, U, dtype, window, wmode, seg, options
     ("gqa4_window_gate", 1, 70, 4, 1, 64, 32, 20, jnp.float32, 10, "gate", False,
@@ -311,20 +330,8 @@ def test_slot_selection(case):
     assert out.dtype == dtype and all(np.isfinite(np.asarray(x, np.float64)).all() for x in (out,) + g)
     mask, _ = _expand_slot_selection(z, lo, hi, thr, bq)
     onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=True, selection_mask=mask, segment_ids=seg)
-    with enable_x64():
-        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
-
-        def f64(q, k, v, z, thr):
-            _, w = _expand_slot_selection(z, lo, hi, thr, bq, xp=jnp)
-            allowed, Wm = gathered_allowed_weights(onehot, win, w)
-            return dense_attention_jnp(q, k, v, allowed, Wm, wm)
-
-        out64, vjp64 = jax.vjp(f64, up(q), up(k), up(v), up(z), up(thr))
-        g64 = [np.asarray(x) for x in vjp64(up(ct))]
-    assert rel_err(out, out64) < FWD_TOL[dtype]
-    for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, g64):
-        assert a.shape == r.shape, name_
-        assert rel_err(a, r) < GRAD_TOL[dtype], name_
+    _float64_check(lambda z, thr: _expand_slot_selection(z, lo, hi, thr, bq, xp=jnp)[1], onehot, win, wm,
+                   (q, k, v, z, thr), ct, out, g, dtype, ["q", "k", "v", "slot_scores", "threshold"])
     # -inf thresholds (weight 1) get exactly zero gradient, and so do slots nobody can use
     assert np.all(np.asarray(g[4])[np.isinf(thr)] == 0)
     # against the XLA path (SlotSelection.dense + the reference), float32
@@ -371,6 +378,29 @@ def _random_key_intervals(rng, B, K, S, bq, W, long=0.0):
     return union, lo, hi, end.astype(np.int32), z, thr
 
 
+def _keyed_selection(z, union, lo, hi, thr, end):
+    """SlotSelection with key intervals whose slot scores are the key scores gathered by slot
+    (so that every path's total score gradient reaches z)."""
+    from sea_jax.kernels import SlotSelection
+
+    zslot = jnp.take_along_axis(jnp.repeat(z[:, :, None], union.shape[2], 2), jnp.maximum(union, 0), -1)
+    return SlotSelection(zslot, lo, hi, thr, key_scores=z, key_end=end)
+
+
+def _compiled_vs_xla(run, q, k, v, z, thr, dtype, names):
+    """The compiled kernels (run("pallas_gpu", ...)) against the XLA path at float32 / highest
+    precision: output and the gradients ``names``. float32 inputs: the Triton dots run in TF32
+    on the GPU (10-bit mantissa products), hence the wider float32 tolerances."""
+    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
+    fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
+    assert rel_err(out, out_x) < fwd_tol
+    for name_, a, r in zip(names, g, gx):
+        assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
+
+
 KEY_CASES = [
     # name, B, S, H, K, D, bq, dtype, window, wmode, seg, options
     ("gqa2_window_gate", 1, 70, 4, 2, 64, 32, jnp.float32, 10, "gate", False, dict(tq=16, tu=16, tk=16)),
@@ -389,7 +419,6 @@ def test_key_interval_selection(case):
     (the only ones the key-major path returns; the test's slot scores are a gather of them, so
     every path's total is compared) and the thresholds, against float64 autodiff of a dense
     masked softmax built from the intervals by explicit loops, and against the per-slot path."""
-    from sea_jax.kernels import SlotSelection
 
     name, B, S, H, K, D, bq, dtype, W, wm, use_seg, opts = case
     rng = _rng(name, "keys")
@@ -404,10 +433,8 @@ def test_key_interval_selection(case):
 
     def run(impl, q, k, v, z, thr, **extra):
         def f(q, k, v, z, thr):
-            zslot = jnp.take_along_axis(jnp.repeat(z[:, :, None], uj.shape[2], 2), jnp.maximum(uj, 0), -1)
-            sel = SlotSelection(zslot, lo_j, hi_j, thr, key_scores=z, key_end=end_j)
-            return gathered_attention(q, k, v, uj, selection=sel, impl=impl, block_q=bq, window=W,
-                                      weight_mode=wm, segment_ids=segj, **extra)
+            return gathered_attention(q, k, v, uj, selection=_keyed_selection(z, uj, lo_j, hi_j, thr, end_j),
+                                      impl=impl, block_q=bq, window=W, weight_mode=wm, segment_ids=segj, **extra)
 
         out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
         return out, vjp(ct.astype(q.dtype))
@@ -429,22 +456,14 @@ def test_key_interval_selection(case):
     slot_form = (u >= lo[..., None]) & (u < hi[..., None]) & (pos >= 0) & (pos + W <= np.arange(S)[:, None])
     np.testing.assert_array_equal(slot_form, mask)
     onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=True, selection_mask=mask, segment_ids=seg)
-    with enable_x64():
-        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
 
-        def f64(q, k, v, z, thr):
-            zs = jnp.take_along_axis(jnp.repeat(z[:, :, None], nq, 2), jnp.asarray(np.maximum(union, 0)), -1)
-            x = jnp.repeat(zs, bq, axis=2)[:, :, :S] - thr[..., None]
-            w = jnp.where(jnp.asarray(mask), jnp.where(x >= 1, 1.0, jnp.where(x > 0, x, 0.0)), 0.0)
-            allowed, Wm = gathered_allowed_weights(onehot, win, w)
-            return dense_attention_jnp(q, k, v, allowed, Wm, wm)
+    def weights(z, thr):  # clip(z_p - tau_t, 0, 1) on the selected slots, differentiable in z and tau
+        zs = jnp.take_along_axis(jnp.repeat(z[:, :, None], nq, 2), jnp.asarray(np.maximum(union, 0)), -1)
+        x = jnp.repeat(zs, bq, axis=2)[:, :, :S] - thr[..., None]
+        return jnp.where(jnp.asarray(mask), jnp.where(x >= 1, 1.0, jnp.where(x > 0, x, 0.0)), 0.0)
 
-        out64, vjp64 = jax.vjp(f64, up(q), up(k), up(v), up(z), up(thr))
-        g64 = [np.asarray(x) for x in vjp64(up(ct))]
-    assert rel_err(out, out64) < FWD_TOL[dtype]
-    for name_, a, r in zip(["q", "k", "v", "key_scores", "threshold"], g, g64):
-        assert a.shape == r.shape, name_
-        assert rel_err(a, r) < GRAD_TOL[dtype], (name_, rel_err(a, r))
+    _float64_check(weights, onehot, win, wm, (q, k, v, z, thr), ct, out, g, dtype,
+                   ["q", "k", "v", "key_scores", "threshold"])
     # the per-slot path (slot kernel + sorted reduction) on the same selection
     out_s, gs = run("pallas_gpu", q, k, v, zj, thrj, interpret=True, kernel_options={**opts, "slot_dkv": "slots"})
     assert rel_err(out_s, out) == 0.0  # the same forward kernel
@@ -628,15 +647,7 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
         out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
         return out, vjp(ct.astype(q.dtype))
 
-    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    with jax.default_matmul_precision("highest"):
-        out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
-    # float32 inputs: the Triton dots run in TF32 on the GPU (10-bit mantissa products)
-    fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
-    assert rel_err(out, out_x) < fwd_tol
-    for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
-        assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
+    _compiled_vs_xla(run, q, k, v, z, thr, dtype, ["q", "k", "v", "slot_scores", "threshold"])
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
@@ -647,7 +658,6 @@ def test_slot_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
 def test_key_interval_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
     """The compiled key-major dK/dV kernel (selections with key intervals, default tiles)
     against the XLA path on the GPU: 600 tokens (padding), random key intervals."""
-    from sea_jax.kernels import SlotSelection
 
     B, S = 1, 600
     rng = _rng("compiled_keys", D, H)
@@ -658,21 +668,13 @@ def test_key_interval_selection_compiled_on_gpu(dtype, D, H, K, W, bq):
 
     def run(impl, q, k, v, z, thr):
         def f(q, k, v, z, thr):
-            zslot = jnp.take_along_axis(jnp.repeat(z[:, :, None], uj.shape[2], 2), jnp.maximum(uj, 0), -1)
-            sel = SlotSelection(zslot, lo_j, hi_j, thr, key_scores=z, key_end=end_j)
-            return gathered_attention(q, k, v, uj, block_q=bq, window=W, selection=sel, impl=impl)
+            return gathered_attention(q, k, v, uj, block_q=bq, window=W, impl=impl,
+                                      selection=_keyed_selection(z, uj, lo_j, hi_j, thr, end_j))
 
         out, vjp = jax.vjp(jax.jit(f), q, k, v, z, thr)
         return out, vjp(ct.astype(q.dtype))
 
-    out, g = run("pallas_gpu", q, k, v, jnp.asarray(z), jnp.asarray(thr))
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    with jax.default_matmul_precision("highest"):
-        out_x, gx = run("xla", f32(q), f32(k), f32(v), jnp.asarray(z), jnp.asarray(thr))
-    fwd_tol, grad_tol = (FWD_TOL[dtype], GRAD_TOL[dtype]) if dtype != jnp.float32 else (3e-3, 1e-2)
-    assert rel_err(out, out_x) < fwd_tol
-    for name_, a, r in zip(["q", "k", "v", "key_scores", "threshold"], g, gx):
-        assert rel_err(a, r) < grad_tol, (name_, rel_err(a, r))
+    _compiled_vs_xla(run, q, k, v, z, thr, dtype, ["q", "k", "v", "key_scores", "threshold"])
 
 
 def test_slot_grouping_by_key_tile():
