@@ -94,11 +94,11 @@ def main():
     union_work = float(jnp.sum(slot_tiles) * cfg.tu * cfg.block_q)
     summary = []
 
-    def stage(name, fn, *a, **extra):
+    def stage(name, fn, *a, extra=dict):
         fn = jax.jit(fn)
 
         def body(row):
-            row.update(extra)
+            row.update(extra())  # (inside the guard: a variant that does not fit is an error row)
             row["ms"] = time_ms(fn, a, args.reps)
 
         row = rec.guarded(dict(stage=name), body)
@@ -108,7 +108,7 @@ def main():
     slots_cfg = dataclasses.replace(cfg, key_major=False)
     stage("slots: slot kernel + key sort + sorted reduction",
           lambda a, z: gg._dkv_slots(slots_cfg, a, shapes, z, z), arrays, zeros,
-          visited_over_pairs=round(union_work / pairs, 3))
+          extra=lambda: dict(visited_over_pairs=round(union_work / pairs, 3)))
     for text in [t for t in args.variants.split(";") if t.strip()]:
         o_ = json.loads(text)
         c = cfg
@@ -120,10 +120,16 @@ def main():
             c = dataclasses.replace(c, warps=tuple(o_["num_warps"]))
         if "num_stages" in o_:
             c = dataclasses.replace(c, stages=tuple(o_["num_stages"]))
-        _, first, count = jax.jit(lambda e, c=c: gg._key_tiles(c, e))(kend)
-        hull = float(jnp.sum(count) * c.key_tq * c.key_tk)
-        stage(f"keys {text}", lambda a, z, c=c: gg._dkv_keys(c, a, shapes, z, z), arrays, zeros,
-              visited_over_pairs=round(hull / pairs, 3), longest_tile_query_tiles=int(jnp.max(count)))
+        def tile_stats(c=c):
+            # the arrays were padded for the layer's own tiles: other tiles must fit them
+            if Skv_pad % c.key_tk or cfg.block_q % c.key_tq:
+                raise ValueError(f"key_tiles ({c.key_tk}, {c.key_tq}) must divide the padded keys {Skv_pad} "
+                                 f"and block_q {cfg.block_q}")
+            _, _, count = jax.jit(lambda e: gg._key_tiles(c, e))(kend)
+            hull = float(jnp.sum(count) * c.key_tq * c.key_tk)
+            return dict(visited_over_pairs=round(hull / pairs, 3), longest_tile_query_tiles=int(jnp.max(count)))
+
+        stage(f"keys {text}", lambda a, z, c=c: gg._dkv_keys(c, a, shapes, z, z), arrays, zeros, extra=tile_stats)
         stage(f"key tiles alone {text}", lambda e, c=c: gg._key_tiles(c, e), kend)
     if not args.smoke:
         stage("cudnn dense causal fwd+bwd", lambda q, k, v, ct: jax.vjp(

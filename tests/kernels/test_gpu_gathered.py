@@ -471,7 +471,7 @@ def test_key_interval_selection(case):
         assert rel_err(a, r) < GRAD_TOL[dtype], (name_, rel_err(a, r))
 
 
-def test_key_tiles():
+def test_key_tiles(monkeypatch):
     """_key_tiles against explicit loops: every key in exactly one tile; a tile's query tiles
     cover the ranges of all its selected keys (and no more); selected keys come first, in
     groups of key_group tiles by where their ranges end (latest first), by position inside a
@@ -506,17 +506,10 @@ def test_key_tiles():
                     assert (np.diff(perm[b, kh, (t - 1) * tk:(t + 1) * tk]) > 0).all()
                 assert q_lo <= start[keys].min() and end[b, kh, keys].max() <= q_hi
                 assert q_lo > start[keys].min() - tq and end[b, kh, keys].max() > q_hi - tq  # no extra tile
-    big = type("Cfg", (), dict(key_tk=tk, key_tq=tq, w=W, seq_q=S, key_group=3))()
-    import sea_jax.kernels.gpu_gathered as gg
-
-    packed = [np.asarray(a) for a in _key_tiles(big, jnp.asarray(end, jnp.int32))]
-    limit = gg.__dict__.get("_PACKED_SORT_LIMIT")
-    assert limit is not None
-    gg._PACKED_SORT_LIMIT = 0  # force the batched sort
-    try:
-        batched = [np.asarray(a) for a in _key_tiles(big, jnp.asarray(end, jnp.int32))]
-    finally:
-        gg._PACKED_SORT_LIMIT = limit
+    groups3 = type("Cfg", (), dict(key_tk=tk, key_tq=tq, w=W, seq_q=S, key_group=3))()
+    packed = [np.asarray(a) for a in _key_tiles(groups3, jnp.asarray(end, jnp.int32))]
+    monkeypatch.setattr("sea_jax.kernels.gpu_gathered._PACKED_SORT_LIMIT", 0)  # force the batched sorts
+    batched = [np.asarray(a) for a in _key_tiles(groups3, jnp.asarray(end, jnp.int32))]
     for a, b_ in zip(packed, batched):
         np.testing.assert_array_equal(a, b_)
 
