@@ -79,6 +79,17 @@ def kernel_scopes(hlo_text):
     return out
 
 
+def kernel_origins(hlo_text):
+    """{kernel name: "result shape <- op_name"} for every instruction of a compiled
+    executable's HLO text that carries an op_name (to trace unscoped kernels back to the
+    jax operation that made them)."""
+    out = {}
+    for m in re.finditer(r'%([\w.\-]+) = ([^ ]+) [^\n]*?metadata=\{op_name="([^"]*)"', hlo_text):
+        name = re.sub(r"[.\-]", "_", m.group(1))
+        out.setdefault(name, f"{m.group(2)[:60]} <- {m.group(3)[-150:]}")
+    return out
+
+
 def by_scope(kernels, scopes):
     """Kernel times summed per named scope (Pallas kernels under their own names, e.g. "kernel
     gathered_fwd"; cub sorts: "cub_sort"; unmapped XLA kernels: "other")."""
@@ -141,6 +152,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--trace_reps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--explain", type=int, default=0,
+                    help="print the named scope, result shape and op_name of the N slowest XLA kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -186,6 +199,17 @@ def main():
             print("  by named scope (jax.named_scope in the op_name of each kernel's HLO instruction):")
             for r in scopes:
                 print(f"  {r['ms']:8.3f} {r['calls']:6.1f} calls {r['kernels']:4d} kernels  {r['scope']}")
+            if args.explain:
+                hlo = compiled.as_text()
+                origins, scoped = kernel_origins(hlo), kernel_scopes(hlo)
+                xla = [dict(kern, scope=scoped.get(base, "other"), origin=origins.get(base, "?"))
+                       for kern in kernels for base in [re.sub(r"__\d+$", "", kern["name"])]
+                       if "cub::" not in kern["name"] and not SCOPE_RE.fullmatch(kern["name"])]
+                print(f"  the {args.explain} slowest XLA kernels (scope, result shape <- op_name):")
+                for kern in xla[:args.explain]:
+                    print(f"  {kern['ms']:8.3f} {kern['calls']:4.0f}x {kern['name'][:28]:28} {kern['scope'][:18]:18} "
+                          f"{kern['origin']}")
+                row["explained"] = xla[:args.explain]
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:

@@ -771,8 +771,7 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     keys' rows are gathered once, then every query tile of the tile's range and every query
     head of the group is visited; the mask is the key interval [p + w, kend[p]) (and the
     segment), the weight clip(z_p - tau_t, 0, 1). Rows of the tile's keys are written once
-    (each key is in exactly one tile); tiles with no selected key write nothing (dK / dV
-    alias the window part)."""
+    (each key is in exactly one tile), the window part added, in the dtype of k / v."""
     names = ["perm", "first", "count", "q", "k", "v"] + (["seg"] if cfg.has_segments else [])
     names += ["do", "lse", "delta", "zkey", "kend", "thr", "dkw", "dvw", "dk", "dv", "dz"]
     r = _Refs(refs, names)
@@ -824,11 +823,10 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk,), jnp.float32))
     dk, dv, dz = lax.fori_loop(0, rep, head, init)
     r.dz[keys] = dz
-
-    @pl.when(count > 0)
-    def _():
-        r.dk[keys, :] = r.dkw[keys, :] + dk * cfg.scale
-        r.dv[keys, :] = r.dvw[keys, :] + dv
+    # every key is in one tile: dK / dV are written here in the inputs' dtype (no separate
+    # cast pass over float32 arrays)
+    r.dk[keys, :] = (r.dkw[keys, :] + dk * cfg.scale).astype(r.dk.dtype)
+    r.dv[keys, :] = (r.dvw[keys, :] + dv).astype(r.dv.dtype)
 
 
 def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
@@ -851,9 +849,9 @@ def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
 
 
 def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
-    """Slot dK/dV key-major (factored selections with key intervals): float32 dK, dV
-    [B, Skv_pad, K, Dp] with the window part included, and the key scores' gradient
-    float32 [B, K, Skv_pad]."""
+    """Slot dK/dV key-major (factored selections with key intervals): dK, dV [B, Skv_pad, K, Dp]
+    in the dtype of k / v with the window part (float32 dk_win / dv_win) included, and the key
+    scores' gradient float32 [B, K, Skv_pad]."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
     rep, tk = H // K, cfg.key_tk
     perm, first, count = _key_tiles(cfg, arrays["kend"])
@@ -872,15 +870,15 @@ def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
     in_specs += [qspec, rowspec, rowspec, krow, krow, qrow, kvspec, kvspec]
     args += [arrays["do"], arrays["lse"], arrays["delta"], arrays["zkey"], arrays["kend"], arrays["thr"],
              dk_win, dv_win]
-    shape = jax.ShapeDtypeStruct(dk_win.shape, jnp.float32)
-    n_in = len(args)
+    out_shape = [jax.ShapeDtypeStruct(dk_win.shape, arrays["k"].dtype),
+                 jax.ShapeDtypeStruct(dv_win.shape, arrays["v"].dtype),
+                 jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)]
     return pl.pallas_call(
         functools.partial(_dkv_keys_kernel, cfg=cfg),
         grid=(n_tiles, K, B),
         in_specs=in_specs,
         out_specs=[kvspec, kvspec, krow],
-        out_shape=[shape, shape, jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)],
-        input_output_aliases={n_in - 2: 0, n_in - 1: 1},
+        out_shape=out_shape,
         compiler_params=compiler_params(cfg.warps[5], cfg.stages[5]),
         interpret=cfg.interpret,
         name="gathered_dkv_keys",
@@ -1275,10 +1273,13 @@ def gathered_attention_gpu(
     U = union_index.shape[-1]
     U_pad = -(-U // tu) * tu
     Sq_pad = nq * block_q
-    # keys padded so that every window / key tile lies inside the array, with at least one
-    # spare row past the real keys (the slot kernel's target for empty slots)
+    # keys padded so that every window / key tile lies inside the array; the per-slot dK/dV
+    # kernel also needs one spare row past the real keys (its target for empty slots). When
+    # nothing needs padding, none is made: at T = 32k the copies of k and v and the slices of
+    # dK and dV were ~0.45 ms of ~15 (benchmarks/results/profile_layer_32k_1123e_keys.json)
     kt = max(tk, key_tk)  # powers of two: a multiple of both tiles
-    Skv_pad = -(-(max(Skv, Sq_pad) + 1) // kt) * kt
+    spare = 0 if cfg.key_major else 1
+    Skv_pad = -(-(max(Skv, Sq_pad) + spare) // kt) * kt
     qp = _pad_to(_pad_to(q, 1, Sq_pad), 3, Dp)
     kp = _pad_to(_pad_to(k, 1, Skv_pad), 3, Dp)
     vp = _pad_to(_pad_to(v, 1, Skv_pad), 3, Dp)
@@ -1294,8 +1295,13 @@ def gathered_attention_gpu(
         wsel = _pad_to(_pad_to(selection_weights, 2, Sq_pad), 3, U_pad)
     if selection is not None:
         rows = lambda x, dtype: _pad_to(x.astype(dtype), 2, Sq_pad)  # noqa: E731  (padding queries: empty range)
-        wsel = (_pad_to(selection.slot_scores.astype(jnp.float32), 3, U_pad),
-                rows(selection.threshold, jnp.float32))
+        slot_scores = selection.slot_scores.astype(jnp.float32)
+        if cfg.key_major:
+            # the scores' gradient goes to key_scores: without this the zero cotangent of the
+            # slot scores was scattered back through the selection's gather (0.2 ms at 32k,
+            # benchmarks/results/profile_32k_1124a.json)
+            slot_scores = lax.stop_gradient(slot_scores)
+        wsel = (_pad_to(slot_scores, 3, U_pad), rows(selection.threshold, jnp.float32))
         sel = (rows(selection.select_lo, jnp.int32), rows(selection.select_hi, jnp.int32))
         if cfg.key_major:  # padding keys: never selected (end 0)
             wsel += (_pad_to(selection.key_scores.astype(jnp.float32), 2, Skv_pad),)
