@@ -616,11 +616,13 @@ def fast_select_blocks(
     # 0/1 bfloat16 operands with a float32 sum: exact (counts <= Bq), on the tensor cores. As a
     # float32 HIGHEST einsum it was, by all signs, the layer's one large gemm at 32k on an H100
     # (0.13 ms at block_q 64, 0.46 at 128: growing as Bq^2; the bfloat16 form is not measured yet)
+    # (int16 where the list is shorter than 2**15: half the bytes of the [Bq, Bq] arrays that
+    # the gemm writes and the passes below read; 0.44 -> 0.23 ms at T = 32k with the one
+    # packed pass of _nth_visible, profile_layer_32k_1124c.json)
+    small = jnp.int16 if M < 2**15 else jnp.int32
     before = jnp.einsum("...it,...tu->...iu", inv.astype(jnp.bfloat16), ahead,
-                        preferred_element_type=jnp.float32).astype(jnp.int32)
-    vb = spos[..., None, :] - s[..., None] - before  # visible entries ahead of hidden entry t
-    if M < 2**15:  # (int16: half the bytes of the [Bq, Bq] array that the passes below read)
-        vb = vb.astype(jnp.int16)
+                        preferred_element_type=jnp.float32).astype(small)
+    vb = (spos[..., None, :] - s[..., None]).astype(small) - before  # visible entries ahead of hidden entry t
     nvis = jnp.where(qrun >= 0, e - s - jnp.sum(inv, axis=-1, dtype=jnp.int32), 0)
     kpos, last, nxt_pos = _nth_visible(s, inv, vb, jnp.minimum(nvis, k), jnp.minimum(nvis, c),
                                        jnp.full_like(nvis, c + 1))
