@@ -118,6 +118,14 @@ steps 7.53, 16-query steps 4.65, groups of 4 / 16 tiles 4.45 / 4.52 against 8's 
 with GQA 4, 8 warps 5.31 against 3.87 (key_dkv_32k_kv4_1123e.json). Whether the unmasked-tiles
 branch pays at 32-query steps is not measured on its own.
 
+The key-major kernel writes dK / dV in the dtype of k / v (the float32 window part is its input,
+not an aliased output), and where the window and key tiles divide the keys no row of k / v is
+padded (the spare row past the keys is the per-slot kernel's alone): at 32k the pads of k / v,
+the float32 -> bfloat16 cast and the slices of dK / dV were ~0.45 ms of the layer's 14.9; with
+them gone the key-major kernel took 2.67 ms in the layer (key_dkv_32k_1124a.json: 3.27 alone,
+per-slot path 5.98; 16-query steps 5.31, 128-key tiles 15.4, 8 warps 6.37, 2 / 4 stages 3.32 /
+3.41) and the layer's fwd+bwd 13.59 ms wall (profile_layer_32k_1124a.json).
+
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
 
