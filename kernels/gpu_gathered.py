@@ -1307,7 +1307,7 @@ def gathered_attention_gpu(
         if cfg.key_major:
             # the scores' gradient goes to key_scores: without this the zero cotangent of the
             # slot scores was scattered back through the selection's gather (0.2 ms at 32k,
-            # benchmarks/results/profile_32k_1124a.json)
+            # benchmarks/results/profile_layer_32k_1124a.json)
             slot_scores = lax.stop_gradient(slot_scores)
         wsel = (_pad_to(slot_scores, 3, U_pad), rows(selection.threshold, jnp.float32))
         sel = (rows(selection.select_lo, jnp.int32), rows(selection.select_hi, jnp.int32))

@@ -481,20 +481,21 @@ def _tau_grad_ranges(k, res, g_tau):
     b = jnp.where(active, b, a)
     spos = r.spos[..., None, :]
     hid = r.inv & (spos >= a[..., None]) & (spos < b[..., None])  # [..., Bq(i), Bq(t)]
-    n_free = (b - a) - jnp.sum(hid, axis=-1, dtype=jnp.int32)
+    # rows without a free set: tau's cotangent to the first visible candidate equal to the
+    # target (prefix rule: the minimum; exact saturation: the k-th value), as the dense rule
+    inactive = ~active & (r.nvis > 0)
+    target = jnp.where(inactive, _take(z, r.last), r.theta)
+    m0 = _first_false(lambda m: _take(z, m) > target, lo, hi, M)  # first entry with z <= target
+    # the hidden entries in [a, b) and in [lo, m0): one packed pass over the [Bq, Bq] arrays
+    hidden_free, hidden_before = _hidden_counts(r.inv, r.spos, (a, b), (lo, m0))
+    n_free = (b - a) - hidden_free
     shift = jnp.where(n_free > 0, g_tau / jnp.where(n_free > 0, n_free, 1).astype(dtype), 0).astype(dtype)
     diff = jnp.zeros(z.shape[:-1] + (M + 1,), dtype)
     diff = _scatter_add(_scatter_add(diff, a, shift), b, -shift)
     dz = jnp.cumsum(diff, axis=-1)[..., :M]
     corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)  # per entering key t
     dz = _scatter_add(dz, r.spos, -corr)  # spos = M: no entering key, dropped
-    # rows without a free set: tau's cotangent to the first visible candidate equal to the
-    # target (prefix rule: the minimum; exact saturation: the k-th value), as the dense rule
-    inactive = ~active & (r.nvis > 0)
     saturated = active & (n_free == 0)
-    target = jnp.where(inactive, _take(z, r.last), r.theta)
-    m0 = _first_false(lambda m: _take(z, m) > target, lo, hi, M)  # first entry with z <= target
-    hidden_before = jnp.sum(r.inv & (spos >= lo[..., None]) & (spos < m0[..., None]), axis=-1, dtype=jnp.int32)
     first = _nth_visible(r.s, r.inv, r.vb, (m0 - lo) - hidden_before + 1)
     need = inactive | saturated
     dz = _scatter_add(dz, jnp.where(need, first, M), jnp.where(need, g_tau, 0).astype(dtype))
@@ -505,24 +506,35 @@ def _tau_grad_ranges(k, res, g_tau):
 _list_tau.defvjp(_list_tau_fwd, _list_tau_bwd)
 
 
+def _pack_counts(preds):
+    """Per-row counts (int32 [..., Bq]) of ``preds`` (bool [..., Bq, Bq] each, summed over the
+    last axis) by one reduction: the counts (<= Bq) in the bit fields of one int32 sum when
+    they fit, else one sum each."""
+    bits = preds[0].shape[-1].bit_length()
+    if len(preds) == 1 or len(preds) * bits > 31:
+        return [jnp.sum(p, axis=-1, dtype=jnp.int32) for p in preds]
+    total = jnp.sum(sum(p.astype(jnp.int32) << (n * bits) for n, p in enumerate(preds)), axis=-1, dtype=jnp.int32)
+    return [(total >> (n * bits)) & ((1 << bits) - 1) for n in range(len(preds))]
+
+
+def _hidden_counts(inv, spos, *ranges):
+    """For each (lo, hi) of ``ranges`` ([..., Bq] list-index bounds per query i): the entering
+    keys hidden from query i (inv [..., Bq, Bq]) whose list index spos [..., Bq] lies in [lo, hi)."""
+    sp = spos[..., None, :]
+    return _pack_counts([inv & (sp >= lo[..., None]) & (sp < hi[..., None]) for lo, hi in ranges])
+
+
 def _nth_visible(s, inv, vb, j, *more):
     """List index of the j-th (1-based, [..., Bq]) visible entry: s + j - 1 plus the invisible
     entries ahead of it (those with fewer than j visible entries before them).
 
     Further j's (``more``) are answered by the same pass over ``inv`` and ``vb`` (one
     [..., Bq, Bq] read instead of one per j: three separate passes were 0.44 ms of the
-    layer's forward at T = 32k on an H100, benchmarks/results/profile_32k_1124b.json);
+    layer's forward at T = 32k on an H100, benchmarks/results/profile_layer_32k_1124b.json);
     then a tuple is returned.
     """
     js = (j,) + more
-    below = [vb < x[..., None].astype(vb.dtype) for x in js]
-    bits = inv.shape[-1].bit_length()  # a count is at most Bq
-    if len(js) == 1 or len(js) * bits > 31:
-        ahead = [jnp.sum(inv & b, axis=-1, dtype=jnp.int32) for b in below]
-    else:  # the counts packed into the bit fields of one int32 sum
-        packed = sum(b.astype(jnp.int32) << (n * bits) for n, b in enumerate(below))
-        total = jnp.sum(jnp.where(inv, packed, 0), axis=-1, dtype=jnp.int32)
-        ahead = [(total >> (n * bits)) & ((1 << bits) - 1) for n in range(len(js))]
+    ahead = _pack_counts([inv & (vb < x[..., None].astype(vb.dtype)) for x in js])
     out = tuple(s + x - 1 + a for x, a in zip(js, ahead))
     return out if more else out[0]
 
