@@ -123,8 +123,10 @@ class SparseKOptions:
 
     def resolved_block_q(self, impl: str) -> int:
         """block_q, or its default for ``impl`` (resolved) when None: 128 on the GPU kernels
-        (half the per-slot partial sums of 64; with or without GQA, see
-        sea_jax.kernels.gpu_gathered), 64 elsewhere."""
+        (first for half the per-slot partial sums of 64, see sea_jax.kernels.gpu_gathered;
+        with the key-major dK/dV, which has none, 128 still measured faster at T = 32k on an
+        H100: fwd+bwd 13.70 vs 14.24 ms wall with 16 KV heads, 10.71 vs 11.30 with 4,
+        benchmarks/results/profile_layer_32k_1124_kv*_bq*.json), 64 elsewhere."""
         if self.block_q is not None:
             return self.block_q
         return 128 if impl == "pallas_gpu" else 64
