@@ -40,6 +40,24 @@ DEFAULT_VARIANTS = ('{};{"key_group": 4};{"key_group": 16};{"key_tiles": [32, 64
                     '{"key_tiles": [128, 64]};{"num_warps": [4, 4, 4, 8, 4, 8]};{"num_stages": [3, 3, 3, 3, 3, 2]}')
 
 
+def layer_and_inputs(seq, kv_heads, smoke):
+    """(opts, SparseKAttention module, (q, k, v, x, do)): bench_layers.py's layer (k = 1024,
+    w = 512, H = 16, D = 128, bf16) and inputs at ``seq``; ``smoke``: a tiny interpret-mode one."""
+    if smoke:
+        S, H, K, D, dtype = 256, 2, 2, 16, jnp.float32
+        opts = SparseKOptions(k=16, window=8, block_q=16, impl="pallas_gpu", interpret=True, schedule="fast")
+    else:
+        S, H, K, D, dtype = seq, 16, kv_heads, 128, jnp.bfloat16
+        opts = SparseKOptions(k=1024, window=512)
+    module = SparseKAttention(AttentionDims(H, K, D, H * D), opts, rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.PRNGKey(S), 5)  # bench_layers.py's inputs
+    q = jax.random.normal(ks[0], (1, S, H, D), jnp.float32).astype(dtype)
+    k, v = (jax.random.normal(kk, (1, S, K, D), jnp.float32).astype(dtype) for kk in ks[1:3])
+    x = jax.random.normal(ks[3], (1, S, H * D), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[4], (1, S, H, D), jnp.float32).astype(dtype)
+    return opts, module, (q, k, v, x, do)
+
+
 def capture_layer_call(module, q, k, v, x):
     """(cfg, padded custom-VJP arguments) of the gathered kernel call inside the layer."""
     with spy_gathered() as seen:
@@ -58,18 +76,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (interpret mode)")
     args = ap.parse_args()
-    if args.smoke:
-        S, H, K, D, dtype = 256, 2, 2, 16, jnp.float32
-        opts = SparseKOptions(k=16, window=8, block_q=16, impl="pallas_gpu", interpret=True, schedule="fast")
-    else:
-        S, H, K, D, dtype = args.seq, 16, args.kv_heads, 128, jnp.bfloat16
-        opts = SparseKOptions(k=1024, window=512)
-    module = SparseKAttention(AttentionDims(H, K, D, H * D), opts, rngs=nnx.Rngs(0))
-    ks = jax.random.split(jax.random.PRNGKey(S), 5)  # bench_layers.py's inputs
-    q = jax.random.normal(ks[0], (1, S, H, D), jnp.float32).astype(dtype)
-    k, v = (jax.random.normal(kk, (1, S, K, D), jnp.float32).astype(dtype) for kk in ks[1:3])
-    x = jax.random.normal(ks[3], (1, S, H * D), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[4], (1, S, H, D), jnp.float32).astype(dtype)
+    opts, module, (q, k, v, x, do) = layer_and_inputs(args.seq, args.kv_heads, args.smoke)
+    (_, S, H, D), K, dtype = q.shape, k.shape[2], q.dtype
 
     cfg, (qp, kp, vp, wsel, sel, seg, union, slot_tiles) = capture_layer_call(module, q, k, v, x)
     if not cfg.key_major:
@@ -105,6 +113,8 @@ def main():
         if "ms" in row:
             summary.append(row)
 
+    # (timing only: the captured keys have no spare padding row when the tiles divide them, so
+    # the per-slot kernel's empty slots land on the last key's row)
     slots_cfg = dataclasses.replace(cfg, key_major=False)
     stage("slots: slot kernel + key sort + sorted reduction",
           lambda a, z: gg._dkv_slots(slots_cfg, a, shapes, z, z), arrays, zeros,

@@ -24,14 +24,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_key_dkv import capture_layer_call  # noqa: E402
+from bench_key_dkv import capture_layer_call, layer_and_inputs  # noqa: E402
 from common import JsonRows, env_info, time_ms  # noqa: E402
 
-from sea_jax.attention.base import AttentionDims  # noqa: E402
-from sea_jax.attention.sparsek import SparseKAttention, SparseKOptions  # noqa: E402
 from sea_jax.kernels import gpu_gathered as gg  # noqa: E402
 
 KERNELS = {
@@ -70,18 +67,9 @@ def main():
     if unknown:
         raise SystemExit(f"--kernels: unknown {unknown}; allowed: {sorted(KERNELS)}")
     if args.smoke:
-        S, H, K, D, dtype = 256, 2, 2, 16, jnp.float32
-        opts = SparseKOptions(k=16, window=8, block_q=16, impl="pallas_gpu", interpret=True, schedule="fast")
         args.reps = 1
-    else:
-        S, H, K, D, dtype = args.seq, 16, 16, 128, jnp.bfloat16
-        opts = SparseKOptions(k=1024, window=512)
-    module = SparseKAttention(AttentionDims(H, K, D, H * D), opts, rngs=nnx.Rngs(0))
-    ks = jax.random.split(jax.random.PRNGKey(S), 5)  # bench_layers.py's inputs
-    q = jax.random.normal(ks[0], (1, S, H, D), jnp.float32).astype(dtype)
-    k, v = (jax.random.normal(kk, (1, S, K, D), jnp.float32).astype(dtype) for kk in ks[1:3])
-    x = jax.random.normal(ks[3], (1, S, H * D), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[4], (1, S, H, D), jnp.float32).astype(dtype)
+    _, module, (q, k, v, x, do) = layer_and_inputs(args.seq, 16, args.smoke)
+    (_, S, H, D), K = q.shape, k.shape[2]
     cfg, (qp, kp, vp, wsel, sel, seg, union, slot_tiles) = capture_layer_call(module, q, k, v, x)
     shapes = gg._shapes(qp, kp, union)
     arrays = gg._arrays(cfg, qp, kp, vp, sel, wsel, seg, union, slot_tiles)
