@@ -405,7 +405,9 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
     ok = (ent >= 0) & (_take(table.run, ent) >= 0)
     ent_rank = jnp.where(ok, _take(rank, ent), fast.EMPTY)
     ent_rank = jnp.moveaxis(ent_rank.reshape(B, K, nq, Bq), 2, 0)  # [nQ, B, K, Bq]
-    carry, ev = fast.prefix_ranks(ent_rank, c)
+    # the GPU kernel path merges the carries' rank lists on chip too
+    merge = method if method in ("pallas", "pallas_interpret") else "bitonic"
+    carry, ev = fast.prefix_ranks(ent_rank, c, merge=merge)
     lists = fast.sorted_block_lists(carry, ent_rank, table.score.shape[-1])  # [nQ, B, K, C + Bq]
 
     def one_block(args):

@@ -12,7 +12,9 @@ by the same solver, to float rounding), organised for a GPU:
    that entered before it (an exclusive ``lax.associative_scan``, as in the "parallel"
    schedule). Two sorted lists merge without a sort: ``min(a, reverse(b))`` holds the C
    smallest of the union as a bitonic sequence (log2 elementwise min/max stages sort it) and
-   the smallest of ``max(a, reverse(b))`` is the (C + 1)-th, the evicted key.
+   the smallest of ``max(a, reverse(b))`` is the (C + 1)-th, the evicted key. (On the GPU
+   kernel path the merges run as one Pallas pass each, :mod:`sea_jax.kernels.gpu_rank_merge`:
+   the network's stages were ~100 small kernels.)
 3. **Per query without cumsum.** A block's list (carry + the block_q entering keys, sorted by
    rank) is shared by its queries. Query i sees the entries of its own run (one contiguous
    range [s_i, e_i) of the list, since runs sort first) except the entering keys of later
@@ -159,18 +161,29 @@ class _RankList(NamedTuple):
     ev: jax.Array
 
 
-def _merge(a: _RankList, b: _RankList) -> _RankList:
-    ranks, ev = bitonic_merge_lowest(a.ranks, b.ranks)
+MERGES = ("bitonic", "pallas", "pallas_interpret")
+
+
+def _merge(a: _RankList, b: _RankList, merge: str = "bitonic") -> _RankList:
+    if merge == "bitonic":
+        ranks, ev = bitonic_merge_lowest(a.ranks, b.ranks)
+    else:
+        from sea_jax.kernels.gpu_rank_merge import merge_lowest
+
+        ranks, ev = merge_lowest(a.ranks, b.ranks, interpret=merge == "pallas_interpret")
     return _RankList(ranks, jnp.minimum(ev, jnp.minimum(a.ev, b.ev)))
 
 
 @jax.named_scope("sparsek_carries")
-def prefix_ranks(enter_ranks: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+def prefix_ranks(enter_ranks: jax.Array, c: int, merge: str = "bitonic") -> tuple[jax.Array, jax.Array]:
     """The carry of every query block: the top-C ranks entered before it and the (C + 1)-th.
 
     Args:
       enter_ranks: int32 [nQ, ..., Bq] ranks of the keys entering at each query (EMPTY: none).
       c: C, the carry length.
+      merge: how two sorted lists merge in the scan: "bitonic" (XLA elementwise stages) or
+        "pallas" / "pallas_interpret" (:func:`sea_jax.kernels.gpu_rank_merge.merge_lowest`, one
+        Pallas Triton pass per merge).
     Returns:
       ranks int32 [nQ, ..., C] ascending (EMPTY-padded), ev int32 [nQ, ...] (EMPTY: none);
       entry q covers the keys entering in blocks < q (an exclusive prefix).
@@ -181,7 +194,9 @@ def prefix_ranks(enter_ranks: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
         leaves = _RankList(leaf[..., :P], leaf[..., P])
     else:
         leaves = _RankList(_pad_to(leaf, P), jnp.full(leaf.shape[:-1], EMPTY, jnp.int32))
-    incl = lax.associative_scan(_merge, leaves, axis=0)
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    incl = lax.associative_scan(functools.partial(_merge, merge=merge), leaves, axis=0)
     excl = jax.tree.map(lambda a: jnp.concatenate([jnp.full((1,) + a.shape[1:], EMPTY, jnp.int32), a[:-1]], 0), incl)
     # the lists hold the top P >= C exactly: the (C + 1)-th is inside them unless P = C
     ev = excl.ranks[..., c] if P > c else excl.ev
