@@ -12,6 +12,9 @@ writes all of them to JSON:
 
     python benchmarks/profile_layer.py --seq 32768 --out benchmarks/results/profile_layer_32k.json
 
+``--explain N`` also lists the N slowest XLA kernels with their named scope, result shape
+and jax op_name (from the compiled HLO): what each unscoped fusion, scatter or slice came from.
+
 Device time per call is the sum of kernel durations divided by ``--trace_reps``; the gap to
 the wall time is launch / host overhead and idle device time between kernels.
 """

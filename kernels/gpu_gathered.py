@@ -1305,9 +1305,8 @@ def gathered_attention_gpu(
         rows = lambda x, dtype: _pad_to(x.astype(dtype), 2, Sq_pad)  # noqa: E731  (padding queries: empty range)
         slot_scores = selection.slot_scores.astype(jnp.float32)
         if cfg.key_major:
-            # the scores' gradient goes to key_scores: without this the zero cotangent of the
-            # slot scores was scattered back through the selection's gather (0.2 ms at 32k,
-            # benchmarks/results/profile_layer_32k_1124a.json)
+            # the scores' gradient goes to key_scores: the slot scores' cotangent is zero, and
+            # would otherwise still flow back through the selection's gather of the scores
             slot_scores = lax.stop_gradient(slot_scores)
         wsel = (_pad_to(slot_scores, 3, U_pad), rows(selection.threshold, jnp.float32))
         sel = (rows(selection.select_lo, jnp.int32), rows(selection.select_hi, jnp.int32))
