@@ -20,6 +20,7 @@ load latency (~20 us per call), not by bandwidth.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +74,7 @@ def merge_lowest(a: jax.Array, b: jax.Array, *, num_warps: int = 4, interpret: b
     if n < 1 or n & (n - 1):
         raise ValueError(f"the lists' length must be a power of two, got {n}")
     lead = a.shape[:-1]
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     if rows == 0:  # (associative_scan combines empty slices too)
         return a, jnp.zeros(lead, jnp.int32)
     spec = pl.BlockSpec((None, n), lambda r: (r, 0))

@@ -644,8 +644,9 @@ def fast_select_blocks(
     # float32 HIGHEST einsum it was, by all signs, the layer's one large gemm at 32k on an H100
     # (0.13 ms at block_q 64, 0.46 at 128: growing as Bq^2; the bfloat16 form is not measured yet)
     # (int16 where the list is shorter than 2**15: half the bytes of the [Bq, Bq] arrays that
-    # the gemm writes and the passes below read; 0.44 -> 0.23 ms at T = 32k with the one
-    # packed pass of _nth_visible, profile_layer_32k_1124c.json)
+    # the gemm writes and the passes below read. At T = 32k on an H100 the int32 gemm and three
+    # separate passes took 0.15 + 0.44 ms, the int16 gemm and _nth_visible's one packed pass
+    # 0.12 + 0.10: profile_layer_32k_1124{b,d}.json)
     small = jnp.int16 if M < 2**15 else jnp.int32
     before = jnp.einsum("...it,...tu->...iu", inv.astype(jnp.bfloat16), ahead,
                         preferred_element_type=jnp.float32).astype(small)
