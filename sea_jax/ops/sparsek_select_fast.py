@@ -447,7 +447,29 @@ def _list_tau_fwd(z, r, k, method):
 
 
 def _list_tau_bwd(k, method, res, g_tau):
+    if method in ("pallas", "pallas_interpret") and res[0].dtype == jnp.float32:
+        return _kernel_tau_grad(k, res, g_tau, interpret=method == "pallas_interpret")
     return _tau_grad_ranges(k, res, g_tau)
+
+
+@jax.named_scope("sparsek_tau_grad")
+def _kernel_tau_grad(k, res, g_tau, interpret: bool):
+    """_tau_grad_ranges by the on-chip kernel (sea_jax.kernels.gpu_sparsek_threshold_grad): one
+    Pallas program per block list instead of ~20 XLA kernels."""
+    from sea_jax.kernels.gpu_sparsek_threshold_grad import list_threshold_grad
+
+    z, r, tau_s = res
+    M, Bq = z.shape[-1], r.s.shape[-1]
+    lead = r.s.shape[:-1]
+    flat = lambda a, n, dtype: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n).astype(dtype)  # noqa: E731
+    end = jnp.where(r.nvis > 0, jnp.minimum(r.e, r.last + 1), r.s)
+    rows = [flat(x, Bq, dt) for x, dt in ((r.s, jnp.int32), (end, jnp.int32), (r.last, jnp.int32),
+                                         (r.nvis, jnp.int32), (r.theta, jnp.float32), (tau_s, jnp.float32),
+                                         (g_tau, jnp.float32))]
+    dz = list_threshold_grad(flat(lax.stop_gradient(z), M, jnp.float32), flat(r.tin, M, jnp.int32), *rows, k=k,
+                             interpret=interpret)
+    r_zero = jax.tree.map(lambda a: None, r)
+    return dz.reshape(lead + (M,)).astype(z.dtype), r_zero
 
 
 def _first_false(pred, lo, hi, n: int):
