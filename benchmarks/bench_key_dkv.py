@@ -7,7 +7,8 @@ times, each alone (median of ``--reps`` after a warm call):
 * ``slots``: the per-slot dK/dV kernel + the union's key sort + the sorted reduction (the path
   for selections without key intervals);
 * ``keys`` with each ``--variants`` entry: the key-major kernel (``_dkv_keys``: key tiles by
-  ``_key_tiles`` included), with its visited work: ``hull / pairs`` = (key, query) pairs the
+  ``_key_tiles`` included; its float32 rows of the selected keys, which the window kernel
+  adds, and the key scores' gradient), with its visited work: ``hull / pairs`` = (key, query) pairs the
   tiles visit over the selected pairs (the per-block unions' ratio ``union / pairs`` for the
   slot kernel);
 * cuDNN dense causal forward+backward of the same q, k, v (the baseline, same process).
@@ -139,7 +140,7 @@ def main():
             hull = float(jnp.sum(count) * c.key_tq * c.key_tk)
             return dict(visited_over_pairs=round(hull / pairs, 3), longest_tile_query_tiles=int(jnp.max(count)))
 
-        stage(f"keys {text}", lambda a, z, c=c: gg._dkv_keys(c, a, shapes, z, z), arrays, zeros, extra=tile_stats)
+        stage(f"keys {text}", lambda a, c=c: gg._dkv_keys(c, a, shapes), arrays, extra=tile_stats)
         stage(f"key tiles alone {text}", lambda e, c=c: gg._key_tiles(c, e), kend)
     if not args.smoke:
         stage("cudnn dense causal fwd+bwd", lambda q, k, v, ct: jax.vjp(

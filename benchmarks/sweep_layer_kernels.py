@@ -34,7 +34,9 @@ from sea_jax.kernels import gpu_gathered as gg  # noqa: E402
 KERNELS = {
     "fwd": lambda c, a, shapes: gg._forward(c, a, shapes)[0],
     "dq": lambda c, a, shapes: gg._dq(c, a, shapes)[0],
-    "win": lambda c, a, shapes: gg._dkv_window(c, a, shapes)[0],
+    # on the key-major path the window kernel also adds the key-major kernel's rows (computed
+    # once beforehand: "parts")
+    "win": lambda c, a, shapes: gg._dkv_window(c, a, shapes, parts=a.get("parts"))[0],
 }
 FIELDS = ("tq", "tk", "warps", "stages")
 
@@ -77,6 +79,8 @@ def main():
     dop = gg._pad_to(gg._pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), dop.astype(jnp.float32))
     arrays.update(do=dop, lse=lse, delta=delta)
+    if cfg.key_major:
+        arrays["parts"] = jax.jit(lambda a: gg._dkv_keys(cfg, a, shapes)[:3])(arrays)
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args), config=dict(
         S=S, H=H, K=K, D=D, block_q=cfg.block_q, tq=cfg.tq, tk=cfg.tk, tu=cfg.tu,
         warps=cfg.warps, stages=cfg.stages)))

@@ -474,7 +474,12 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
 
 # --------------------------------------------------------------------- window dK/dV
 def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
-    names = ["q", "k", "v"] + (["seg"] if cfg.has_segments else []) + ["do", "lse", "delta", "dk", "dv"]
+    """dK / dV of one tile of keys from the queries of their window span. On the key-major path
+    (cfg.key_major) the selected keys' part, float32 rows of the key-major kernel's output, is
+    added here (``slot``: each key's row there, -1 for keys no query selects) and dK / dV are
+    written in the dtype of k / v; otherwise float32 for the per-slot path to add to."""
+    parts = ["slot", "pk", "pv"] if cfg.key_major else []
+    names = ["q", "k", "v"] + (["seg"] if cfg.has_segments else []) + parts + ["do", "lse", "delta", "dk", "dv"]
     r = _Refs(refs, names)
     tq, tk = cfg.tq, cfg.tk
     tile = pl.program_id(0)
@@ -520,11 +525,25 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
 
     init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32))
     dk, dv = lax.fori_loop(0, rep, head, init)
-    r.dk[...] = dk * cfg.scale
-    r.dv[...] = dv
+    dk = dk * cfg.scale
+    if cfg.key_major:
+        # the selected keys' part (~1 key in 7 at T = 32k, k = 1024): masked row loads, so the
+        # keys that no query selects read nothing
+        slot = r.slot[pl.ds(k0, tk)]
+        shape = (tk, d)
+        rows = jnp.broadcast_to(jnp.maximum(slot, 0)[:, None], shape)
+        cols = lax.broadcasted_iota(jnp.int32, shape, 1)
+        sel = jnp.broadcast_to((slot >= 0)[:, None], shape)
+        dk = dk + pltriton.load(r.pk.at[rows, cols], mask=sel, other=0.0)
+        dv = dv + pltriton.load(r.pv.at[rows, cols], mask=sel, other=0.0)
+    r.dk[...] = dk.astype(r.dk.dtype)
+    r.dv[...] = dv.astype(r.dv.dtype)
 
 
-def _dkv_window(cfg, arrays, shapes):
+def _dkv_window(cfg, arrays, shapes, parts=None):
+    """The window part of dK / dV: float32 [B, Skv_pad, K, Dp] each; on the key-major path
+    (``parts``: (slot int32 [B, K, Skv_pad], pk, pv) from _dkv_keys) the whole dK / dV in the
+    dtype of k / v."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
     rep = H // K
     tk = cfg.tk
@@ -536,15 +555,21 @@ def _dkv_window(cfg, arrays, shapes):
     if cfg.has_segments:
         in_specs.append(pl.BlockSpec((None, arrays["seg"].shape[1]), lambda t, kh, b: (b, 0)))
         args.append(arrays["seg"])
+    if cfg.key_major:
+        slot, pk, pv = parts
+        full_kv = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, kh, b: (b, 0, kh, 0))
+        in_specs += [pl.BlockSpec((None, None, Skv_pad), lambda t, kh, b: (b, kh, 0)), full_kv, full_kv]
+        args += [slot, pk, pv]
     in_specs += [qspec, rowspec, rowspec]
     args += [arrays["do"], arrays["lse"], arrays["delta"]]
-    shape = jax.ShapeDtypeStruct((B, Skv_pad, K, Dp), jnp.float32)
+    shape = [jax.ShapeDtypeStruct((B, Skv_pad, K, Dp), arrays[n].dtype if cfg.key_major else jnp.float32)
+             for n in ("k", "v")]
     return pl.pallas_call(
         functools.partial(_dkv_window_kernel, cfg=cfg),
         grid=(Skv_pad // tk, K, B),
         in_specs=in_specs,
         out_specs=[kspec, kspec],
-        out_shape=[shape, shape],
+        out_shape=shape,
         compiler_params=compiler_params(cfg.warps[2], cfg.stages[2]),
         interpret=cfg.interpret,
         name="gathered_dkv_window",
@@ -775,13 +800,14 @@ def _key_tiles(cfg, kend):
 
 
 def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
-    """dK / dV of one tile of selected keys (and the window part), one (KV head, batch): the
-    keys' rows are gathered once, then every query tile of the tile's range and every query
-    head of the group is visited; the mask is the key interval [p + w, kend[p]) (and the
-    segment), the weight clip(z_p - tau_t, 0, 1). Rows of the tile's keys are written once
-    (each key is in exactly one tile), the window part added, in the dtype of k / v."""
+    """The selected part of dK / dV of one tile of keys, one (KV head, batch): the keys' rows
+    are gathered once, then every query tile of the tile's range and every query head of the
+    group is visited; the mask is the key interval [p + w, kend[p]) (and the segment), the
+    weight clip(z_p - tau_t, 0, 1). The sums are written as float32 rows of the tile (row
+    t * key_tk + j for the tile's j-th key; tiles of keys no query selects write nothing), for
+    the window kernel to add; the key scores' gradient goes to the keys' own positions."""
     names = ["perm", "first", "count", "q", "k", "v"] + (["seg"] if cfg.has_segments else [])
-    names += ["do", "lse", "delta", "zkey", "kend", "thr", "dkw", "dvw", "dk", "dv", "dz"]
+    names += ["do", "lse", "delta", "zkey", "kend", "thr", "pk", "pv", "dz"]
     r = _Refs(refs, names)
     tq, tk = cfg.key_tq, cfg.key_tk
     t = pl.program_id(0)
@@ -831,10 +857,11 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk,), jnp.float32))
     dk, dv, dz = lax.fori_loop(0, rep, head, init)
     r.dz[keys] = dz
-    # every key is in one tile: dK / dV are written here in the inputs' dtype (no separate
-    # cast pass over float32 arrays)
-    r.dk[keys, :] = (r.dkw[keys, :] + dk * cfg.scale).astype(r.dk.dtype)
-    r.dv[keys, :] = (r.dvw[keys, :] + dv).astype(r.dv.dtype)
+
+    @pl.when(count > 0)
+    def _():
+        r.pk[...] = dk * cfg.scale
+        r.pv[...] = dv
 
 
 def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
@@ -856,13 +883,20 @@ def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
     return dk, dv, dz
 
 
-def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
-    """Slot dK/dV key-major (factored selections with key intervals): dK, dV [B, Skv_pad, K, Dp]
-    in the dtype of k / v with the window part (float32 dk_win / dv_win) included, and the key
-    scores' gradient float32 [B, K, Skv_pad]."""
+def _dkv_keys(cfg, arrays, shapes):
+    """Slot dK/dV key-major (factored selections with key intervals). Returns slot int32
+    [B, K, Skv_pad] (each key's row of pk / pv, -1 for keys no query selects), pk, pv float32
+    [B, Skv_pad, K, Dp] (the selected part of dK / dV, rows in tile order; only the rows of
+    selected keys are written) and the key scores' gradient float32 [B, K, Skv_pad]."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
     rep, tk = H // K, cfg.key_tk
     perm, first, count = _key_tiles(cfg, arrays["kend"])
+    kend = arrays["kend"]
+    pos = jnp.arange(Skv_pad, dtype=jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(Skv_pad, dtype=jnp.int32), perm.shape)
+    slot = jnp.zeros_like(perm).at[
+        jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], perm].set(rows)  # perm's inverse
+    slot = jnp.where(kend > pos + cfg.w, slot, -1)
     n_tiles = Skv_pad // tk
     krow = pl.BlockSpec((None, None, Skv_pad), lambda t, kh, b: (b, kh, 0))
     trow = pl.BlockSpec((None, None, n_tiles), lambda t, kh, b: (b, kh, 0))
@@ -875,22 +909,22 @@ def _dkv_keys(cfg, arrays, shapes, dk_win, dv_win):
     if cfg.has_segments:
         in_specs.append(pl.BlockSpec((None, arrays["seg"].shape[1]), lambda t, kh, b: (b, 0)))
         args.append(arrays["seg"])
-    in_specs += [qspec, rowspec, rowspec, krow, krow, qrow, kvspec, kvspec]
-    args += [arrays["do"], arrays["lse"], arrays["delta"], arrays["zkey"], arrays["kend"], arrays["thr"],
-             dk_win, dv_win]
-    out_shape = [jax.ShapeDtypeStruct(dk_win.shape, arrays["k"].dtype),
-                 jax.ShapeDtypeStruct(dv_win.shape, arrays["v"].dtype),
-                 jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)]
-    return pl.pallas_call(
+    in_specs += [qspec, rowspec, rowspec, krow, krow, qrow]
+    args += [arrays["do"], arrays["lse"], arrays["delta"], arrays["zkey"], arrays["kend"], arrays["thr"]]
+    part = jax.ShapeDtypeStruct((B, Skv_pad, K, Dp), jnp.float32)
+    out_shape = [part, part, jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)]
+    tile_spec = pl.BlockSpec((None, tk, None, Dp), lambda t, kh, b: (b, t, kh, 0))
+    pk, pv, dz = pl.pallas_call(
         functools.partial(_dkv_keys_kernel, cfg=cfg),
         grid=(n_tiles, K, B),
         in_specs=in_specs,
-        out_specs=[kvspec, kvspec, krow],
+        out_specs=[tile_spec, tile_spec, krow],
         out_shape=out_shape,
         compiler_params=compiler_params(cfg.warps[5], cfg.stages[5]),
         interpret=cfg.interpret,
         name="gathered_dkv_keys",
     )(*args)
+    return slot, pk, pv, dz
 
 
 # ------------------------------------------------- sorted (atomic-free) slot reduction
@@ -1070,14 +1104,24 @@ def _attention_bwd(cfg, res, do):
     arrays = _arrays(cfg, q, k, v, sel, wsel, seg, union, slot_tiles)
     arrays.update(do=do.astype(q.dtype), lse=lse, delta=delta)
     dq, gsum = _dq(cfg, arrays, shapes)
-    if cfg.window is None:
-        dk_win = dv_win = jnp.zeros(k.shape, jnp.float32)
-    else:
-        dk_win, dv_win = _dkv_window(cfg, arrays, shapes)
     if cfg.key_major:
-        dk, dv, dzkey = _dkv_keys(cfg, arrays, shapes, dk_win, dv_win)
+        # the key-major kernel first: its float32 rows exist only for selected keys (~1 in 7
+        # at T = 32k), and the window kernel adds them while it writes dK / dV once in k's
+        # dtype (the window part first meant full float32 arrays written, read and cast)
+        slot, pk, pv, dzkey = _dkv_keys(cfg, arrays, shapes)
+        if cfg.window is None:
+            take = lambda p: jnp.where(  # noqa: E731
+                (slot >= 0)[..., None], jnp.take_along_axis(jnp.moveaxis(p, 2, 1), jnp.maximum(slot, 0)[..., None], 2),
+                0).transpose(0, 2, 1, 3)
+            dk, dv = take(pk), take(pv)
+        else:
+            dk, dv = _dkv_window(cfg, arrays, shapes, parts=(slot, pk, pv))
         dw = jnp.zeros(wsel[0].shape, jnp.float32)  # the scores' gradient goes to key_scores
     else:
+        if cfg.window is None:
+            dk_win = dv_win = jnp.zeros(k.shape, jnp.float32)
+        else:
+            dk_win, dv_win = _dkv_window(cfg, arrays, shapes)
         dw, dk, dv = _dkv_slots(cfg, arrays, shapes, dk_win, dv_win)
     if cfg.factored:  # weight = clip(z - tau): tau's cotangent is minus the free rows' sums
         B, Sq_pad, H = q.shape[:3]

@@ -657,6 +657,20 @@ def fast_select_blocks(
     qr = jnp.broadcast_to(qrun, zero.shape)
     s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
     e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
+    if method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
+        # the GPU kernel path: visible counts and the k-th / C-th / (C + 1)-th visible entries on
+        # chip (sea_jax.kernels.gpu_sparsek_list_visible); the threshold and its gradient are
+        # kernels too, so no [Bq, Bq] array is needed
+        from sea_jax.kernels.gpu_sparsek_list_visible import list_visible
+
+        lead = s.shape[:-1]
+        flat = lambda a, n: a.reshape(-1, n)  # noqa: E731
+        e_seen = jnp.where(qr >= 0, e, s)  # padding queries see nothing
+        nvis, kpos, last, nxt_pos = (x.reshape(lead + (Bq,)) for x in list_visible(
+            flat(tin, M), flat(s, Bq), flat(e_seen, Bq), k=k, c=c, interpret=method == "pallas_interpret"))
+        r = _Rows(s, e, tin, last, kpos, nvis, jnp.where(nvis > k, _take(zs, kpos), 0), None, None, None)
+        return _block_outputs(lst, slot, z, zs, r, ev_rank, qrun, order, score, run, k=k, c=c, union=union,
+                              method=method, factored=factored, nxt_pos=nxt_pos)
     spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
     t = jnp.arange(Bq, dtype=jnp.int32)
     # inv[i, t]: the key entering at query t > i lies in query i's run range (hidden from it)
@@ -679,6 +693,15 @@ def fast_select_blocks(
     active = nvis > k
     theta = jnp.where(active, _take(zs, kpos), 0)
     r = _Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
+    return _block_outputs(lst, slot, z, zs, r, ev_rank, qrun, order, score, run, k=k, c=c, union=union,
+                          method=method, factored=factored, nxt_pos=nxt_pos)
+
+
+def _block_outputs(lst, slot, z, zs, r: _Rows, ev_rank, qrun, order, score, run, *, k, c, union, method, factored,
+                   nxt_pos):
+    """fast_select_blocks' outputs from the block's rows."""
+    s, e, kpos, nvis = r.s, r.e, r.kpos, r.nvis
+    Bq = s.shape[-1]
     if factored:
         # the list is sorted by score within a run: query i's selected entries are the
         # visible ones of [s, kpos] (tin > i hides the rest, the kernel's causal check)
