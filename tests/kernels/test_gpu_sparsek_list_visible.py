@@ -29,6 +29,20 @@ def _case(rng, rows, bq, m, k, c):
     return tin, s, e
 
 
+def _entering(tin, bq):
+    """The kernel's inputs: the entering keys' list indices (ascending) and query indices,
+    padded with keys past the list."""
+    rows, m = tin.shape
+    pos = np.full((rows, bq), m, np.int64)
+    query = np.zeros((rows, bq), np.int64)
+    for r in range(rows):
+        at = np.nonzero(tin[r] >= 0)[0]
+        pos[r, :len(at)] = at
+        query[r, :len(at)] = tin[r, at]
+        query[r, len(at):] = np.arange(bq - len(at))  # (where no key enters: position m, never hidden)
+    return jnp.asarray(pos, jnp.int32), jnp.asarray(query, jnp.int32)
+
+
 def _expected(tin, s, e, k, c):
     rows, bq = s.shape
     out = [np.zeros((rows, bq), np.int64) for _ in range(4)]
@@ -45,17 +59,17 @@ def _expected(tin, s, e, k, c):
     return out
 
 
-@pytest.mark.parametrize("rows,bq,m,k,c,chunk,rpp", [
-    (3, 16, 40, 5, 9, 16, 16),       # M not a multiple of the chunk
-    (2, 24, 100, 20, 20, 32, 16),    # block_q not a multiple of the rows per program; k = C
-    (2, 64, 300, 90, 200, 64, 32),
+@pytest.mark.parametrize("rows,bq,m,k,c,rpp", [
+    (3, 16, 40, 5, 9, 16),
+    (2, 24, 100, 20, 20, 16),    # block_q not a power of two nor a multiple of the rows per program; k = C
+    (2, 64, 300, 90, 200, 32),
 ])
-def test_matches_numpy(rows, bq, m, k, c, chunk, rpp):
+def test_matches_numpy(rows, bq, m, k, c, rpp):
     rng = np.random.default_rng(rows * 1000 + m)
     tin, s, e = _case(rng, rows, bq, m, k, c)
     want = _expected(tin, s, e, k, c)
-    f = jax.jit(lambda *a: list_visible(*a, k=k, c=c, chunk=chunk, rows_per_program=rpp, interpret=True))
-    got = f(jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32), jnp.asarray(e, jnp.int32))
+    f = jax.jit(lambda *a: list_visible(*a, k=k, c=c, rows_per_program=rpp, interpret=True))
+    got = f(*_entering(tin, bq), jnp.asarray(s, jnp.int32), jnp.asarray(e, jnp.int32))
     for name, g, w in zip(("nvis", "kpos", "last", "nxt"), got, want):
         np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
     n = want[0]
@@ -65,36 +79,35 @@ def test_matches_numpy(rows, bq, m, k, c, chunk, rpp):
 
 
 def test_bad_arguments():
-    tin = jnp.zeros((2, 32), jnp.int32)
+    p = jnp.zeros((2, 16), jnp.int32)
     s = jnp.zeros((2, 16), jnp.int32)
-    with pytest.raises(ValueError, match="tin must be int32"):
-        list_visible(tin.astype(jnp.float32), s, s, k=2, c=4)
+    with pytest.raises(ValueError, match="enter_pos must be int32"):
+        list_visible(p.astype(jnp.float32), p, s, s, k=2, c=4)
+    with pytest.raises(ValueError, match="enter_query must have enter_pos's shape"):
+        list_visible(p, p[:, :3], s, s, k=2, c=4)
     with pytest.raises(ValueError, match="e must be int32"):
-        list_visible(tin, s, s[:, :3], k=2, c=4)
+        list_visible(p, p, s, s[:, :3], k=2, c=4)
     with pytest.raises(ValueError, match="k must be an int"):
-        list_visible(tin, s, s, k=0, c=4)
+        list_visible(p, p, s, s, k=0, c=4)
     with pytest.raises(ValueError, match="c must be >= k"):
-        list_visible(tin, s, s, k=5, c=4)
+        list_visible(p, p, s, s, k=5, c=4)
     with pytest.raises(ValueError, match="rows_per_program must be a power of two"):
-        list_visible(tin, s, s, k=2, c=4, rows_per_program=24)
-    with pytest.raises(ValueError, match="chunk must be a power of two"):
-        list_visible(tin, s, s, k=2, c=4, chunk=8)
+        list_visible(p, p, s, s, k=2, c=4, rows_per_program=24)
 
 
 def test_lowers_to_triton_for_an_h100():
-    """The Pallas -> Triton lowering (cumulative sums included) runs on the CPU machine."""
+    """The Pallas -> Triton lowering (the cumulative sum included) runs on the CPU machine."""
     import re
 
     from jax._src.mesh import AbstractDevice
     from jax.sharding import AbstractMesh
 
     sds = jax.ShapeDtypeStruct
-    n, m, bq = 4, 1152, 128
+    n, bq = 4, 128
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
-        text = jax.jit(lambda *a: list_visible(*a, k=1024, c=1024)).trace(
-            sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32)
-        ).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(lambda *a: list_visible(*a, k=1024, c=2048)).trace(
+            *[sds((n, bq), jnp.int32)] * 4).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
     assert "sparsek_list_visible" in text
 
@@ -107,6 +120,6 @@ def test_compiled_matches_numpy(bq, m, k, c):
     tin, s, e = _case(rng, 3, bq, m, k, c)
     want = _expected(tin, s, e, k, c)
     got = jax.jit(lambda *a: list_visible(*a, k=k, c=c))(
-        jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32), jnp.asarray(e, jnp.int32))
+        *_entering(tin, bq), jnp.asarray(s, jnp.int32), jnp.asarray(e, jnp.int32))
     for name, g, w in zip(("nvis", "kpos", "last", "nxt"), got, want):
         np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)

@@ -89,24 +89,37 @@ def _expected(z, tin, a, k):
     return dz, seen
 
 
+def _args(z, tin, a):
+    """The kernel's inputs; the entering keys in list order (padded with keys past the list)."""
+    rows, m = tin.shape
+    bq = a["s"].shape[1]
+    pos = np.full((rows, bq), m, np.int64)
+    query = np.zeros((rows, bq), np.int64)
+    for r in range(rows):
+        at = np.nonzero(tin[r] >= 0)[0]
+        pos[r, :len(at)] = at
+        query[r, :len(at)] = tin[r, at]
+        query[r, len(at):] = np.arange(bq - len(at))
+    args = [jnp.asarray(z), jnp.asarray(pos, jnp.int32), jnp.asarray(query, jnp.int32)]
+    args += [jnp.asarray(a[n], jnp.int32) for n in ("s", "end", "last", "nvis")]
+    return args + [jnp.asarray(a[n], jnp.float32) for n in ("theta", "tau", "g")]
+
+
 def _run(z, tin, a, k, **kw):
     f = lambda *x: list_threshold_grad(*x, k=k, interpret=True, **kw)  # noqa: E731
-    args = [jnp.asarray(z), jnp.asarray(tin, jnp.int32)]
-    args += [jnp.asarray(a[n], jnp.int32) for n in ("s", "end", "last", "nvis")]
-    args += [jnp.asarray(a[n], jnp.float32) for n in ("theta", "tau", "g")]
-    return np.asarray(jax.jit(f)(*args))
+    return np.asarray(jax.jit(f)(*_args(z, tin, a)))
 
 
-@pytest.mark.parametrize("rows,bq,m,k,chunk,ties", [
-    (3, 16, 40, 5, 16, False),     # M not a multiple of the chunk
-    (2, 24, 100, 20, 32, True),    # block_q not a power of two (padded rows); ties: saturated rows
-    (2, 64, 300, 90, 64, False),
+@pytest.mark.parametrize("rows,bq,m,k,rpp,ties", [
+    (3, 16, 40, 5, 16, False),
+    (2, 24, 100, 20, 16, True),    # block_q not a multiple of the rows per program; ties: saturated rows
+    (2, 64, 300, 90, 32, False),
 ])
-def test_matches_numpy_vjp(rows, bq, m, k, chunk, ties):
+def test_matches_numpy_vjp(rows, bq, m, k, rpp, ties):
     rng = np.random.default_rng(rows * 1000 + m)
     z, tin, a = _lists(rng, rows, bq, m, k, ties=ties)
     want, seen = _expected(z, tin, a, k)
-    got = _run(z, tin, a, k, chunk=chunk)
+    got = _run(z, tin, a, k, rows_per_program=rpp)
     assert got.shape == z.shape and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # the cases exercise free sets, empty rows, rows keeping all, entering keys and (integer
@@ -119,22 +132,21 @@ def test_matches_numpy_vjp(rows, bq, m, k, chunk, ties):
 
 def test_bad_arguments():
     z = jnp.zeros((2, 32), jnp.float32)
-    tin = jnp.zeros((2, 32), jnp.int32)
     r_i = jnp.zeros((2, 16), jnp.int32)
     r_f = jnp.zeros((2, 16), jnp.float32)
-    ok = (z, tin, r_i, r_i, r_i, r_i, r_f, r_f, r_f)
+    ok = (z, r_i, r_i, r_i, r_i, r_i, r_i, r_f, r_f, r_f)
     with pytest.raises(ValueError, match="z must be float32"):
         list_threshold_grad(z.astype(jnp.bfloat16), *ok[1:], k=4)
-    with pytest.raises(ValueError, match="tin must be int32"):
-        list_threshold_grad(z, tin[:, :5], *ok[2:], k=4)
+    with pytest.raises(ValueError, match="enter_query must be int32"):
+        list_threshold_grad(z, r_i, r_i[:, :5], *ok[3:], k=4)
     with pytest.raises(ValueError, match="nvis must be int32"):
-        list_threshold_grad(*ok[:5], r_f, *ok[6:], k=4)
+        list_threshold_grad(*ok[:6], r_f, *ok[7:], k=4)
     with pytest.raises(ValueError, match="tau must be float32"):
-        list_threshold_grad(*ok[:7], r_f[:, :3], ok[8], k=4)
+        list_threshold_grad(*ok[:8], r_f[:, :3], ok[9], k=4)
     with pytest.raises(ValueError, match="k must be an int"):
         list_threshold_grad(*ok, k=0)
-    with pytest.raises(ValueError, match="chunk must be a power of two"):
-        list_threshold_grad(*ok, k=4, chunk=24)
+    with pytest.raises(ValueError, match="rows_per_program must be a power of two"):
+        list_threshold_grad(*ok, k=4, rows_per_program=24)
 
 
 def test_lowers_to_triton_for_an_h100():
@@ -148,10 +160,10 @@ def test_lowers_to_triton_for_an_h100():
     sds = jax.ShapeDtypeStruct
     n, m, bq = 4, 1152, 128
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-    rows = [sds((n, bq), jnp.int32)] * 4 + [sds((n, bq), jnp.float32)] * 3
+    rows = [sds((n, bq), jnp.int32)] * 6 + [sds((n, bq), jnp.float32)] * 3
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
         text = jax.jit(lambda *a: list_threshold_grad(*a, k=1024)).trace(
-            sds((n, m), jnp.float32), sds((n, m), jnp.int32), *rows).lower(lowering_platforms=("cuda",)).as_text()
+            sds((n, m), jnp.float32), *rows).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
     assert "sparsek_list_threshold_grad" in text
 
@@ -163,8 +175,5 @@ def test_compiled_matches_numpy_vjp(bq, m, k, ties):
     rng = np.random.default_rng(bq + m)
     z, tin, a = _lists(rng, 3, bq, m, k, ties=ties)
     want, _ = _expected(z, tin, a, k)
-    args = [jnp.asarray(z), jnp.asarray(tin, jnp.int32)]
-    args += [jnp.asarray(a[n], jnp.int32) for n in ("s", "end", "last", "nvis")]
-    args += [jnp.asarray(a[n], jnp.float32) for n in ("theta", "tau", "g")]
-    got = np.asarray(jax.jit(lambda *x: list_threshold_grad(*x, k=k))(*args))
+    got = np.asarray(jax.jit(lambda *x: list_threshold_grad(*x, k=k))(*_args(z, tin, a)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
