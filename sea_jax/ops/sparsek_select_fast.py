@@ -213,9 +213,7 @@ class _Rows(NamedTuple):
     theta: the k-th score where active (nvis > k), else 0.
     inv: bool [..., Bq, Bq] entering key t is hidden from query i; spos: int32 [..., Bq]
     list index of entering key t; vb: int16 (lists shorter than 2**15) or int32 [..., Bq, Bq]
-    visible entries ahead of it. On the GPU kernel path these three are None and the
-    entering keys are given in list order instead: enter_pos int32 [..., Bq] their list
-    indices ascending (M where none enters), enter_query int32 [..., Bq] their query indices.
+    visible entries ahead of it.
     """
 
     s: jax.Array
@@ -225,11 +223,9 @@ class _Rows(NamedTuple):
     kpos: jax.Array
     nvis: jax.Array
     theta: jax.Array
-    inv: jax.Array | None
-    spos: jax.Array | None
-    vb: jax.Array | None
-    enter_pos: jax.Array | None = None
-    enter_query: jax.Array | None = None
+    inv: jax.Array
+    spos: jax.Array
+    vb: jax.Array
 
 
 def _masks(r: _Rows, cols: int, k: int):
@@ -451,28 +447,7 @@ def _list_tau_fwd(z, r, k, method):
 
 
 def _list_tau_bwd(k, method, res, g_tau):
-    if method in ("pallas", "pallas_interpret") and res[1].enter_pos is not None:
-        return _kernel_tau_grad(k, res, g_tau, interpret=method == "pallas_interpret")
     return _tau_grad_ranges(k, res, g_tau)
-
-
-@jax.named_scope("sparsek_tau_grad")
-def _kernel_tau_grad(k, res, g_tau, interpret: bool):
-    """_tau_grad_ranges by the on-chip kernel (sea_jax.kernels.gpu_sparsek_threshold_grad): one
-    Pallas program per block list instead of ~20 XLA kernels."""
-    from sea_jax.kernels.gpu_sparsek_threshold_grad import list_threshold_grad
-
-    z, r, tau_s = res
-    M, Bq = z.shape[-1], r.s.shape[-1]
-    lead = r.s.shape[:-1]
-    flat = lambda a, n, dtype: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n).astype(dtype)  # noqa: E731
-    end = jnp.where(r.nvis > 0, jnp.minimum(r.e, r.last + 1), r.s)
-    rows = [flat(x, Bq, dt) for x, dt in ((r.enter_pos, jnp.int32), (r.enter_query, jnp.int32), (r.s, jnp.int32),
-                                         (end, jnp.int32), (r.last, jnp.int32), (r.nvis, jnp.int32),
-                                         (r.theta, jnp.float32), (tau_s, jnp.float32), (g_tau, jnp.float32))]
-    dz = list_threshold_grad(flat(lax.stop_gradient(z), M, jnp.float32), *rows, k=k, interpret=interpret)
-    r_zero = jax.tree.map(lambda a: None, r)
-    return dz.reshape(lead + (M,)).astype(z.dtype), r_zero
 
 
 def _first_false(pred, lo, hi, n: int):
@@ -660,24 +635,6 @@ def fast_select_blocks(
     qr = jnp.broadcast_to(qrun, zero.shape)
     s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
     e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
-    if method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
-        # the GPU kernel path: visible counts and the k-th / C-th / (C + 1)-th visible entries on
-        # chip (sea_jax.kernels.gpu_sparsek_list_visible); the threshold and its gradient are
-        # kernels too, so no [Bq, Bq] array is needed
-        from sea_jax.kernels.gpu_sparsek_list_visible import list_visible
-
-        lead = s.shape[:-1]
-        flat = lambda a: a.reshape(-1, Bq)  # noqa: E731
-        spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
-        enter_query = jnp.argsort(spos, axis=-1).astype(jnp.int32)  # the entering keys in list order
-        enter_pos = jnp.take_along_axis(spos, enter_query, -1)
-        e_seen = jnp.where(qr >= 0, e, s)  # padding queries see nothing
-        nvis, kpos, last, nxt_pos = (x.reshape(lead + (Bq,)) for x in list_visible(
-            flat(enter_pos), flat(enter_query), flat(s), flat(e_seen), k=k, c=c, interpret=method == "pallas_interpret"))
-        r = _Rows(s, e, tin, last, kpos, nvis, jnp.where(nvis > k, _take(zs, kpos), 0), None, None, None,
-                  enter_pos, enter_query)
-        return _block_outputs(lst, slot, z, zs, r, ev_rank, qrun, order, score, run, k=k, c=c, union=union,
-                              method=method, factored=factored, nxt_pos=nxt_pos)
     spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
     t = jnp.arange(Bq, dtype=jnp.int32)
     # inv[i, t]: the key entering at query t > i lies in query i's run range (hidden from it)
@@ -700,15 +657,6 @@ def fast_select_blocks(
     active = nvis > k
     theta = jnp.where(active, _take(zs, kpos), 0)
     r = _Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
-    return _block_outputs(lst, slot, z, zs, r, ev_rank, qrun, order, score, run, k=k, c=c, union=union,
-                          method=method, factored=factored, nxt_pos=nxt_pos)
-
-
-def _block_outputs(lst, slot, z, zs, r: _Rows, ev_rank, qrun, order, score, run, *, k, c, union, method, factored,
-                   nxt_pos):
-    """fast_select_blocks' outputs from the block's rows."""
-    s, e, kpos, nvis = r.s, r.e, r.kpos, r.nvis
-    Bq = s.shape[-1]
     if factored:
         # the list is sorted by score within a run: query i's selected entries are the
         # visible ones of [s, kpos] (tin > i hides the rest, the kernel's causal check)
