@@ -342,6 +342,42 @@ def test_slot_selection(case):
         assert rel_err(a, r) < GRAD_TOL[dtype], name_
 
 
+def test_fully_visible_slot_tiles():
+    """Slot tiles whose keys every query of the tile can see (no empty slot, no key later than
+    the causal / window rule allows) skip the per-element visibility mask in the forward and
+    dQ kernels; the selection's ranges still apply there. Unions of early keys only, partial
+    ranges: output and gradients against float64 autodiff of the dense masked softmax."""
+    from sea_jax.kernels import SlotSelection
+
+    B, S, H, K, D, bq, U, W = 1, 96, 4, 2, 32, 32, 16, 8
+    opts = dict(tq=16, tu=16, tk=16)
+    rng = _rng("fully_visible", "slots")
+    q, k, v = (jnp.asarray(rng.standard_normal((B, S, n, D)), jnp.float32) for n in (H, K, K))
+    nq = S // bq
+    union = np.full((B, K, nq, U), -1, np.int32)  # block 0: no earlier keys, empty slots (masked path)
+    for kh in range(K):
+        for i in range(1, nq):
+            union[0, kh, i] = np.sort(rng.choice(i * bq - W, size=U, replace=False))
+    union[..., 1, U - 5:] = -1  # block 1: empty slots inside a visited tile (masked path)
+    # the plain path is taken: in blocks >= 2 every slot tile is full and visible to all queries
+    assert all(union[0, kh, i].max() <= i * bq - W for kh in range(K) for i in range(1, nq))
+    z, lo, hi, thr = _random_slot_selection(rng, B, K, S, bq, U)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32)
+    lo_j, hi_j, uj = jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(union)
+
+    def f(q, k, v, z, thr):
+        return gathered_attention(q, k, v, uj, selection=SlotSelection(z, lo_j, hi_j, thr), impl="pallas_gpu",
+                                  block_q=bq, window=W, causal=True, interpret=True, kernel_options=opts)
+
+    out, vjp = jax.vjp(jax.jit(f), q, k, v, jnp.asarray(z), jnp.asarray(thr))
+    g = vjp(ct)
+    mask, _ = _expand_slot_selection(z, lo, hi, thr, bq)
+    assert mask[:, :, bq:].any() and not mask[:, :, bq:].all()  # partial ranges in the plain tiles
+    onehot, win = gathered_slots(union, bq, H, S, S, window=W, causal=True, selection_mask=mask)
+    _float64_check(lambda z, thr: _expand_slot_selection(z, lo, hi, thr, bq, xp=jnp)[1], onehot, win, "gate",
+                   (q, k, v, z, thr), ct, out, g, jnp.float32, ["q", "k", "v", "slot_scores", "threshold"])
+
+
 def _random_key_intervals(rng, B, K, S, bq, W, long=0.0):
     """A key-interval selection and the same selection in slot form, by explicit loops.
 
