@@ -225,6 +225,19 @@ def _slot_tile_needs_mask(cfg, idx, q0):
     return need
 
 
+def _mask_slot_scores(cfg, s, idx, q0, qpos, sel, segq, segk):
+    """s [tq, tu] with -inf where a query may not use a slot: _slot_allowed's element mask on
+    tiles that need it, the selection mask alone on the others (a branch on the mask only:
+    the tile's loads stay outside it, where the pipeliner can prefetch them)."""
+    def masked(s):
+        return jnp.where(_slot_allowed(cfg, idx, qpos, sel, segq, segk), s, -jnp.inf)
+
+    def plain(s):
+        return s if sel is None else jnp.where(sel if sel.dtype == jnp.bool_ else sel != 0, s, -jnp.inf)
+
+    return _run_tile(cfg, _slot_tile_needs_mask(cfg, idx, q0), masked, plain, s)
+
+
 def _slot_allowed(cfg, idx, qpos, sel, segq, segk):
     """[tq, tu] visibility of slots idx (row vector) for queries qpos (column)."""
     kp = idx[None, :]
@@ -343,21 +356,13 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
     def slot_step(t, carry):
         u0 = pl.multiple_of(t * tu, tu)
         idx = r.union[b, kh, i, pl.ds(u0, tu)]
-
-        def compute(carry, masked):
-            idx_safe = jnp.maximum(idx, 0)
-            k, v = _load_slots(cfg, r, u0, idx_safe)
-            s = _dot(q, k, 1, 1) * qk_scale
-            sel, wf, _ = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
-            if masked:
-                segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
-                s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
-            elif sel is not None:
-                s = jnp.where(sel if sel.dtype == jnp.bool_ else sel != 0, s, -jnp.inf)
-            return update(carry, s, wf, v)
-
-        needs = _slot_tile_needs_mask(cfg, idx, q0)
-        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+        idx_safe = jnp.maximum(idx, 0)
+        k, v = _load_slots(cfg, r, u0, idx_safe)
+        s = _dot(q, k, 1, 1) * qk_scale
+        sel, wf, _ = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
+        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+        s = _mask_slot_scores(cfg, s, idx, q0, qpos_s, sel, segq, segk)
+        return update(carry, s, wf, v)
 
     acc, m, l = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, carry)
     ok = l > 0
@@ -472,30 +477,22 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
     qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
 
     def slot_step(t, carry):
+        dq, gsum = carry
         u0 = pl.multiple_of(t * tu, tu)
         idx = r.union[b, kh, i, pl.ds(u0, tu)]
-
-        def compute(carry, masked):
-            dq, gsum = carry
-            idx_safe = jnp.maximum(idx, 0)
-            k, v = _load_slots(cfg, r, u0, idx_safe)
-            s = _dot(q, k, 1, 1) * qk_scale
-            sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
-            if masked:
-                segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
-                s = jnp.where(_slot_allowed(cfg, idx, qpos_s, sel, segq, segk), s, -jnp.inf)
-            elif sel is not None:
-                s = jnp.where(sel if sel.dtype == jnp.bool_ else sel != 0, s, -jnp.inf)
-            dp = _dot(do, v, 1, 1)
-            ds = grad_s(s, dp, wf)
-            if cfg.factored:
-                p = jnp.exp2(s - lse)
-                dw = p * dp if cfg.weight_mode == "gate" else p * (dp - delta)
-                gsum = gsum + jnp.sum(jnp.where(free, dw, 0.0), axis=1)
-            return dq + _dot(ds.astype(k.dtype), k), gsum
-
-        needs = _slot_tile_needs_mask(cfg, idx, q0)
-        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+        idx_safe = jnp.maximum(idx, 0)
+        k, v = _load_slots(cfg, r, u0, idx_safe)
+        s = _dot(q, k, 1, 1) * qk_scale
+        sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
+        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+        s = _mask_slot_scores(cfg, s, idx, q0, qpos_s, sel, segq, segk)
+        dp = _dot(do, v, 1, 1)
+        ds = grad_s(s, dp, wf)
+        if cfg.factored:
+            p = jnp.exp2(s - lse)
+            dw = p * dp if cfg.weight_mode == "gate" else p * (dp - delta)
+            gsum = gsum + jnp.sum(jnp.where(free, dw, 0.0), axis=1)
+        return dq + _dot(ds.astype(k.dtype), k), gsum
 
     dq, gsum = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, (dq, jnp.zeros((tq,), jnp.float32)))
     r.dq[...] = (dq * cfg.scale).astype(r.dq.dtype)
