@@ -332,19 +332,20 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
 
     def win_step(t, carry):
         k0 = pl.multiple_of((first + t) * tk, tk)
+        k = r.k[pl.ds(k0, tk), :]
+        v = r.v[pl.ds(k0, tk), :]
+        s = _dot(q, k, 1, 1) * qk_scale
 
-        def compute(carry, masked):
-            k = r.k[pl.ds(k0, tk), :]
-            v = r.v[pl.ds(k0, tk), :]
-            s = _dot(q, k, 1, 1) * qk_scale
-            if masked:
-                kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
-                segk = r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
-                s = jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
-            return update(carry, s, None, v)
+        def mask(s):
+            kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
+            segk = r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
+            return jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
 
-        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
-        return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+        # a branch on the mask alone, the loads and products outside it (all inside each
+        # branch: forward 1.80 ms instead of 1.68 at T = 32k on an H100; the key-major kernel
+        # 2.42 instead of 2.08; benchmarks/results/profile_layer_32k_1124j_*.json)
+        s = _run_tile(cfg, _tile_needs_mask(cfg, q0, tq, k0, tk), mask, lambda s: s, s)
+        return update(carry, s, None, v)
 
     init = (jnp.zeros((tq, d), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
             jnp.zeros((tq,), jnp.float32))
@@ -459,6 +460,9 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
     def win_step(t, dq):
         k0 = pl.multiple_of((first + t) * tk, tk)
 
+        # (here the whole step sits in each branch: with the loads and products outside, as in
+        # the other kernels, dQ took 2.84 ms instead of 1.99 in the layer at T = 32k on an H100,
+        # benchmarks/results/profile_layer_32k_1124j_*.json)
         def compute(dq, masked):
             k = r.k[pl.ds(k0, tk), :]
             v = r.v[pl.ds(k0, tk), :]
@@ -528,26 +532,24 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
     def head(hr, carry):
         def step(t, carry):
             q0 = pl.multiple_of((first + t) * tq, tq)
+            dk, dv = carry
+            q = r.q[pl.ds(q0, tq), hr, :]
+            do = r.do[pl.ds(q0, tq), hr, :]
+            lse = r.lse[hr, pl.ds(q0, tq)][None, :]
+            delta = r.delta[hr, pl.ds(q0, tq)][None, :]
+            st = _dot(k, q, 1, 1) * qk_scale
 
-            def compute(carry, masked):
-                dk, dv = carry
-                q = r.q[pl.ds(q0, tq), hr, :]
-                do = r.do[pl.ds(q0, tq), hr, :]
-                lse = r.lse[hr, pl.ds(q0, tq)][None, :]
-                delta = r.delta[hr, pl.ds(q0, tq)][None, :]
-                st = _dot(k, q, 1, 1) * qk_scale
-                if masked:
-                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
-                    segq = r.seg[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
-                    st = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
-                pt = jnp.exp2(st - lse)
-                dpt = _dot(v, do, 1, 1)
-                dv = dv + _dot(pt.astype(do.dtype), do)
-                dk = dk + _dot((pt * (dpt - delta)).astype(q.dtype), q)
-                return dk, dv
+            def mask(st):
+                qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
+                segq = r.seg[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
+                return jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
 
-            needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
-            return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+            st = _run_tile(cfg, _tile_needs_mask(cfg, q0, tq, k0, tk), mask, lambda st: st, st)
+            pt = jnp.exp2(st - lse)
+            dpt = _dot(v, do, 1, 1)
+            dv = dv + _dot(pt.astype(do.dtype), do)
+            dk = dk + _dot((pt * (dpt - delta)).astype(q.dtype), q)
+            return dk, dv
 
         return lax.fori_loop(0, n, step, carry)
 
@@ -859,26 +861,25 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     def head(hr, carry):
         def step(j, carry):
             q0 = pl.multiple_of((first + j) * tq, tq)
+            dk, dv, dz = carry
+            q = r.q[pl.ds(q0, tq), hr, :]
+            do = r.do[pl.ds(q0, tq), hr, :]
+            lse = r.lse[hr, pl.ds(q0, tq)][None, :]
+            delta = r.delta[hr, pl.ds(q0, tq)][None, :]
+            x = z - r.thr[pl.ds(q0, tq)][None, :]  # [tk, tq]; thr = -inf: weight 1, never free
+            st = _dot(k, q, 1, 1) * qk_scale
 
-            def compute(carry, masked):
-                dk, dv, dz = carry
-                q = r.q[pl.ds(q0, tq), hr, :]
-                do = r.do[pl.ds(q0, tq), hr, :]
-                lse = r.lse[hr, pl.ds(q0, tq)][None, :]
-                delta = r.delta[hr, pl.ds(q0, tq)][None, :]
-                x = z - r.thr[pl.ds(q0, tq)][None, :]  # [tk, tq]; thr = -inf: weight 1, never free
-                st = _dot(k, q, 1, 1) * qk_scale
-                if masked:
-                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
-                    allowed = (qpos >= start) & (qpos < end)
-                    if cfg.has_segments:
-                        segq = r.seg[pl.ds(q0, tq)][None, :]
-                        allowed = allowed & (segq == segk) & (segk != 0)
-                    st = jnp.where(allowed, st, -jnp.inf)
-                return _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz)
+            def mask(st):
+                qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
+                allowed = (qpos >= start) & (qpos < end)
+                if cfg.has_segments:
+                    segq = r.seg[pl.ds(q0, tq)][None, :]
+                    allowed = allowed & (segq == segk) & (segk != 0)
+                return jnp.where(allowed, st, -jnp.inf)
 
             needs = None if cfg.has_segments else (q0 < full_lo) | (q0 + tq > full_hi)
-            return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
+            st = _run_tile(cfg, needs, mask, lambda st: st, st)
+            return _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz)
 
         return lax.fori_loop(0, count, step, carry)
 
