@@ -1266,7 +1266,7 @@ def gathered_attention_gpu(
       dq, window dkv, slot dkv, sorted reduce, key dkv; a 4-tuple leaves the reduction at 4 / 2,
       a 5-tuple the key-major kernel at 4 / 3;
       default warps (4, 4, 4, 4, 4, 4) for a factored ``selection`` with slot_tq <= 64, else
-      (4, 4, 4, 8, 4, 4); default stages (3, 3, 3, 3, 3, 3), the slot kernel 2 when GQA makes its
+      (4, 4, 4, 8, 4, 4); default stages (3, 3, 2, 3, 3, 3), the slot kernel 2 when GQA makes its
       head loop pipeline [slot_tq > 64, D] q / dO tiles, the reduction 2 unless its partial
       sums are bfloat16 at D <= 128: see the module docstring);
       ``always_mask``: mask every window tile elementwise instead of branching per tile.
@@ -1314,7 +1314,9 @@ def gathered_attention_gpu(
     if block_q % slot_tq:
         raise ValueError(f"slot_tq={slot_tq} must divide block_q={block_q}")
     if num_stages is None:
-        num_stages = (3, 3, 3, default_slot_stages(slot_tq, H, K), default_reduce_stages(D, partial_dtype), 3)
+        # the window dK/dV kernel 2 stages: 1.15 vs 1.38 ms alone at T = 32k on an H100 once its
+        # loads sat outside the mask branch (benchmarks/results/sweep_layer_kernels_1124b.json)
+        num_stages = (3, 3, 2, default_slot_stages(slot_tq, H, K), default_reduce_stages(D, partial_dtype), 3)
     if num_warps is None:
         # the slot kernel's 8 warps paid for its [tq, tu] mask / weight tiles and sub-tile
         # loop; with a factored selection and 64-query sub-tiles 4 are faster
