@@ -210,6 +210,19 @@ def _window_tiles(cfg, q0, tq, tk):
     return first, n
 
 
+def _mask_window_tile(cfg, s, q0, tq, k0, tk, positions):
+    """s (a tile of queries [q0, q0 + tq) x keys [k0, k0 + tk), either orientation) with -inf
+    at the pairs the causal / window / segment rule hides; ``positions()`` -> (qpos, kpos,
+    segq, segk) broadcastable to s, built inside the masked branch only. A branch on the mask
+    alone, the tile's loads and products outside it (with all of the step inside each branch
+    the forward took 1.80 ms instead of 1.68 at T = 32k on an H100, the key-major kernel 2.42
+    instead of 2.08: benchmarks/results/profile_layer_32k_1124j_*.json)."""
+    def masked(s):
+        return jnp.where(_element_mask(cfg, *positions()), s, -jnp.inf)
+
+    return _run_tile(cfg, _tile_needs_mask(cfg, q0, tq, k0, tk), masked, lambda s: s, s)
+
+
 def _slot_tile_needs_mask(cfg, idx, q0):
     """Traced bool: slot tile ``idx`` may hold a key that some query of the tile [q0, ...)
     must not see (an empty slot, a key past the sequence, or one too late for the causal /
@@ -336,15 +349,9 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
         v = r.v[pl.ds(k0, tk), :]
         s = _dot(q, k, 1, 1) * qk_scale
 
-        def mask(s):
-            kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
-            segk = r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
-            return jnp.where(_element_mask(cfg, qpos_w, kpos, segq, segk), s, -jnp.inf)
-
-        # a branch on the mask alone, the loads and products outside it (all inside each
-        # branch: forward 1.80 ms instead of 1.68 at T = 32k on an H100; the key-major kernel
-        # 2.42 instead of 2.08; benchmarks/results/profile_layer_32k_1124j_*.json)
-        s = _run_tile(cfg, _tile_needs_mask(cfg, q0, tq, k0, tk), mask, lambda s: s, s)
+        s = _mask_window_tile(cfg, s, q0, tq, k0, tk, lambda: (
+            qpos_w, k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1), segq,
+            r.seg[pl.ds(k0, tk)][None, :] if cfg.has_segments else None))
         return update(carry, s, None, v)
 
     init = (jnp.zeros((tq, d), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
@@ -538,13 +545,9 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
             lse = r.lse[hr, pl.ds(q0, tq)][None, :]
             delta = r.delta[hr, pl.ds(q0, tq)][None, :]
             st = _dot(k, q, 1, 1) * qk_scale
-
-            def mask(st):
-                qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
-                segq = r.seg[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
-                return jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
-
-            st = _run_tile(cfg, _tile_needs_mask(cfg, q0, tq, k0, tk), mask, lambda st: st, st)
+            st = _mask_window_tile(cfg, st, q0, tq, k0, tk, lambda: (
+                q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1), kpos,
+                r.seg[pl.ds(q0, tq)][None, :] if cfg.has_segments else None, segk))
             pt = jnp.exp2(st - lse)
             dpt = _dot(v, do, 1, 1)
             dv = dv + _dot(pt.astype(do.dtype), do)
