@@ -99,7 +99,7 @@ gathers the tile's K/V rows once and walks the query tiles of the range its keys
 (:func:`_key_tiles`: keys ordered by where their range ends, cut into groups, by position inside
 a group; on the layer's selection at 32k the tiles visit 1.53x the selected pairs, the per-block
 unions 1.125x), query heads of the GQA group included; every key is in one tile, so its dK / dV
-rows (window part added) and its score's gradient are written once: no per-slot partial sums
+rows and its score's gradient are written once: no per-slot partial sums
 ([B, K, nQ, U, D], ~1.2 GB at 32k), no key sort of the union, no reduction pass. Query tiles
 inside every key's range skip the mask. H100, SparseK layer at 32k (k = 1024, w = 512, H = K = 16,
 cuDNN in the same process; benchmarks/bench_key_dkv.py, profile_layer.py):
@@ -125,6 +125,17 @@ the float32 -> bfloat16 cast and the slices of dK / dV were ~0.45 ms of the laye
 them gone the key-major kernel took 2.67 ms in the layer (key_dkv_32k_1124a.json: 3.27 alone,
 per-slot path 5.98; 16-query steps 5.31, 128-key tiles 15.4, 8 warps 6.37, 2 / 4 stages 3.32 /
 3.41) and the layer's fwd+bwd 13.59 ms wall (profile_layer_32k_1124a.json).
+
+Since then the key-major kernel runs before the window kernel: it writes float32 rows only for
+the tiles of keys that some query selects (~1 key in 7 at 32k) and the window kernel adds them
+(masked row loads) while it writes dK / dV once in k's dtype, instead of reading full float32
+window arrays back for every key (key-major 2.67 -> 2.43 ms, window 0.93 -> 1.04 in the layer,
+profile_layer_32k_1124g.json). The window tiles' and the slot tiles' masks are branches on the
+mask alone, with the tiles' loads and products outside the branch, where the pipeliner can
+prefetch them (key-major 2.42 -> 2.08 ms, forward 1.80 -> 1.68; dQ's window step is the
+exception: 2.84 instead of 1.99 that way; profile_layer_32k_1124j_*.json); slot tiles that
+every query of the tile can see use the selection's mask alone (_slot_tile_needs_mask); the
+window kernel runs on 2 stages (0.80 ms in the layer, profile_layer_32k_1124l.json).
 
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
