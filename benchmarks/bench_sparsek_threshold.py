@@ -104,7 +104,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", default="8192,32768")
     ap.add_argument("--variants", default="128/4,64/4,256/4,128/8,128/2,32/1",
-                    help="comma list of chunk/warps[/rN][/aN] (rN: list_threshold's rows_per_program; aN: its search_arity)")
+                    help="comma list of chunk/warps[/rN][/aN][/wN] (rN: list_threshold's rows_per_program; aN: its "
+                         "search_arity; wN: algorithm='walk' with N start_steps)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--block_q", type=int, default=64)
     ap.add_argument("--out", default=None)
@@ -119,7 +120,7 @@ def main():
     interpret = args.smoke
     if args.smoke:
         K, k, w, bq = 2, 16, 8, 16
-        args.seqs, args.variants, args.reps = "256", "32/4,32/4/r16,32/4/a8", 1
+        args.seqs, args.variants, args.reps = "256", "32/4,32/4/r16,32/4/a8,32/1/w6", 1
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args), config=dict(K=K, k=k, window=w, block_q=bq)))
     cases = [(int(S), None) for S in args.seqs.split(",")]
     if args.from_layer:
@@ -142,13 +143,20 @@ def main():
             # "64/4"; "64/4/r32": 32 rows per program; "64/4/a16": 16-ary index searches
             chunk, warps, *more = v.split("/")
             chunk, warps = int(chunk), int(warps)
-            extra = {dict(r="rows_per_program", a="search_arity")[m[0]]: int(m[1:]) for m in more}
+            # "64/1/w6": the walk algorithm with 6 start steps (walk steps and fresh starts instead of
+            # search steps / fallbacks)
+            extra = {dict(r="rows_per_program", a="search_arity", w="start_steps")[m[0]]: int(m[1:]) for m in more}
+            extra["algorithm"] = "walk" if "start_steps" in extra else "search"
 
             def kernel_part(row, chunk=chunk, warps=warps, extra=extra):
                 nonlocal ref
                 f = jax.jit(lambda *a: list_threshold(*a, k=k, chunk=chunk, num_warps=warps, interpret=interpret,
                                                       return_passes=True, **extra))
                 tau, steps, passes = (np.asarray(x) for x in f(*lists))
+                if extra.get("algorithm") == "walk":  # walk steps per list, fresh starts per list
+                    row.update(walk_steps_mean=float(steps.mean()), walk_steps_max=int(steps.max()),
+                               starts_mean=float(passes.mean()), starts_max=int(passes.max()))
+                    steps = passes = np.zeros(1, np.int32)
                 row["search_steps_mean"] = float(steps.mean())
                 row["search_steps_max"] = int(steps.max())
                 row["fallback_programs"] = int((passes > 0).sum())
@@ -172,8 +180,11 @@ def main():
           "\n|---|---|---|---|---|---|")
     for r in rec.data["rows"]:
         if "ms" in r:
-            print(f"| {r['S']}{'' if 'seed' not in r else ' seed %d' % r['seed']} | {r['solver']} | {r['ms']:.2f} | {r.get('search_steps_mean', float('nan')):.1f} / "
-                  f"{r.get('search_steps_max', '')} | {r.get('fallback_programs', '')} ({r.get('fallback_passes_max', '')}) "
+            steps = (f"walk {r['walk_steps_mean']:.0f} / {r['walk_steps_max']}, starts {r['starts_mean']:.1f} / "
+                     f"{r['starts_max']}" if "walk_steps_mean" in r else
+                     f"{r.get('search_steps_mean', float('nan')):.1f} / {r.get('search_steps_max', '')}")
+            print(f"| {r['S']}{'' if 'seed' not in r else ' seed %d' % r['seed']} | {r['solver']} | {r['ms']:.2f} | {steps} | "
+                  f"{r.get('fallback_programs', '')} ({r.get('fallback_passes_max', '')}) "
                   f"| {r.get('max_diff_vs_xla', r.get('max_diff_vs_first', ''))} |")
         else:
             print(f"| {r['S']} | {r['solver']} | error: {r.get('error', '')[:100]} | | | |")

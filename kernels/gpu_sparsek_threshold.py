@@ -284,6 +284,187 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         passes_ref[0][...] = jnp.where(local == 0, it1 + 1, it2)
 
 
+def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, tau_ref, *steps_ref,
+                 k, chunk, start_steps):
+    """One list, its queries in order: each threshold from the previous one by a walk over the
+    breakpoints (see list_threshold's ``algorithm="walk"``).
+
+    The state of a query's solve, for its range [s, end) of the list at t (scores anchored at
+    the range's first theta, y = z - anchor): ``a`` / ``b`` the first index whose entry is not
+    above t + 1 / not above t (z is non-increasing on the range, so [s, a) is the upper set and
+    [a, b) the free set, whether or not an entry is visible yet), ``u`` / ``ns`` the visible
+    entries of the two sets and ``S`` (+ its compensation ``c``) the sum of y over the visible
+    free ones. Then f(t) = u + S - ns t, and between the nearest breakpoints the root is
+    (S + u - k) / ns.
+    """
+    bq = s_ref.shape[0]
+    mp = z_ref.shape[0]
+    local = lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    kf = jnp.float32(k)
+    inf = jnp.float32(jnp.inf)
+    ninf = jnp.float32(-jnp.inf)  # a literal: Triton's lowering cannot negate constants
+    zero_f = jnp.float32(0.0)
+    one_i = jnp.int32(1)
+    zero_i = jnp.int32(0)
+
+    def z_at(m):
+        return z_ref[jnp.clip(m, 0, mp - 1)]
+
+    def seen(m, i):  # entry m is visible to query i (its range aside)
+        return tin_ref[jnp.clip(m, 0, mp - 1)] <= i
+
+    def count(x):
+        return jnp.where(x, one_i, zero_i)
+
+    def add(S, c, x):
+        """S + x with Neumaier's compensation c: the walk adds and removes ~a thousand scores
+        per list (plain float32 sums drifted 1.3e-5 from the XLA solver on the layer's lists)."""
+        s2 = S + x
+        c = c + jnp.where(jnp.abs(S) >= jnp.abs(x), (S - s2) + x, (x - s2) + S)
+        return s2, c
+
+    def root(u, ns, S, c):
+        return ((S + c) + u.astype(jnp.float32) - kf) / jnp.maximum(ns, 1).astype(jnp.float32)
+
+    def start(i, s_i, end, anchor):
+        """The state at a t with f(t) >= k near the root: safeguarded Newton steps from t = -1
+        (f(-1) >= k: the k visible entries >= theta count 1 each) with f(0) < k, each one pass
+        over the range that also counts the pointers."""
+        def stats(t):
+            def body(c, acc):
+                u, ns, S, na, nb = acc
+                m0 = pl.multiple_of(c * chunk, chunk)
+                y = z_ref[pl.ds(m0, chunk)] - anchor
+                m = m0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+                inside = (m >= s_i) & (m < end)
+                vis = inside & (tin_ref[pl.ds(m0, chunk)] <= i)
+                x = y - t
+                up = inside & (x > 1.0)
+                free = inside & (x > 0.0) & ~up
+                return (u + jnp.sum((vis & up).astype(jnp.int32)), ns + jnp.sum((vis & free).astype(jnp.int32)),
+                        S + jnp.sum(jnp.where(vis & free, y, 0.0)), na + jnp.sum(up.astype(jnp.int32)),
+                        nb + jnp.sum((up | free).astype(jnp.int32)))
+
+            u, ns, S, na, nb = lax.fori_loop(s_i // chunk, (end + chunk - 1) // chunk, body,
+                                             (zero_i, zero_i, zero_f, zero_i, zero_i))
+            return t, s_i + na, s_i + nb, u, ns, S, zero_f * t
+
+        def newton(_, carry):
+            lo, hi = carry
+            _, _, _, u, ns, S, c = lo
+            tn = root(u, ns, S, c)  # the root of lo's segment, extended
+            t = jnp.where((ns > 0) & (tn > lo[0]) & (tn < hi), tn, 0.5 * (lo[0] + hi))
+            st = stats(t)
+            move = st[3].astype(jnp.float32) + st[5] - st[4].astype(jnp.float32) * t >= kf
+            return jax.tree.map(lambda x, y: jnp.where(move, x, y), st, lo), jnp.where(move, hi, t)
+
+        lo = stats((s_i * 0).astype(jnp.float32) - 1.0)  # (traced: Triton's scf.yield takes no constants)
+        return lax.fori_loop(0, start_steps, newton, (lo, lo[0] * 0.0))[0]
+
+    def advance(i, s_i, end_old, end, anchor, st):
+        """From query i - 1's state to query i's before its solve: the range end moves (the
+        candidate cap: entries leave or join at the end) and the key entering at i appears."""
+        t, a, b, u, ns, S, c = st
+
+        def leave(m, st):  # entry m of [end, end_old) leaves (counted if query i - 1 saw it)
+            a, b, u, ns, S, c = st
+            vis = seen(m, i - 1)
+            up = vis & (m < a)
+            free = vis & (m >= a) & (m < b)
+            return (a, b, u - count(up), ns - count(free), *add(S, c, jnp.where(free, anchor - z_at(m), zero_f)))
+
+        a, b, u, ns, S, c = lax.fori_loop(end, end_old, leave, (a, b, u, ns, S, c))
+        a, b = jnp.minimum(a, end), jnp.minimum(b, end)
+
+        def join(m, st):  # entries of [end_old, end) in order: upper / free while above t + 1 / t
+            a, b, u, ns, S, c = st
+            y = z_at(m) - anchor
+            vis = seen(m, i)
+            up = (a == m) & (y - t > 1.0)
+            free = ~up & (b == m) & (y - t > 0.0)
+            return (a + count(up), b + count(up | free), u + count(up & vis), ns + count(free & vis),
+                    *add(S, c, jnp.where(free & vis, y, zero_f)))
+
+        a, b, u, ns, S, c = lax.fori_loop(end_old, end, join, (a, b, u, ns, S, c))
+        p = spos_ref[i]  # the key entering at query i (if inside the range it had and keeps)
+        enter = (p >= s_i) & (p < jnp.minimum(end_old, end))
+        up = enter & (p < a)
+        free = enter & (p >= a) & (p < b)
+        return (t, a, b, u + count(up), ns + count(free), *add(S, c, jnp.where(free, z_at(p) - anchor, zero_f)))
+
+    def solve(i, s_i, end, anchor, st):
+        """Walk from t to the root over the breakpoints (right if f(t) >= k, else left); each
+        step either stops inside the current segment or moves one entry between the sets."""
+        t, a, b, u, ns, S, c = st
+        right = u.astype(jnp.float32) + (S + c) - ns.astype(jnp.float32) * t >= kf
+
+        def go_right(st):
+            t, a, b, u, ns, S, c, n, _ = st
+            za = z_at(a - 1) - anchor  # the lowest upper entry turns free at t = za - 1
+            zb = z_at(b - 1) - anchor  # the lowest free entry leaves at t = zb
+            ta = jnp.where(a > s_i, za - 1.0, inf)
+            tb = jnp.where(b > a, zb, inf)
+            nb = jnp.minimum(ta, tb)
+            tr = root(u, ns, S, c)
+            stop = jnp.where(ns > 0, tr <= nb, u <= k)  # ns = 0: f = u, flat (u = k) or past it
+            cross_b = ~stop & (tb <= ta)
+            cross_a = ~stop & ~(tb <= ta)
+            vb = cross_b & seen(b - 1, i)
+            va = cross_a & seen(a - 1, i)
+            t = jnp.where(stop, jnp.where(ns > 0, jnp.maximum(tr, t), t), nb)
+            S, c = add(S, c, jnp.where(va, za, jnp.where(vb, -zb, zero_f)))
+            return (t, a - count(cross_a), b - count(cross_b), u - count(va), ns - count(vb) + count(va),
+                    S, c, n + 1, stop)
+
+        def go_left(st):
+            t, a, b, u, ns, S, c, n, _ = st
+            za = z_at(a) - anchor  # the highest free entry turns upper below t = za - 1
+            zb = z_at(b) - anchor  # the highest entry below joins the free set below t = zb
+            ta = jnp.where(a < b, za - 1.0, ninf)
+            tb = jnp.where(b < end, zb, ninf)
+            pb = jnp.maximum(ta, tb)
+            tr = root(u, ns, S, c)
+            stop = jnp.where(ns > 0, tr >= pb, pb == ninf)  # (no entry left of t: cannot happen)
+            cross_b = ~stop & (tb >= ta)
+            cross_a = ~stop & ~(tb >= ta)
+            vb = cross_b & seen(b, i)
+            va = cross_a & seen(a, i)
+            t = jnp.where(stop, jnp.where(ns > 0, jnp.minimum(tr, t), t), pb)
+            S, c = add(S, c, jnp.where(vb, zb, jnp.where(va, -za, zero_f)))
+            return (t, a + count(cross_a), b + count(cross_b), u + count(va), ns + count(vb) - count(va),
+                    S, c, n + 1, stop)
+
+        init = (t, a, b, u, ns, S, c, a * 0, a < 0)  # (traced: Triton's scf.yield)
+        out = lax.cond(right, lambda s: lax.while_loop(lambda s: ~s[-1], go_right, s),
+                       lambda s: lax.while_loop(lambda s: ~s[-1], go_left, s), init)
+        return out[:7], out[7]
+
+    def query(i, carry):
+        valid, s_prev, end_prev, anchor, st, tau, steps, starts = carry
+        s_i = s_ref[i]
+        end = last_ref[i] + 1
+        act = act_ref[i] != 0
+        theta = theta_ref[i]
+        fresh = act & ~(valid & (s_i == s_prev))
+        anchor = jnp.where(fresh, theta, anchor)
+
+        def work(st):
+            st = lax.cond(fresh, lambda st: start(i, s_i, end, anchor),
+                          lambda st: advance(i, s_i, end_prev, end, anchor, st), st)
+            return solve(i, s_i, end, anchor, st)
+
+        st, n = lax.cond(act, work, lambda st: (st, st[1] * 0), st)  # (a traced 0: Triton's yield)
+        tau = jnp.where(local == i, jnp.where(act, st[0] - (theta - anchor), 0.0), tau)
+        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh)
+
+    st0 = (zero_f, zero_i, zero_i, zero_i, zero_i, zero_f, zero_f)
+    carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i)
+    _, _, _, _, _, tau, steps, starts = lax.fori_loop(0, bq, query, carry)
+    tau_ref[...] = tau
+    if steps_ref:  # (walk steps, fresh starts) of this list in its first two entries
+        steps_ref[0][...] = jnp.where(local == 0, steps, jnp.where(local == 1, starts, 0))
+
+
 def _search_steps(n: int, arity: int) -> int:
     """Steps that close any index interval of length <= n (binary: the first_not_above loop)."""
     if arity == 2:
@@ -311,10 +492,10 @@ def _check(z, tin, s, last, active, theta, k):
         raise ValueError(f"k must be an int >= 1, got {k!r}")
 
 
-def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int = 4,
+def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int | None = None,
                    max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
                    return_passes: bool = False, rows_per_program: int | None = None,
-                   search_arity: int = 8) -> jax.Array:
+                   search_arity: int | None = None, algorithm: str = "walk", start_steps: int = 3) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -328,6 +509,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         lies in [-1, 0); inactive rows return 0.
       theta: float32 [rows, block_q] each query's k-th visible score (the shift).
       k: the budget. chunk: list entries per on-chip step (a power of two).
+      num_warps: per program (None: 1 for "walk", 4 for "search").
       interpret: run in Pallas interpret mode (CPU tests).
       clip: the cheap search's prefix sums use scores anchored at the block's mean threshold and
         clipped to [-clip, clip]; rows whose threshold lies farther than clip - 1 from it are
@@ -343,16 +525,41 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         the whole list. Results are the same to rounding. On the layer's lists at 32k (block_q 64,
         threshold_layer_lists_arity{,2}.json): 64 / 32 / 16 rows per program 5.85 / 4.56 / 4.84 ms
         with binary searches, 3.51 / 3.30 / 2.27 ms with 8-ary ones.
-      search_arity: the cheap search's index searches probe this many - 1 points per step (a
-        power of two; 2: binary searches, one after the other; more: both searches at once,
+      search_arity: the cheap search's index searches probe this many - 1 points per step (None:
+        8; a power of two; 2: binary searches, one after the other; more: both searches at once,
         log_arity(M) dependent steps instead of 2 log2(M)). The same indices whatever the arity
         (the thresholds may differ by float rounding: the compiled reductions differ). 64-row
         programs on the layer's lists at 32k: arity 2 / 4 / 8 / 16 / 32: 5.85 / 3.05 / 3.51 /
         5.93 / 11.30 ms (wider probes cost registers).
+      algorithm: "search" (the cheap search and its exact fallback above, every query on its
+        own) or "walk": one program per list takes its queries in order and moves each
+        threshold from the previous query's. Consecutive queries of a range differ by at most
+        one entering key and the candidate cap's entries at the range's end, so the root moves
+        across a few breakpoints, and the walk crosses them one by one, keeping the upper / free
+        counts and the free entries' score sum as it goes (see _walk_kernel); the first active
+        query of a range (or of another range) starts at t = -1 from two binary searches and one
+        pass over the list. Exact segment, closed form from running sums of scores anchored at
+        the range's first threshold. With "walk", chunk is the start pass's width,
+        ``rows_per_program``, ``search_arity``, ``clip`` and ``max_passes`` do not apply, and
+        ``return_passes`` returns each list's walk steps and fresh starts.
+      start_steps: "walk" only: the safeguarded Newton steps (one pass over the list each) that
+        take a range's first query from t = -1 towards its root before the walk finishes it.
     """
     _check(z, tin, s, last, active, theta, k)
     if chunk & (chunk - 1) or chunk < 16:
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    if algorithm not in ("search", "walk"):
+        raise ValueError(f"algorithm must be 'search' or 'walk', got {algorithm!r}")
+    if num_warps is None:
+        num_warps = 1 if algorithm == "walk" else 4
+    if algorithm == "walk" and (rows_per_program, search_arity) != (None, None):
+        raise ValueError("rows_per_program and search_arity apply to algorithm='search' only")
+    search_arity = 8 if search_arity is None else search_arity
+    if algorithm == "walk":
+        if isinstance(start_steps, bool) or not isinstance(start_steps, int) or start_steps < 0:
+            raise ValueError(f"start_steps must be an int >= 0, got {start_steps!r}")
+        return _list_threshold_walk(z, tin, s, last, active, theta, k=k, chunk=chunk, num_warps=num_warps,
+                                    interpret=interpret, return_passes=return_passes, start_steps=start_steps)
     n, m = z.shape
     bq0 = s.shape[-1]
     bq = max(16, 1 << (bq0 - 1).bit_length())  # Triton blocks are powers of two: pad with inactive rows
@@ -381,9 +588,7 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     zc = jnp.where(seen, jnp.clip(z - anchor[:, None], -clip, clip), 0.0)
     pre = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), jnp.cumsum(zc, axis=1)], axis=1)
     pre = jnp.pad(pre, ((0, 0), (0, chunk - 1)))
-    ent = jnp.where((tin >= 0) & (tin < bq), tin, bq)  # [n, mp]: entering query of each entry
-    spos = jnp.full((n, bq + 1), mp, jnp.int32).at[jnp.arange(n)[:, None], ent].min(
-        jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
+    spos = _entering_positions(tin, bq)
     zent = jnp.where(spos < mp, jnp.take_along_axis(zc, jnp.minimum(spos, mp - 1), 1), 0.0)
     anc = jnp.broadcast_to(anchor[:, None], (n, bq))
     pre_spec = pl.BlockSpec((None, mp + chunk), lambda r, h: (r, 0))
@@ -405,6 +610,43 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     if return_passes:  # (steps, fallback passes) in the first two rows of each program
         return out[0][:, :bq0], jnp.max(out[1][:, 0::rp], 1), jnp.max(out[1][:, 1::rp], 1)
     return out[0][:, :bq0]
+
+
+def _entering_positions(tin, bq: int):
+    """spos int32 [n, bq]: the list index of the entry that enters at each query (M: none)."""
+    n, mp = tin.shape
+    ent = jnp.where((tin >= 0) & (tin < bq), tin, bq)  # [n, mp]: entering query of each entry
+    return jnp.full((n, bq + 1), mp, jnp.int32).at[jnp.arange(n)[:, None], ent].min(
+        jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
+
+
+def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps, interpret, return_passes,
+                         start_steps):
+    n, m = z.shape
+    bq = s.shape[-1]
+    mp = -(-m // chunk) * chunk
+    if mp != m:  # entries past M are beyond every row's range
+        z = jnp.pad(z, ((0, 0), (0, mp - m)))
+        tin = jnp.pad(tin, ((0, 0), (0, mp - m)), constant_values=bq)
+    spos = _entering_positions(tin, bq)
+    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
+    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
+    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
+    if return_passes:
+        out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
+    out = pl.pallas_call(
+        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps),
+        grid=(n,),
+        in_specs=[list_spec, list_spec] + [row_spec] * 5,
+        out_specs=[row_spec] * len(out_shape),
+        out_shape=out_shape,
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="sparsek_list_threshold_walk",
+    )(z, tin, s, last, active.astype(jnp.int32), theta, spos)
+    if return_passes:
+        return out[0], out[1][:, 0], out[1][:, 1]
+    return out[0]
 
 
 def list_threshold_reference(z, tin, s, last, active, theta, *, k: int) -> jax.Array:

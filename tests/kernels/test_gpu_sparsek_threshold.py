@@ -1,8 +1,9 @@
 """The on-chip SparseK list threshold (kernels/gpu_sparsek_threshold.py), interpret mode on CPU.
 
-Checked against a float64 NumPy solver written here (enumerate the breakpoints of
-f(t) = sum clip(d - t, 0, 1) over each row's visible entries, take the segment holding k and
-its closed form) and against the XLA solver on materialised rows.
+Both algorithms ("walk", the default, and "search") are checked against a float64 NumPy solver
+written here (enumerate the breakpoints of f(t) = sum clip(d - t, 0, 1) over each row's visible
+entries, take the segment holding k and its closed form) and against the XLA solver on
+materialised rows.
 """
 
 import os
@@ -85,35 +86,42 @@ def test_matches_float64_solver_and_xla(rows, bq, m, k, chunk, ties):
     z, tin, s, last, active, theta = _lists(rng, rows, bq, m, k, ties=ties)
     args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
-    got = np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True))
+    got = np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True))  # the walk
+    search = np.asarray(list_threshold(*args, k=k, chunk=chunk, interpret=True, algorithm="search"))
+    # the walk from t = -1 alone or after Newton steps: the same roots to rounding
+    for start_steps in (0, 1, 8):
+        np.testing.assert_allclose(got, np.asarray(list_threshold(
+            *args, k=k, chunk=chunk, interpret=True, start_steps=start_steps)), atol=1e-6, rtol=0)
     # the block's queries over programs of 64 rows or in one program (default: 16 rows per
     # program): the same thresholds to rounding (row sums of differently shaped tiles may be
     # vectorised in another order)
     for rows_per_program in sorted({min(64, bq), bq}) if bq >= 32 else ():
-        np.testing.assert_allclose(got, np.asarray(list_threshold(
-            *args, k=k, chunk=chunk, interpret=True, rows_per_program=rows_per_program)), atol=5e-7, rtol=0)
+        np.testing.assert_allclose(search, np.asarray(list_threshold(
+            *args, k=k, chunk=chunk, interpret=True, rows_per_program=rows_per_program, algorithm="search")),
+            atol=5e-7, rtol=0)
     # arity-ary index searches find the same indices as the binary ones: the same search steps and
     # fallback passes (a wrong index would mostly be caught by the exact check and cost fallback
     # passes, not a wrong threshold) and the same thresholds, bit for bit
     binary = [np.asarray(a) for a in list_threshold(*args, k=k, chunk=chunk, interpret=True, return_passes=True,
-                                                    search_arity=2)]
+                                                    search_arity=2, algorithm="search")]
     for arity in (4, 8, 16):
         for want, have in zip(binary, list_threshold(*args, k=k, chunk=chunk, interpret=True, return_passes=True,
-                                                     search_arity=arity)):
+                                                     search_arity=arity, algorithm="search")):
             np.testing.assert_array_equal(want, np.asarray(have))
     want = _expected(z, tin, s, last, active, theta, k)
     xla = np.asarray(list_threshold_reference(*args, k=k))
     assert active.any() and (~active).any()
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # float32 sums of <= M entries
-    np.testing.assert_allclose(got, xla, atol=2e-5, rtol=0)
-    assert np.all(got[~active] == 0)
-    # it is a root: f(tau) = k on every active row (to float32 rounding of the sums)
-    for r in range(rows):
-        for i in np.nonzero(active[r])[0]:
-            mm = np.arange(m)
-            vis = (mm >= s[r, i]) & (mm <= last[r, i]) & (tin[r] <= i)
-            f = np.clip(z[r, vis] - theta[r, i] - got[r, i], 0, 1).sum()
-            assert abs(f - k) < 1e-3 * max(1, k ** 0.5)
+    for tau in (got, search):
+        np.testing.assert_allclose(tau, want, atol=2e-5, rtol=0)  # float32 sums of <= M entries
+        np.testing.assert_allclose(tau, xla, atol=2e-5, rtol=0)
+        assert np.all(tau[~active] == 0)
+        # it is a root: f(tau) = k on every active row (to float32 rounding of the sums)
+        for r in range(rows):
+            for i in np.nonzero(active[r])[0]:
+                mm = np.arange(m)
+                vis = (mm >= s[r, i]) & (mm <= last[r, i]) & (tin[r] <= i)
+                f = np.clip(z[r, vis] - theta[r, i] - tau[r, i], 0, 1).sum()
+                assert abs(f - k) < 1e-3 * max(1, k ** 0.5)
 
 
 def test_bad_arguments():
@@ -134,10 +142,48 @@ def test_bad_arguments():
         list_threshold(z, tin, s, s, act, th, k=4, chunk=48, interpret=True)
     for bad in (8, 24, 32):  # below 16, not a power of two, more than the block's 16 rows
         with pytest.raises(ValueError, match="rows_per_program must be None or a power of two"):
-            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, rows_per_program=bad)
+            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, rows_per_program=bad, algorithm="search")
+    with pytest.raises(ValueError, match="apply to algorithm='search' only"):
+        list_threshold(z, tin, s, s, act, th, k=4, interpret=True, rows_per_program=16)
     for bad in (1, 3, 12, True):
         with pytest.raises(ValueError, match="search_arity must be a power of two >= 2"):
-            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, search_arity=bad)
+            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, search_arity=bad, algorithm="search")
+    with pytest.raises(ValueError, match="algorithm must be 'search' or 'walk'"):
+        list_threshold(z, tin, s, s, act, th, k=4, interpret=True, algorithm="bisect")
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="start_steps must be an int >= 0"):
+            list_threshold(z, tin, s, s, act, th, k=4, interpret=True, start_steps=bad)
+
+
+@pytest.mark.parametrize("start_steps", [0, 3])
+def test_walk_both_ways(start_steps):
+    """Queries whose candidate cap drops the list's lowest entry, one per query, while the keys
+    entering are too low to count: f falls and every root lies left of the previous one (the
+    walk moves left); then a stretch whose cap stays and keys enter high (it moves right)."""
+    rng = np.random.default_rng(start_steps)
+    m, bq, k = 96, 32, 40
+    z = -np.sort(-rng.normal(size=(1, m)) * 0.4, axis=1)  # dense: many entries within 1 of tau
+    tin = np.full((1, m), -1, np.int64)
+    hi_slots = rng.choice(np.arange(5, 40), size=16, replace=False)
+    tin[0, hi_slots] = np.arange(16, 32)  # queries 16..31: high keys enter
+    tin[0, m - 16:] = np.arange(16)  # queries 0..15: keys enter at the very bottom (past the cap)
+    s = np.zeros((1, bq), np.int64)
+    last = np.full((1, bq), m - 40, np.int64)
+    last[0, :16] = m - 20 - np.arange(16)  # the cap drops one entry per query
+    active = np.ones((1, bq), bool)
+    theta = np.zeros((1, bq))
+    for i in range(bq):
+        vis = np.nonzero((np.arange(m) <= last[0, i]) & (tin[0] <= i))[0]
+        theta[0, i] = z[0, vis[k - 1]]
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    tau, steps, starts = (np.asarray(a) for a in list_threshold(*args, k=k, interpret=True, return_passes=True,
+                                                                  start_steps=start_steps))
+    want = _expected(z, tin, s, last, active, theta, k)
+    np.testing.assert_allclose(tau, want, atol=2e-6, rtol=0)
+    root = want + theta  # tau itself (the kernel returns tau - theta)
+    assert np.all(np.diff(root[0, :16]) < 0) and np.all(np.diff(root[0, 17:]) > 0)
+    assert starts[0] == 1 and steps[0] > bq  # one start, the rest walked
 
 
 @pytest.mark.parametrize("clip,fallback", [(8.0, False), (0.25, True)])
@@ -150,7 +196,7 @@ def test_exact_fallback(clip, fallback):
     z, tin, s, last, active, theta = _lists(rng, 3, 16, 64, k)
     args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
-    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, chunk=32, clip=clip,
+    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, chunk=32, clip=clip, algorithm="search",
                                                                   interpret=True, return_passes=True))
     assert (passes > 0).any() == fallback and (steps > 0).all()
     np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
@@ -166,16 +212,21 @@ def test_root_at_a_breakpoint_ends_the_search():
     k = 1024
     args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
-    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, interpret=True, return_passes=True))
+    tau, steps, passes = (np.asarray(a) for a in list_threshold(*args, k=k, interpret=True, return_passes=True,
+                                                                  algorithm="search"))
     assert 0 < passes[0] < 30, passes  # the exact fallback is needed, and ends well before max_passes (64)
-    np.testing.assert_allclose(tau, _expected(z, tin, s, last, active, theta, k), atol=1e-6, rtol=0)
+    want = _expected(z, tin, s, last, active, theta, k)
+    np.testing.assert_allclose(tau, want, atol=1e-6, rtol=0)
     xla = np.asarray(list_threshold_reference(*args, k=k))  # the same stop rule in the XLA solver
     np.testing.assert_allclose(xla, tau, atol=1e-6, rtol=0)
+    # the walk settles the same row as any other: the root is where its segment's closed form says
+    np.testing.assert_allclose(np.asarray(list_threshold(*args, k=k, interpret=True)), want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("return_passes,rows_per_program,arity", [
-    (False, None, 8), (True, None, 8), (True, 64, 2), (False, None, 16)])
-def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program, arity):
+@pytest.mark.parametrize("return_passes,rows_per_program,arity,algorithm", [
+    (False, None, 8, "search"), (True, None, 8, "search"), (True, 64, 2, "search"), (False, None, 16, "search"),
+    (False, None, None, "walk"), (True, None, None, "walk")])
+def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program, arity, algorithm):
     """The Pallas -> Triton lowering runs on the CPU machine (jaxlib's Triton dialect): a
     construct Triton cannot take fails here, not first on the GPU."""
     import re
@@ -189,11 +240,11 @@ def test_lowers_to_triton_for_an_h100(return_passes, rows_per_program, arity):
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
         text = jax.jit(lambda *a: list_threshold(*a, k=1024, chunk=64, return_passes=return_passes,
                                                  rows_per_program=rows_per_program,
-                                                 search_arity=arity)).trace(
+                                                 search_arity=arity, algorithm=algorithm)).trace(
             sds((n, m), jnp.float32), sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32),
             sds((n, bq), jnp.bool_), sds((n, bq), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]
-    assert "sparsek_list_threshold" in text
+    assert ("sparsek_list_threshold_walk" in text) == (algorithm == "walk") and "sparsek_list_threshold" in text
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
@@ -204,9 +255,13 @@ def test_compiled_matches_float64_solver(bq, m, k, ties):
     z, tin, s, last, active, theta = _lists(rng, 3, bq, m, k, ties=ties)
     args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
             jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
-    got = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k))(*args))
-    np.testing.assert_allclose(got, _expected(z, tin, s, last, active, theta, k), atol=2e-5, rtol=0)
+    want = _expected(z, tin, s, last, active, theta, k)
+    walk = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k))(*args))
+    np.testing.assert_allclose(walk, want, atol=2e-5, rtol=0)
+    got = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k, algorithm="search"))(*args))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     # binary searches: the same indices; the compiled reductions may round differently
-    binary = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k, search_arity=2, rows_per_program=16))(*args))
+    binary = np.asarray(jax.jit(lambda *a: list_threshold(*a, k=k, search_arity=2, rows_per_program=16,
+                                                          algorithm="search"))(*args))
     np.testing.assert_allclose(got, binary, atol=2e-6, rtol=0)
 
