@@ -406,7 +406,9 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
             tb = jnp.where(b > a, zb, inf)
             nb = jnp.minimum(ta, tb)
             tr = root(u, ns, S, c)
-            stop = jnp.where(ns > 0, tr <= nb, u <= k)  # ns = 0: f = u, flat (u = k) or past it
+            # ns = 0: f = u, flat (u = k) or past it. A root at nb itself crosses it: a flat piece
+            # may follow, whose right end is the solvers' convention (see query below)
+            stop = jnp.where(ns > 0, tr < nb, u <= k)
             cross_b = ~stop & (tb <= ta)
             cross_a = ~stop & ~(tb <= ta)
             vb = cross_b & seen(b - 1, i)
@@ -424,7 +426,8 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
             tb = jnp.where(b < end, zb, ninf)
             pb = jnp.maximum(ta, tb)
             tr = root(u, ns, S, c)
-            stop = jnp.where(ns > 0, tr >= pb, pb == ninf)  # (no entry left of t: cannot happen)
+            # ns = 0: f = u, flat where u = k (or no entry left of t: cannot happen)
+            stop = jnp.where(ns > 0, tr >= pb, (u == k) | (pb == ninf))
             cross_b = ~stop & (tb >= ta)
             cross_a = ~stop & ~(tb >= ta)
             vb = cross_b & seen(b, i)
@@ -454,7 +457,10 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
             return solve(i, s_i, end, anchor, st)
 
         st, n = lax.cond(act, work, lambda st: (st, st[1] * 0), st)  # (a traced 0: Triton's yield)
-        tau = jnp.where(local == i, jnp.where(act, st[0] - (theta - anchor), 0.0), tau)
+        # a flat root (no free entry: exactly k at 1) is not unique: the solvers' convention is
+        # its right end, t = -1 (tau = theta - 1, which moves with the k-th entry)
+        t = jnp.where(st[4] > 0, st[0] - (theta - anchor), -1.0)
+        tau = jnp.where(local == i, jnp.where(act, t, 0.0), tau)
         return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh)
 
     st0 = (zero_f, zero_i, zero_i, zero_i, zero_i, zero_f, zero_f)
@@ -495,7 +501,8 @@ def _check(z, tin, s, last, active, theta, k):
 def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, num_warps: int | None = None,
                    max_passes: int = 64, clip: float = 8.0, interpret: bool = False,
                    return_passes: bool = False, rows_per_program: int | None = None,
-                   search_arity: int | None = None, algorithm: str = "walk", start_steps: int = 3) -> jax.Array:
+                   search_arity: int | None = None, algorithm: str = "walk", start_steps: int = 3,
+                   spos: jax.Array | None = None) -> jax.Array:
     """tau - theta of every query of every list: float32 [rows, block_q].
 
     Args:
@@ -542,6 +549,9 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         the range's first threshold. With "walk", chunk is the start pass's width,
         ``rows_per_program``, ``search_arity``, ``clip`` and ``max_passes`` do not apply, and
         ``return_passes`` returns each list's walk steps and fresh starts.
+      spos: optional int32 [rows, block_q]: the list index of the entry that enters at each
+        query (tin[spos] = query; M or more: none), when the caller has it (the selection
+        does); else found from tin by a scatter.
       start_steps: "walk" only: the safeguarded Newton steps (one pass over the list each) that
         take a range's first query from t = -1 towards its root before the walk finishes it.
     """
@@ -550,6 +560,8 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     if algorithm not in ("search", "walk"):
         raise ValueError(f"algorithm must be 'search' or 'walk', got {algorithm!r}")
+    if spos is not None and (spos.shape != s.shape or spos.dtype != jnp.int32):
+        raise ValueError(f"spos must be int32 {s.shape}, got {spos.dtype} {spos.shape}")
     if num_warps is None:
         num_warps = 1 if algorithm == "walk" else 4
     if algorithm == "walk" and (rows_per_program, search_arity) != (None, None):
@@ -559,7 +571,8 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
         if isinstance(start_steps, bool) or not isinstance(start_steps, int) or start_steps < 0:
             raise ValueError(f"start_steps must be an int >= 0, got {start_steps!r}")
         return _list_threshold_walk(z, tin, s, last, active, theta, k=k, chunk=chunk, num_warps=num_warps,
-                                    interpret=interpret, return_passes=return_passes, start_steps=start_steps)
+                                    interpret=interpret, return_passes=return_passes, start_steps=start_steps,
+                                    spos=spos)
     n, m = z.shape
     bq0 = s.shape[-1]
     bq = max(16, 1 << (bq0 - 1).bit_length())  # Triton blocks are powers of two: pad with inactive rows
@@ -588,7 +601,11 @@ def list_threshold(z, tin, s, last, active, theta, *, k: int, chunk: int = 64, n
     zc = jnp.where(seen, jnp.clip(z - anchor[:, None], -clip, clip), 0.0)
     pre = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), jnp.cumsum(zc, axis=1)], axis=1)
     pre = jnp.pad(pre, ((0, 0), (0, chunk - 1)))
-    spos = _entering_positions(tin, bq)
+    if spos is None:
+        spos = _entering_positions(tin, bq)
+    else:
+        spos = jnp.minimum(spos, mp) if bq == bq0 else jnp.pad(jnp.minimum(spos, mp), ((0, 0), (0, bq - bq0)),
+                                                                constant_values=mp)
     zent = jnp.where(spos < mp, jnp.take_along_axis(zc, jnp.minimum(spos, mp - 1), 1), 0.0)
     anc = jnp.broadcast_to(anchor[:, None], (n, bq))
     pre_spec = pl.BlockSpec((None, mp + chunk), lambda r, h: (r, 0))
@@ -621,14 +638,18 @@ def _entering_positions(tin, bq: int):
 
 
 def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps, interpret, return_passes,
-                         start_steps):
+                         start_steps, spos):
     n, m = z.shape
-    bq = s.shape[-1]
+    bq0 = s.shape[-1]
+    bq = max(16, 1 << (bq0 - 1).bit_length())  # Triton blocks are powers of two: pad with inactive rows
     mp = -(-m // chunk) * chunk
     if mp != m:  # entries past M are beyond every row's range
         z = jnp.pad(z, ((0, 0), (0, mp - m)))
         tin = jnp.pad(tin, ((0, 0), (0, mp - m)), constant_values=bq)
-    spos = _entering_positions(tin, bq)
+    spos = _entering_positions(tin, bq0) if spos is None else jnp.minimum(spos, m)
+    if bq != bq0:
+        pad = lambda a, v=0: jnp.pad(a, ((0, 0), (0, bq - bq0)), constant_values=v)  # noqa: E731
+        s, last, active, theta, spos = pad(s), pad(last), pad(active), pad(theta), pad(spos, m)
     row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
     list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
     out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
@@ -645,8 +666,8 @@ def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps,
         name="sparsek_list_threshold_walk",
     )(z, tin, s, last, active.astype(jnp.int32), theta, spos)
     if return_passes:
-        return out[0], out[1][:, 0], out[1][:, 1]
-    return out[0]
+        return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
+    return out[0][:, :bq0]
 
 
 def list_threshold_reference(z, tin, s, last, active, theta, *, k: int) -> jax.Array:

@@ -351,7 +351,8 @@ def _kernel_threshold(z, r: _Rows, k: int, interpret: bool):
     flat = lambda a, n: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)  # noqa: E731
     tau = list_threshold(
         flat(lax.stop_gradient(z), M), flat(r.tin.astype(jnp.int32), M), flat(r.s, Bq), flat(r.last, Bq),
-        flat((r.nvis > k) & (r.nvis > 0), Bq), flat(r.theta.astype(jnp.float32), Bq), k=k, interpret=interpret)
+        flat((r.nvis > k) & (r.nvis > 0), Bq), flat(r.theta.astype(jnp.float32), Bq), k=k, interpret=interpret,
+        spos=flat(r.spos.astype(jnp.int32), Bq))
     return tau.reshape(lead + (Bq,))
 
 

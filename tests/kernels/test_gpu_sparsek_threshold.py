@@ -155,6 +155,24 @@ def test_bad_arguments():
             list_threshold(z, tin, s, s, act, th, k=4, interpret=True, start_steps=bad)
 
 
+def test_flat_root_takes_its_right_end():
+    """Integer scores: f = k on a whole interval (no free entry, k at 1). Both algorithms return
+    its right end, t = -1 (the reference solvers' convention); the walk reaches these roots from
+    the previous query's at a breakpoint where the flat piece begins (a list of the causal
+    selection's tests, captured)."""
+    z = np.array([[3.0, 2.0, 2.0, 1.0, -1.0, -2.0, 0.0, 0.0, 0.0, 0.0]])
+    tin = np.array([[0, 3, -1, 2, 1, -1, -1, -1, -1, -1]])
+    s, last = np.zeros((1, 4), np.int64), np.full((1, 4), 5)
+    active = np.array([[False, True, True, True]])
+    theta = np.array([[0.0, -1.0, 1.0, 2.0]])
+    args = (jnp.asarray(z, jnp.float32), jnp.asarray(tin, jnp.int32), jnp.asarray(s, jnp.int32),
+            jnp.asarray(last, jnp.int32), jnp.asarray(active), jnp.asarray(theta, jnp.float32))
+    want = _expected(z, tin, s, last, active, theta, 3)
+    np.testing.assert_array_equal(want, [[0.0, -1.0, -1.0, -1.0]])
+    for algorithm in ("walk", "search"):
+        np.testing.assert_array_equal(np.asarray(list_threshold(*args, k=3, interpret=True, algorithm=algorithm)), want)
+
+
 @pytest.mark.parametrize("start_steps", [0, 3])
 def test_walk_both_ways(start_steps):
     """Queries whose candidate cap drops the list's lowest entry, one per query, while the keys
@@ -184,6 +202,18 @@ def test_walk_both_ways(start_steps):
     root = want + theta  # tau itself (the kernel returns tau - theta)
     assert np.all(np.diff(root[0, :16]) < 0) and np.all(np.diff(root[0, 17:]) > 0)
     assert starts[0] == 1 and steps[0] > bq  # one start, the rest walked
+    # the entering keys' list indices given by the caller (as the selection does): the same
+    spos = np.full((1, bq), m, np.int64)
+    spos[0, tin[0][tin[0] >= 0]] = np.nonzero(tin[0] >= 0)[0]
+    for algorithm in ("walk", "search"):
+        np.testing.assert_array_equal(
+            np.asarray(list_threshold(*args, k=k, interpret=True, start_steps=start_steps, algorithm=algorithm)
+                       if algorithm == "walk" else list_threshold(*args, k=k, interpret=True, algorithm=algorithm)),
+            np.asarray(list_threshold(*args, k=k, interpret=True, algorithm=algorithm,
+                                      spos=jnp.asarray(spos, jnp.int32),
+                                      **({"start_steps": start_steps} if algorithm == "walk" else {}))))
+    with pytest.raises(ValueError, match="spos must be int32"):
+        list_threshold(*args, k=k, interpret=True, spos=jnp.asarray(spos[:, :8], jnp.int32))
 
 
 @pytest.mark.parametrize("clip,fallback", [(8.0, False), (0.25, True)])
