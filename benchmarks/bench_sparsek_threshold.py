@@ -6,9 +6,11 @@ prefix before it plus the block's entering keys, sorted by score; C = 2k), then 
 
 * ``xla``: :func:`sea_jax.kernels.gpu_sparsek_threshold.list_threshold_reference` (the XLA
   solver on materialised [rows, block_q, M] rows: what the "fast" schedule runs, but stored);
-* ``kernel/<chunk>/<warps>``: :func:`~sea_jax.kernels.gpu_sparsek_threshold.list_threshold`,
-  with the cheap search's steps per program (mean / max), the programs that needed the exact
-  fallback and its most passes, and the max |diff| to ``xla``.
+* ``kernel/<chunk>/<warps>[/rN][/aN]``: :func:`~sea_jax.kernels.gpu_sparsek_threshold.list_threshold`
+  with ``algorithm="search"``, with the cheap search's steps per program (mean / max), the
+  programs that needed the exact fallback and its most passes, and the max |diff| to ``xla``;
+* ``kernel/<chunk>/<warps>/wN``: the same with ``algorithm="walk"`` (the default) and N start
+  steps, with the walk steps and fresh starts per list instead.
 
     python benchmarks/bench_sparsek_threshold.py --out benchmarks/results/sparsek_threshold.json
     python benchmarks/bench_sparsek_threshold.py --smoke   # CPU, interpret mode
