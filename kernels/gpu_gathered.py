@@ -322,6 +322,19 @@ def _load_slots(cfg, r, u0, idx_safe):
     return r.k[idx_safe, :], r.v[idx_safe, :]
 
 
+def _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos, segq):
+    """Slot tile t of query block i for the query tile q (rows [q0, q0 + tq)): the masked, scaled
+    scores s [tq, tu] and the tile's K / V rows, gate weights and free-slot mask (forward and dQ)."""
+    u0 = pl.multiple_of(t * cfg.tu, cfg.tu)
+    idx = r.union[b, kh, i, pl.ds(u0, cfg.tu)]
+    idx_safe = jnp.maximum(idx, 0)
+    k, v = _load_slots(cfg, r, u0, idx_safe)
+    s = _dot(q, k, 1, 1) * (cfg.scale * LOG2E)
+    sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, q.shape[0]))
+    segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
+    return _mask_slot_scores(cfg, s, idx, q0, qpos, sel, segq, segk), k, v, wf, free
+
+
 # --------------------------------------------------------------------------- forward
 def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
     r = _Refs(refs, _in_names(cfg, "o", "lse"))
@@ -374,14 +387,7 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
     qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
 
     def slot_step(t, carry):
-        u0 = pl.multiple_of(t * tu, tu)
-        idx = r.union[b, kh, i, pl.ds(u0, tu)]
-        idx_safe = jnp.maximum(idx, 0)
-        k, v = _load_slots(cfg, r, u0, idx_safe)
-        s = _dot(q, k, 1, 1) * qk_scale
-        sel, wf, _ = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
-        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
-        s = _mask_slot_scores(cfg, s, idx, q0, qpos_s, sel, segq, segk)
+        s, _, v, wf, _ = _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos_s, segq)
         return update(carry, s, wf, v)
 
     acc, m, l = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, carry)
@@ -501,14 +507,7 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
 
     def slot_step(t, carry):
         dq, gsum = carry
-        u0 = pl.multiple_of(t * tu, tu)
-        idx = r.union[b, kh, i, pl.ds(u0, tu)]
-        idx_safe = jnp.maximum(idx, 0)
-        k, v = _load_slots(cfg, r, u0, idx_safe)
-        s = _dot(q, k, 1, 1) * qk_scale
-        sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, tq))
-        segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
-        s = _mask_slot_scores(cfg, s, idx, q0, qpos_s, sel, segq, segk)
+        s, k, v, wf, free = _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos_s, segq)
         dp = _dot(do, v, 1, 1)
         ds = grad_s(s, dp, wf)
         if cfg.factored:
@@ -534,7 +533,6 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
     r = _Refs(refs, names)
     tq, tk = cfg.tq, cfg.tk
     tile = pl.program_id(0)
-    b = pl.program_id(2)
     rep = cfg.num_heads // cfg.num_kv_heads
     k0 = tile * tk
     qk_scale = cfg.scale * LOG2E
