@@ -78,6 +78,7 @@ up to 1.4e-5 from the float64 root on the same rows); the tests hold both algori
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,7 @@ from jax.experimental import pallas as pl
 
 from sea_jax.kernels.gpu_block_sparse import compiler_params
 
-__all__ = ["list_threshold", "list_threshold_reference"]
+__all__ = ["list_threshold", "list_threshold_reference", "list_select", "ListSelect"]
 
 
 def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_ref, spos_ref, zent_ref,
@@ -301,10 +302,16 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         passes_ref[0][...] = jnp.where(local == 0, it1 + 1, it2)
 
 
-def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, tau_ref, *steps_ref,
-                 k, chunk, start_steps):
+def _walk_kernel(*refs, k, chunk, start_steps, cap=None):
     """One list, its queries in order: each threshold from the previous one by a walk over the
     breakpoints (see list_threshold's ``algorithm="walk"``).
+
+    With ``cap`` (C, :func:`list_select`) the kernel also derives each query's structure from
+    its run range [s, e) instead of reading it: the visible count and the k-th, C-th and
+    (C + 1)-th visible entries, kept as pointers that move by one visible entry when a key
+    enters (a fresh vector pass where a range begins), and after the solve the free range
+    [free_lo, free_hi) and free count under the dense VJP's rounding, and the entry that takes
+    tau's cotangent in rows without a free set.
 
     The state of a query's solve, for its range [s, end) of the list at t (scores anchored at
     the range's first theta, y = z - anchor): ``a`` / ``b`` the first index whose entry is not
@@ -314,6 +321,11 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
     free ones. Then f(t) = u + S - ns t, and between the nearest breakpoints the root is
     (S + u - k) / ns.
     """
+    if cap is None:
+        z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, tau_ref, *steps_ref = refs
+    else:
+        z_ref, tin_ref, s_ref, e_ref, spos_ref, tau_ref, *int_refs = refs
+        steps_ref = int_refs[8:]
     bq = s_ref.shape[0]
     mp = z_ref.shape[0]
     local = lax.broadcasted_iota(jnp.int32, (bq,), 0)
@@ -459,12 +471,115 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
                        lambda s: lax.while_loop(lambda s: ~s[-1], go_left, s), init)
         return out[:7], out[7]
 
+    # ---- cap mode: each query's structure, from pointers that follow the entering keys ----
+    jv = lax.broadcasted_iota(jnp.int32, (4,), 0)
+    targets = jnp.where(jv == 0, k, jnp.where(jv == 1, cap or 0, (cap or 0) + 1))  # k, C, C + 1 (+ a spare)
+
+    def pick(P, j):
+        return jnp.sum(jnp.where(jv == j, P, 0))
+
+    def struct_start(i, s_i, e_i):
+        """Visible count, last visible entry and the targets' entries of query i's range [s, e):
+        one vector pass (counts by cumulative sums), -1 where an entry does not exist."""
+        def body(c, acc):
+            nv, lv, P = acc
+            m0 = pl.multiple_of(c * chunk, chunk)
+            m = m0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+            vis = (m >= s_i) & (m < e_i) & (tin_ref[pl.ds(m0, chunk)] <= i)
+            vi = vis.astype(jnp.int32)
+            cs = nv + jnp.cumsum(vi)
+            hit = vis[None, :] & (cs[None, :] == targets[:, None])
+            P = jnp.maximum(P, jnp.max(jnp.where(hit, m[None, :], -1), axis=1))
+            return nv + jnp.sum(vi), jnp.maximum(lv, jnp.max(jnp.where(vis, m, -1))), P
+
+        init = (zero_i, zero_i - 1, targets * 0 - 1)
+        return lax.fori_loop(s_i // chunk, (e_i + chunk - 1) // chunk, body, init)
+
+    def struct_step(i, s_i, e_i, nv, lv, P):
+        """Query i's structure from query i - 1's (same range): the key entering at i (if in
+        the range) is one more visible entry; a target's entry behind it moves to the previous
+        visible entry (past the keys still hidden from i), one that did not exist may appear."""
+        p = spos_ref[i]
+        enter = (p >= s_i) & (p < e_i)
+        nv1 = nv + count(enter)
+        lv1 = jnp.where(enter, jnp.maximum(lv, p), lv)
+        exists = nv >= targets
+        move = enter & exists & (p < P)
+        P = jnp.where(enter & ~exists & (nv1 == targets), lv1, P)
+
+        def hidden(m):
+            return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
+
+        P = lax.while_loop(lambda m: jnp.sum(hidden(m).astype(jnp.int32)) > 0,
+                           lambda m: jnp.where(hidden(m), m - 1, m), jnp.where(move, P - 1, P))
+        return nv1, lv1, P
+
+    def structure(i, s_i, e_i, sc):
+        s_p, e_p, nv, lv, P = sc
+        fresh = (i == 0) | (s_i != s_p) | (e_i != e_p)
+        nv, lv, P = lax.cond(fresh, lambda _: struct_start(i, s_i, e_i),
+                             lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
+        return s_i, e_i, nv, lv, P
+
+    def finish(i, s_i, end, act, nv, kpos, last, theta, tau_i, st):
+        """Free range [fa, fb) and free count of query i under the dense VJP's rounding (x =
+        (z - theta) - tau_s: upper x >= 1, free 0 < x < 1), from the walk's pointers (its sets
+        are y - t > 1 and > 0 of anchored scores: ties at the bounds and rounding move them by
+        a few entries at most), and the first visible entry equal to tau's target in rows
+        without a free set (-1 in the others)."""
+        a, b, ns = st[1], st[2], st[4]
+
+        def x(m):
+            return (z_at(m) - theta) - tau_i
+
+        def fix(_):
+            def fa_step(c):
+                a, ns, _ = c
+                left = (a > s_i) & (x(a - 1) < 1.0)
+                right = ~left & (a < end) & (x(a) >= 1.0)
+                ns = ns + count(left & seen(a - 1, i)) - count(right & (a < b) & seen(a, i))
+                return a - count(left) + count(right), ns, left | right
+
+            fa, ns1, _ = lax.while_loop(lambda c: c[2], fa_step, (a, ns, a >= 0))
+
+            def fb_step(c):
+                b, ns, _ = c
+                left = (b > fa) & (x(b - 1) <= 0.0)
+                right = ~left & (b < end) & (x(b) > 0.0)
+                ns = ns - count(left & seen(b - 1, i)) + count(right & seen(b, i))
+                return b - count(left) + count(right), ns, left | right
+
+            # (fa past b: the walk's free entries all left on the way, ns1 = 0)
+            fb, ns2, _ = lax.while_loop(lambda c: c[2], fb_step, (jnp.maximum(b, fa), ns1, a >= 0))
+            return fa, fb, ns2
+
+        fa, fb, nf = lax.cond(act, fix, lambda _: (s_i, s_i, s_i * 0), None)
+        need = (act & (nf == 0)) | (~act & (nv > 0))
+
+        def first_of(_):
+            p0 = jnp.where(act, kpos, last)  # a visible entry holding the target
+            target = z_at(p0)
+            m = lax.while_loop(lambda m: (m > s_i) & (z_at(m - 1) <= target), lambda m: m - 1, p0)
+            return lax.while_loop(lambda m: ~seen(m, i), lambda m: m + 1, m)
+
+        first = lax.cond(need, first_of, lambda _: s_i * 0 - 1, None)
+        return fa, fb, nf, first
+
     def query(i, carry):
-        valid, s_prev, end_prev, anchor, st, tau, steps, starts = carry
+        valid, s_prev, end_prev, anchor, st, tau, steps, starts, sc, outs = carry
         s_i = s_ref[i]
-        end = last_ref[i] + 1
-        act = act_ref[i] != 0
-        theta = theta_ref[i]
+        if cap is None:
+            end = last_ref[i] + 1
+            act = act_ref[i] != 0
+            theta = theta_ref[i]
+        else:
+            sc = structure(i, s_i, e_ref[i], sc)
+            nv, lv, P = sc[2], sc[3], sc[4]
+            kpos = jnp.where(nv >= k, pick(P, 0), lv)
+            last = jnp.where(nv >= cap, pick(P, 1), lv)
+            act = nv > k
+            theta = z_at(kpos)
+            end = last + 1
         fresh = act & ~(valid & (s_i == s_prev))
         anchor = jnp.where(fresh, theta, anchor)
 
@@ -477,13 +592,26 @@ def _walk_kernel(z_ref, tin_ref, s_ref, last_ref, act_ref, theta_ref, spos_ref, 
         # a flat root (no free entry: exactly k at 1) is not unique: the solvers' convention is
         # its right end, t = -1 (tau = theta - 1, which moves with the k-th entry)
         t = jnp.where(st[4] > 0, st[0] - (theta - anchor), -1.0)
-        tau = jnp.where(local == i, jnp.where(act, t, 0.0), tau)
-        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh)
+        tau_i = jnp.where(act, t, 0.0)
+        tau = jnp.where(local == i, tau_i, tau)
+        if cap is not None:
+            fa, fb, nf, first = finish(i, s_i, end, act, nv, kpos, last, theta, tau_i, st)
+            none = nv <= 0
+            vals = (jnp.where(none, s_i - 1, kpos), jnp.where(none, s_i - 1, last),
+                    jnp.where(nv > cap, pick(P, 2), -1), nv, fa, fb, nf, first)
+            outs = tuple(jnp.where(local == i, v, o) for v, o in zip(vals, outs))
+        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh), sc, outs
 
     st0 = (zero_f, zero_i, zero_i, zero_i, zero_i, zero_f, zero_f)
-    carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i)
-    _, _, _, _, _, tau, steps, starts = lax.fori_loop(0, bq, query, carry)
+    zeros_i = jnp.zeros((bq,), jnp.int32)
+    sc0 = (zero_i, zero_i, zero_i, zero_i, targets * 0) if cap is not None else ()
+    outs0 = (zeros_i,) * 8 if cap is not None else ()
+    carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i, sc0, outs0)
+    _, _, _, _, _, tau, steps, starts, _, outs = lax.fori_loop(0, bq, query, carry)
     tau_ref[...] = tau
+    if cap is not None:
+        for ref, val in zip(int_refs[:8], outs):
+            ref[...] = val
     if steps_ref:  # (walk steps, fresh starts) of this list in its first two entries
         steps_ref[0][...] = jnp.where(local == 0, steps, jnp.where(local == 1, starts, 0))
 
@@ -680,6 +808,97 @@ def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps,
     if return_passes:
         return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
     return out[0][:, :bq0]
+
+
+class ListSelect(NamedTuple):
+    """What :func:`list_select` returns per list and query (int32 [rows, block_q] unless noted).
+
+    tau_s: float32, tau - theta (0 where the query keeps every visible entry); kpos / last /
+    nxt: list index of the k-th, min(nvis, C)-th and (C + 1)-th visible entry (kpos holds the
+    last visible one where nvis < k; s - 1 where nvis = 0; nxt -1 where nvis <= C); nvis: the
+    visible entries; free_lo, free_hi, n_free: the free range and its visible entries under
+    the dense VJP's rounding (free_lo = free_hi = s, n_free = 0 for rows that keep
+    everything); first: the first visible entry equal to tau's target in rows without a free
+    set (kpos's score for solved rows, the minimum for the others; -1 in rows with a free set
+    or nothing visible).
+    """
+
+    tau_s: jax.Array
+    kpos: jax.Array
+    last: jax.Array
+    nxt: jax.Array
+    nvis: jax.Array
+    free_lo: jax.Array
+    free_hi: jax.Array
+    n_free: jax.Array
+    first: jax.Array
+
+
+def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_warps: int = 1,
+                start_steps: int = 3, interpret: bool = False, return_passes: bool = False):
+    """The walk of ``list_threshold`` that also derives each query's structure (one program per
+    list, its queries in order): :class:`ListSelect`.
+
+    Args:
+      z, tin: as :func:`list_threshold` (float32 / int32 [rows, M]).
+      s, e: int32 [rows, block_q] each query's run range [s, e) of the list (s = e: the query
+        sees nothing, e.g. padding).
+      spos: int32 [rows, block_q] the list index of the entry entering at each query (M or
+        more: none).
+      k: the budget; cap: C, the candidate cap (int >= k): query i's candidates are its first
+        min(nvis, C) visible entries.
+      chunk, num_warps, start_steps, interpret: as :func:`list_threshold` (walk).
+      return_passes: also return each list's walk steps and fresh starts (int32 [rows] each).
+
+    Where the selection's XLA passes computed the visible counts and the k-th / C-th / (C+1)-th
+    visible entries with [block_q, block_q] arrays, and the threshold's VJP re-derived the free
+    ranges by binary searches, this kernel keeps them as pointers while it walks.
+    """
+    if z.ndim != 2 or z.dtype != jnp.float32:
+        raise ValueError(f"z must be float32 [rows, M], got {z.dtype} {z.shape}")
+    n, m = z.shape
+    if tin.shape != (n, m) or tin.dtype != jnp.int32:
+        raise ValueError(f"tin must be int32 {(n, m)}, got {tin.dtype} {tin.shape}")
+    bq0 = s.shape[-1]
+    for name, a in (("s", s), ("e", e), ("spos", spos)):
+        if a.shape != (n, bq0) or a.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32 {(n, bq0)}, got {a.dtype} {a.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < k:
+        raise ValueError(f"cap must be an int >= k={k}, got {cap!r}")
+    if chunk & (chunk - 1) or chunk < 16:
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    if isinstance(start_steps, bool) or not isinstance(start_steps, int) or start_steps < 0:
+        raise ValueError(f"start_steps must be an int >= 0, got {start_steps!r}")
+    bq = max(16, 1 << (bq0 - 1).bit_length())  # Triton blocks are powers of two: pad with empty rows
+    mp = -(-m // chunk) * chunk
+    if mp != m:  # entries past M are beyond every row's range
+        z = jnp.pad(z, ((0, 0), (0, mp - m)))
+        tin = jnp.pad(tin, ((0, 0), (0, mp - m)), constant_values=bq)
+    spos = jnp.minimum(spos, m)
+    if bq != bq0:
+        pad = lambda a, v=0: jnp.pad(a, ((0, 0), (0, bq - bq0)), constant_values=v)  # noqa: E731
+        s, e, spos = pad(s), pad(e), pad(spos, m)
+    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
+    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
+    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)] + [jax.ShapeDtypeStruct((n, bq), jnp.int32)] * 8
+    if return_passes:
+        out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
+    out = pl.pallas_call(
+        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps, cap=cap),
+        grid=(n,),
+        in_specs=[list_spec, list_spec] + [row_spec] * 3,
+        out_specs=[row_spec] * len(out_shape),
+        out_shape=out_shape,
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="sparsek_list_select",
+    )(z, tin, s, e, spos)
+    res = ListSelect(*(o[:, :bq0] for o in out[:9]))
+    if return_passes:
+        return res, out[9][:, 0], out[9][:, 1]
+    return res
 
 
 def list_threshold_reference(z, tin, s, last, active, theta, *, k: int) -> jax.Array:

@@ -524,6 +524,58 @@ def _tau_grad_ranges(k, res, g_tau):
 _list_tau.defvjp(_list_tau_fwd, _list_tau_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _walk_tau(z, tin, s, e, spos, k: int, cap: int, M: int, interpret: bool):
+    """(tau, kpos, last, nxt, nvis) [..., Bq] of every query from its list scores z [..., M] by
+    the walk that also keeps the structure (sea_jax.kernels.gpu_sparsek_threshold.list_select);
+    tau is differentiable in z (the VJP of _list_tau, from the kernel's free ranges)."""
+    return _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret)[0]
+
+
+@jax.named_scope("sparsek_threshold")
+def _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret):
+    from sea_jax.kernels.gpu_sparsek_threshold import ListSelect, list_select
+
+    Bq = s.shape[-1]
+    lead = s.shape[:-1]
+    flat = lambda a, n: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)  # noqa: E731
+    zs = lax.stop_gradient(z)
+    out = list_select(flat(zs, M), flat(tin.astype(jnp.int32), M), flat(s, Bq), flat(e, Bq),
+                      flat(spos.astype(jnp.int32), Bq), k=k, cap=cap, interpret=interpret)
+    out = ListSelect(*(o.reshape(lead + (Bq,)) for o in out))
+    nvis = out.nvis
+    tau = jnp.where(nvis > k, _take(zs, out.kpos) + out.tau_s, jnp.where(nvis > 0, _take(zs, out.last) - 1, 0))
+    res = (out.free_lo, out.free_hi, out.n_free, out.first, s, e, spos)
+    return (tau.astype(z.dtype), out.kpos, out.last, out.nxt, nvis), res
+
+
+@jax.named_scope("sparsek_tau_grad")
+def _walk_tau_bwd(k, cap, M, interpret, res, g):
+    """_tau_grad_ranges with the kernel's free ranges, free counts and target entries: a
+    difference array over [free_lo, free_hi) less the entering keys hidden inside the range
+    (one fused [Bq, Bq] reduction generated from [Bq] vectors), plus tau's cotangent at the
+    target entry of rows without a free set."""
+    fa, fb, nf, first, s, e, spos = res
+    g_tau = g[0]
+    dtype = g_tau.dtype
+    shift = jnp.where(nf > 0, g_tau / jnp.maximum(nf, 1).astype(dtype), 0).astype(dtype)
+    diff = jnp.zeros(fa.shape[:-1] + (M + 1,), dtype)
+    dz = jnp.cumsum(_scatter_add(_scatter_add(diff, fa, shift), fb, -shift), axis=-1)[..., :M]
+    Bq = s.shape[-1]
+    t = jnp.arange(Bq, dtype=jnp.int32)
+    sp = spos[..., None, :]
+    hid = ((t > t[:, None]) & (sp >= s[..., None]) & (sp < e[..., None]) & (sp >= fa[..., None])
+           & (sp < fb[..., None]))  # [..., Bq(i), Bq(t)]: entering key t hidden inside i's free range
+    corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)
+    dz = _scatter_add(dz, spos, -corr)  # spos = M: no entering key, dropped
+    need = first >= 0
+    dz = _scatter_add(dz, jnp.where(need, first, M), jnp.where(need, g_tau, 0).astype(dtype))
+    return dz, None, None, None, None
+
+
+_walk_tau.defvjp(_walk_tau_fwd, _walk_tau_bwd)
+
+
 def _pack_counts(preds):
     """Per-row counts (int32 [..., Bq]) of ``preds`` (bool [..., Bq, Bq] each, summed over the
     last axis) by one reduction: the counts (<= Bq) in the bit fields of one int32 sum when
@@ -639,6 +691,13 @@ def fast_select_blocks(
     s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
     e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
     spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
+    if factored and method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
+        # the kernel keeps each query's structure while it walks: no [Bq, Bq] arrays
+        tau, kpos, last, nxt_pos, nvis = _walk_tau(z, tin, s, jnp.where(qrun >= 0, e, s), spos, k, c, M,
+                                                   method == "pallas_interpret")
+        sel, weight = _factored(s, e, kpos, nvis, lst, z, tau, k, union)
+        return _finish_block(lst, slot, zs, nvis, nxt_pos, ev_rank, order, run, score, qrun, c, k, Bq, union,
+                             sel, weight, tau)
     t = jnp.arange(Bq, dtype=jnp.int32)
     # inv[i, t]: the key entering at query t > i lies in query i's run range (hidden from it)
     inv = (t > t[:, None]) & (spos[..., None, :] >= s[..., None]) & (spos[..., None, :] < e[..., None])
@@ -661,16 +720,29 @@ def fast_select_blocks(
     theta = jnp.where(active, _take(zs, kpos), 0)
     r = _Rows(s, e, tin, last, kpos, nvis, theta, inv, spos, vb)
     if factored:
-        # the list is sorted by score within a run: query i's selected entries are the
-        # visible ones of [s, kpos] (tin > i hides the rest, the kernel's causal check)
         tau = _list_tau(z, r, k, method)
-        sel = (s, jnp.minimum(jnp.where(nvis > 0, jnp.minimum(e, kpos + 1), s), union),
-               jnp.where(nvis > k, _take(lst, kpos), -1))  # the k-th visible rank (-1: inactive)
-        weight = (z[..., :union], jnp.where(nvis > k, tau, -jnp.inf))
+        sel, weight = _factored(s, e, kpos, nvis, lst, z, tau, k, union)
     else:
         weight, tau = _list_sparsek(z, r, k, union, method)
         _, sel, _ = _masks(r, union, k)
+    return _finish_block(lst, slot, zs, nvis, nxt_pos, ev_rank, order, run, score, qrun, c, k, Bq, union,
+                         sel, weight, tau)
 
+
+def _factored(s, e, kpos, nvis, lst, z, tau, k, union):
+    """The factored selection of a block (fast_select_blocks' mask and weight with factored=True).
+
+    The list is sorted by score within a run: query i's selected entries are the visible ones
+    of [s, kpos] (tin > i hides the rest, the kernel's causal check); the third mask entry is
+    the k-th visible rank (-1: inactive)."""
+    sel = (s, jnp.minimum(jnp.where(nvis > 0, jnp.minimum(e, kpos + 1), s), union),
+           jnp.where(nvis > k, _take(lst, kpos), -1))
+    return sel, (z[..., :union], jnp.where(nvis > k, tau, -jnp.inf))
+
+
+def _finish_block(lst, slot, zs, nvis, nxt_pos, ev_rank, order, run, score, qrun, c, k, Bq, union, sel, weight,
+                  tau):
+    """fast_select_blocks' outputs: the overflow flags and the union's slots."""
     # exactness: the best key outside the candidate set must not clear the threshold
     nxt = jnp.where(nvis > c, _take(zs, nxt_pos), -jnp.inf)
     ev_has = ev_rank != EMPTY

@@ -295,3 +295,154 @@ def test_compiled_matches_float64_solver(bq, m, k, ties):
                                                           algorithm="search"))(*args))
     np.testing.assert_allclose(got, binary, atol=2e-6, rtol=0)
 
+
+
+# ------------------------------------------------------------------ list_select (cap mode)
+def _run_lists(rng, rows, bq, m, k, *, ties=False):
+    """Random block lists with one or two runs and padding queries: each query sees its run's
+    range [s, e) of the list minus the keys entering after it."""
+    z = np.zeros((rows, m))
+    tin = np.full((rows, m), -1, np.int64)
+    s = np.zeros((rows, bq), np.int64)
+    e = np.zeros((rows, bq), np.int64)
+    spos = np.full((rows, bq), m, np.int64)
+    for r in range(rows):
+        r2 = rng.integers(m * 3 // 4, m + 1)  # entries past r2: no key (EMPTY)
+        r1 = rng.integers(r2 // 3, r2) if rng.random() < 0.5 else r2  # two runs: [0, r1), [r1, r2)
+        if r == 0:  # a first run of about k entries: its queries keep everything until keys enter
+            r1 = min(r2 - 1, k - 1 + rng.integers(0, 3))
+        for lo, hi in ((0, r1), (r1, r2)):
+            zz = rng.normal(size=hi - lo) * rng.uniform(0.2, 3.0)
+            z[r, lo:hi] = -np.sort(-(np.round(zz * 4) / 4 if ties else zz))
+        i0 = rng.integers(bq // 2, bq + 1) if r1 < r2 else bq  # queries >= i0: the second run
+        npad = rng.integers(0, 3)
+        for i in range(bq):
+            s[r, i], e[r, i] = (0, r1) if i < i0 else (r1, r2)
+            if i >= bq - npad:
+                s[r, i] = e[r, i] = r2  # padding queries see nothing
+        n_enter = rng.integers(bq // 2, bq + 1)
+        at = rng.choice(r2, size=n_enter, replace=False)
+        q = rng.permutation(bq)[:n_enter]  # at most one key enters per query
+        tin[r, at] = q
+        spos[r, q] = at
+    return z, tin, s, e, spos
+
+
+def _expected_select(z, tin, s, e, k, cap, tau_s):
+    """Brute force per query: the structure, the float64 root, and (given the kernel's float32
+    tau_s) the free range and the first target entry under the dense VJP's float32 rounding."""
+    rows, bq = s.shape
+    z32 = z.astype(np.float32)
+    names = ("kpos", "last", "nxt", "nvis", "free_lo", "free_hi", "n_free", "first")
+    want = {n: np.zeros((rows, bq), np.int64) for n in names}
+    root = np.zeros((rows, bq))
+    mm = np.arange(z.shape[1])
+    for r in range(rows):
+        for i in range(bq):
+            vis = (mm >= s[r, i]) & (mm < e[r, i]) & (tin[r] <= i)
+            idx = np.nonzero(vis)[0]
+            nv = len(idx)
+            kpos = idx[min(nv, k) - 1] if nv else s[r, i] - 1
+            last = idx[min(nv, cap) - 1] if nv else s[r, i] - 1
+            act = nv > k
+            fa = fb = s[r, i]
+            nf = 0
+            if act:
+                theta = z32[r, kpos]
+                cand = idx[:cap]
+                root[r, i] = _exact_root(z[r, cand] - z[r, kpos], k)
+                x = (z32[r] - theta) - np.float32(tau_s[r, i])
+                rng_ = np.arange(s[r, i], last + 1)
+                fa = next((m for m in rng_ if not x[m] >= 1), last + 1)
+                fb = next((m for m in rng_ if m >= fa and not x[m] > 0), last + 1)
+                nf = int(np.sum(vis[fa:fb]))
+            first = -1
+            if (act and nf == 0) or (not act and nv > 0):
+                target = z32[r, kpos] if act else z32[r, last]
+                m0 = next(m for m in range(s[r, i], last + 1) if z32[r, m] <= target)
+                first = next(m for m in range(m0, last + 1) if vis[m])
+            vals = (kpos, last, idx[cap] if nv > cap else -1, nv, fa, fb, nf, first)
+            for n, v in zip(names, vals):
+                want[n][r, i] = v
+    return want, root
+
+
+@pytest.mark.parametrize("rows,bq,m,k,cap,ties", [
+    (3, 16, 90, 20, 40, False),    # M not a multiple of the chunk; caps bind
+    (2, 16, 100, 7, 7, True),      # ties; C = k
+    (2, 5, 40, 4, 12, False),      # a block of 5 queries (padded to 16 inside)
+    (2, 32, 300, 60, 200, False),  # long free ranges holding hidden keys
+])
+def test_list_select_matches_brute_force(rows, bq, m, k, cap, ties):
+    from sea_jax.kernels.gpu_sparsek_threshold import list_select
+
+    rng = np.random.default_rng(rows * 7 + m + k)
+    z, tin, s, e, spos = _run_lists(rng, rows, bq, m, k, ties=ties)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    got = list_select(jnp.asarray(z, jnp.float32), i32(tin), i32(s), i32(e), i32(spos), k=k, cap=cap,
+                      chunk=32, interpret=True)
+    tau_s = np.asarray(got.tau_s)
+    want, root = _expected_select(z, tin, s, e, k, cap, tau_s)
+    for name, w in want.items():
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), w, err_msg=name)
+    active = want["nvis"] > k
+    np.testing.assert_allclose(tau_s, np.where(active, root, 0), atol=2e-5, rtol=0)
+    # every kind of row occurs: solved with and without a free set, keeping all, seeing none,
+    # capped (nvis > C) and moved pointers (queries after the first of their range)
+    assert active.any() and (~active & (want["nvis"] > 0)).any() and (want["nvis"] == 0).any()
+    assert (want["nvis"] > cap).any() and (want["first"] >= 0).any()
+    assert (want["n_free"] > 0).any() == (cap > k)  # C = k: the k candidates all weigh 1
+
+
+def test_list_select_lowers_to_triton_for_an_h100():
+    import re
+
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    from sea_jax.kernels.gpu_sparsek_threshold import list_select
+
+    sds = jax.ShapeDtypeStruct
+    n, m, bq = 4, 2176, 128
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        text = jax.jit(lambda *a: list_select(*a, k=1024, cap=2048)).trace(
+            sds((n, m), jnp.float32), sds((n, m), jnp.int32), sds((n, bq), jnp.int32), sds((n, bq), jnp.int32),
+            sds((n, bq), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"] and "sparsek_list_select" in text
+
+
+def test_list_select_bad_arguments():
+    from sea_jax.kernels.gpu_sparsek_threshold import list_select
+
+    z = jnp.zeros((2, 64), jnp.float32)
+    tin = jnp.zeros((2, 64), jnp.int32)
+    s = jnp.zeros((2, 16), jnp.int32)
+    with pytest.raises(ValueError, match="z must be float32"):
+        list_select(z.astype(jnp.float16), tin, s, s, s, k=4, cap=8, interpret=True)
+    with pytest.raises(ValueError, match="e must be int32"):
+        list_select(z, tin, s, s[:, :8], s, k=4, cap=8, interpret=True)
+    with pytest.raises(ValueError, match="spos must be int32"):
+        list_select(z, tin, s, s, s.astype(jnp.float32), k=4, cap=8, interpret=True)
+    with pytest.raises(ValueError, match="cap must be an int >= k=4"):
+        list_select(z, tin, s, s, s, k=4, cap=3, interpret=True)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        list_select(z, tin, s, s, s, k=0, cap=3, interpret=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernel needs a GPU (interpret mode covers it on CPU)")
+@pytest.mark.parametrize("rows,bq,m,k,cap,ties", [(3, 128, 2176, 1024, 2048, False), (4, 16, 100, 7, 7, True),
+                                                  (3, 64, 700, 200, 400, False)])
+def test_list_select_compiled_matches_brute_force(rows, bq, m, k, cap, ties):
+    from sea_jax.kernels.gpu_sparsek_threshold import list_select
+
+    rng = np.random.default_rng(rows + m)
+    z, tin, s, e, spos = _run_lists(rng, rows, bq, m, k, ties=ties)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    got = jax.jit(lambda *a: list_select(*a, k=k, cap=cap))(jnp.asarray(z, jnp.float32), i32(tin), i32(s), i32(e),
+                                                            i32(spos))
+    want, root = _expected_select(z, tin, s, e, k, cap, np.asarray(got.tau_s))
+    for name, w in want.items():
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), w, err_msg=name)
+    np.testing.assert_allclose(np.asarray(got.tau_s), np.where(want["nvis"] > k, root, 0), atol=2e-5, rtol=0)
