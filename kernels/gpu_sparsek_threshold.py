@@ -302,7 +302,7 @@ def _kernel(z_ref, tin_ref, pre_ref, s_ref, last_ref, act_ref, theta_ref, anc_re
         passes_ref[0][...] = jnp.where(local == 0, it1 + 1, it2)
 
 
-def _walk_kernel(*refs, k, chunk, start_steps, cap=None):
+def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
     """One list, its queries in order: each threshold from the previous one by a walk over the
     breakpoints (see list_threshold's ``algorithm="walk"``).
 
@@ -415,7 +415,7 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None):
                     *add(S, c, jnp.where(free & vis, y, zero_f)))
 
         a, b, u, ns, S, c = lax.fori_loop(end_old, end, join, (a, b, u, ns, S, c))
-        p = spos_ref[i]  # the key entering at query i (if inside the range it had and keeps)
+        p = at(spos_v, i)  # the key entering at query i (if inside the range it had and keeps)
         enter = (p >= s_i) & (p < jnp.minimum(end_old, end))
         up = enter & (p < a)
         free = enter & (p >= a) & (p < b)
@@ -471,115 +471,84 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None):
                        lambda s: lax.while_loop(lambda s: ~s[-1], go_left, s), init)
         return out[:7], out[7]
 
-    # ---- cap mode: each query's structure, from pointers that follow the entering keys ----
-    jv = lax.broadcasted_iota(jnp.int32, (4,), 0)
-    targets = jnp.where(jv == 0, k, jnp.where(jv == 1, cap or 0, (cap or 0) + 1))  # k, C, C + 1 (+ a spare)
+    def at(vec, i):  # element i of a [bq] vector (a few shuffles: no dependent load in the walk)
+        return jnp.sum(jnp.where(local == i, vec, jnp.zeros_like(vec)))
 
-    def pick(P, j):
-        return jnp.sum(jnp.where(jv == j, P, 0))
+    zeros_i = jnp.zeros((bq,), jnp.int32)
+    s_v = s_ref[...]
+    spos_v = spos_ref[...]
+    if cap is None:
+        end_v = last_ref[...] + 1
+        act_v = act_ref[...] != 0
+        theta_v = theta_ref[...]
+    else:
+        # ---- each query's structure first: pointers that follow the entering keys, one
+        # dependent gather per query at most (before the walk, off its chain of loads) ----
+        e_v = e_ref[...]
+        jv = lax.broadcasted_iota(jnp.int32, (4,), 0)
+        targets = jnp.where(jv == 0, k, jnp.where(jv == 1, cap, cap + 1))  # k, C, C + 1 (and a spare)
 
-    def struct_start(i, s_i, e_i):
-        """Visible count, last visible entry and the targets' entries of query i's range [s, e):
-        one vector pass (counts by cumulative sums), -1 where an entry does not exist."""
-        def body(c, acc):
-            nv, lv, P = acc
-            m0 = pl.multiple_of(c * chunk, chunk)
-            m = m0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-            vis = (m >= s_i) & (m < e_i) & (tin_ref[pl.ds(m0, chunk)] <= i)
-            vi = vis.astype(jnp.int32)
-            cs = nv + jnp.cumsum(vi)
-            hit = vis[None, :] & (cs[None, :] == targets[:, None])
-            P = jnp.maximum(P, jnp.max(jnp.where(hit, m[None, :], -1), axis=1))
-            return nv + jnp.sum(vi), jnp.maximum(lv, jnp.max(jnp.where(vis, m, -1))), P
+        def pick(P, j):
+            return jnp.sum(jnp.where(jv == j, P, 0))
 
-        init = (zero_i, zero_i - 1, targets * 0 - 1)
-        return lax.fori_loop(s_i // chunk, (e_i + chunk - 1) // chunk, body, init)
+        def struct_start(i, s_i, e_i):
+            """Visible count, last visible entry and the targets' entries of query i's range
+            [s, e): one vector pass (counts by cumulative sums), -1 where none exists."""
+            def body(c, acc):
+                nv, lv, P = acc
+                m0 = pl.multiple_of(c * chunk, chunk)
+                m = m0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+                vis = (m >= s_i) & (m < e_i) & (tin_ref[pl.ds(m0, chunk)] <= i)
+                vi = vis.astype(jnp.int32)
+                cs = nv + jnp.cumsum(vi)
+                hit = vis[None, :] & (cs[None, :] == targets[:, None])
+                P = jnp.maximum(P, jnp.max(jnp.where(hit, m[None, :], -1), axis=1))
+                return nv + jnp.sum(vi), jnp.maximum(lv, jnp.max(jnp.where(vis, m, -1))), P
 
-    def struct_step(i, s_i, e_i, nv, lv, P):
-        """Query i's structure from query i - 1's (same range): the key entering at i (if in
-        the range) is one more visible entry; a target's entry behind it moves to the previous
-        visible entry (past the keys still hidden from i), one that did not exist may appear."""
-        p = spos_ref[i]
-        enter = (p >= s_i) & (p < e_i)
-        nv1 = nv + count(enter)
-        lv1 = jnp.where(enter, jnp.maximum(lv, p), lv)
-        exists = nv >= targets
-        move = enter & exists & (p < P)
-        P = jnp.where(enter & ~exists & (nv1 == targets), lv1, P)
+            init = (zero_i, zero_i - 1, targets * 0 - 1)
+            return lax.fori_loop(s_i // chunk, (e_i + chunk - 1) // chunk, body, init)
 
-        def hidden(m):
-            return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
+        def struct_step(i, s_i, e_i, nv, lv, P):
+            """Query i's structure from query i - 1's (same range): the key entering at i (if
+            in the range) is one more visible entry; a target's entry behind it moves to the
+            previous visible entry (past keys still hidden from i); one may appear."""
+            p = at(spos_v, i)
+            enter = (p >= s_i) & (p < e_i)
+            nv1 = nv + count(enter)
+            lv1 = jnp.where(enter, jnp.maximum(lv, p), lv)
+            exists = nv >= targets
+            move = enter & exists & (p < P)
+            P = jnp.where(enter & ~exists & (nv1 == targets), lv1, P)
 
-        P = lax.while_loop(lambda m: jnp.sum(hidden(m).astype(jnp.int32)) > 0,
-                           lambda m: jnp.where(hidden(m), m - 1, m), jnp.where(move, P - 1, P))
-        return nv1, lv1, P
+            def hidden(m):
+                return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
 
-    def structure(i, s_i, e_i, sc):
-        s_p, e_p, nv, lv, P = sc
-        fresh = (i == 0) | (s_i != s_p) | (e_i != e_p)
-        nv, lv, P = lax.cond(fresh, lambda _: struct_start(i, s_i, e_i),
-                             lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
-        return s_i, e_i, nv, lv, P
+            P = lax.while_loop(lambda m: jnp.sum(hidden(m).astype(jnp.int32)) > 0,
+                               lambda m: jnp.where(hidden(m), m - 1, m), jnp.where(move, P - 1, P))
+            return nv1, lv1, P
 
-    def finish(i, s_i, end, act, nv, kpos, last, theta, tau_i, st):
-        """Free range [fa, fb) and free count of query i under the dense VJP's rounding (x =
-        (z - theta) - tau_s: upper x >= 1, free 0 < x < 1), from the walk's pointers (its sets
-        are y - t > 1 and > 0 of anchored scores: ties at the bounds and rounding move them by
-        a few entries at most), and the first visible entry equal to tau's target in rows
-        without a free set (-1 in the others)."""
-        a, b, ns = st[1], st[2], st[4]
+        def struct_query(i, carry):
+            s_p, e_p, nv, lv, P, outs = carry
+            s_i, e_i = at(s_v, i), at(e_v, i)
+            fresh = (i == 0) | (s_i != s_p) | (e_i != e_p)
+            nv, lv, P = lax.cond(fresh, lambda _: struct_start(i, s_i, e_i),
+                                 lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
+            none = nv <= 0
+            vals = (jnp.where(none, s_i - 1, jnp.where(nv >= k, pick(P, 0), lv)),
+                    jnp.where(none, s_i - 1, jnp.where(nv >= cap, pick(P, 1), lv)),
+                    jnp.where(nv > cap, pick(P, 2), -1), nv)
+            return s_i, e_i, nv, lv, P, tuple(jnp.where(local == i, v, o) for v, o in zip(vals, outs))
 
-        def x(m):
-            return (z_at(m) - theta) - tau_i
-
-        def fix(_):
-            def fa_step(c):
-                a, ns, _ = c
-                left = (a > s_i) & (x(a - 1) < 1.0)
-                right = ~left & (a < end) & (x(a) >= 1.0)
-                ns = ns + count(left & seen(a - 1, i)) - count(right & (a < b) & seen(a, i))
-                return a - count(left) + count(right), ns, left | right
-
-            fa, ns1, _ = lax.while_loop(lambda c: c[2], fa_step, (a, ns, a >= 0))
-
-            def fb_step(c):
-                b, ns, _ = c
-                left = (b > fa) & (x(b - 1) <= 0.0)
-                right = ~left & (b < end) & (x(b) > 0.0)
-                ns = ns - count(left & seen(b - 1, i)) + count(right & seen(b, i))
-                return b - count(left) + count(right), ns, left | right
-
-            # (fa past b: the walk's free entries all left on the way, ns1 = 0)
-            fb, ns2, _ = lax.while_loop(lambda c: c[2], fb_step, (jnp.maximum(b, fa), ns1, a >= 0))
-            return fa, fb, ns2
-
-        fa, fb, nf = lax.cond(act, fix, lambda _: (s_i, s_i, s_i * 0), None)
-        need = (act & (nf == 0)) | (~act & (nv > 0))
-
-        def first_of(_):
-            p0 = jnp.where(act, kpos, last)  # a visible entry holding the target
-            target = z_at(p0)
-            m = lax.while_loop(lambda m: (m > s_i) & (z_at(m - 1) <= target), lambda m: m - 1, p0)
-            return lax.while_loop(lambda m: ~seen(m, i), lambda m: m + 1, m)
-
-        first = lax.cond(need, first_of, lambda _: s_i * 0 - 1, None)
-        return fa, fb, nf, first
+        carry = (zero_i, zero_i, zero_i, zero_i, targets * 0, (zeros_i,) * 4)
+        kpos_v, lastv_v, nxt_v, nvis_v = lax.fori_loop(0, bq, struct_query, carry)[5]
+        end_v = lastv_v + 1
+        act_v = nvis_v > k
+        theta_v = jnp.where(act_v, z_ref[jnp.clip(kpos_v, 0, mp - 1)], 0.0)
 
     def query(i, carry):
-        valid, s_prev, end_prev, anchor, st, tau, steps, starts, sc, outs = carry
-        s_i = s_ref[i]
-        if cap is None:
-            end = last_ref[i] + 1
-            act = act_ref[i] != 0
-            theta = theta_ref[i]
-        else:
-            sc = structure(i, s_i, e_ref[i], sc)
-            nv, lv, P = sc[2], sc[3], sc[4]
-            kpos = jnp.where(nv >= k, pick(P, 0), lv)
-            last = jnp.where(nv >= cap, pick(P, 1), lv)
-            act = nv > k
-            theta = z_at(kpos)
-            end = last + 1
+        valid, s_prev, end_prev, anchor, st, tau, steps, starts, ends = carry
+        s_i, end, theta = at(s_v, i), at(end_v, i), at(theta_v, i)
+        act = at(act_v.astype(jnp.int32), i) != 0
         fresh = act & ~(valid & (s_i == s_prev))
         anchor = jnp.where(fresh, theta, anchor)
 
@@ -592,25 +561,64 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None):
         # a flat root (no free entry: exactly k at 1) is not unique: the solvers' convention is
         # its right end, t = -1 (tau = theta - 1, which moves with the k-th entry)
         t = jnp.where(st[4] > 0, st[0] - (theta - anchor), -1.0)
-        tau_i = jnp.where(act, t, 0.0)
-        tau = jnp.where(local == i, tau_i, tau)
-        if cap is not None:
-            fa, fb, nf, first = finish(i, s_i, end, act, nv, kpos, last, theta, tau_i, st)
-            none = nv <= 0
-            vals = (jnp.where(none, s_i - 1, kpos), jnp.where(none, s_i - 1, last),
-                    jnp.where(nv > cap, pick(P, 2), -1), nv, fa, fb, nf, first)
-            outs = tuple(jnp.where(local == i, v, o) for v, o in zip(vals, outs))
-        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh), sc, outs
+        tau = jnp.where(local == i, jnp.where(act, t, 0.0), tau)
+        if cap is not None:  # the walk's pointers at the root (a, b, ns), for the free ranges
+            ends = tuple(jnp.where(local == i, v, o) for v, o in zip((st[1], st[2], st[4]), ends))
+        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh), ends
 
     st0 = (zero_f, zero_i, zero_i, zero_i, zero_i, zero_f, zero_f)
-    zeros_i = jnp.zeros((bq,), jnp.int32)
-    sc0 = (zero_i, zero_i, zero_i, zero_i, targets * 0) if cap is not None else ()
-    outs0 = (zeros_i,) * 8 if cap is not None else ()
-    carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i, sc0, outs0)
-    _, _, _, _, _, tau, steps, starts, _, outs = lax.fori_loop(0, bq, query, carry)
+    carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i,
+             (zeros_i,) * 3 if cap is not None else ())
+    _, _, _, _, _, tau, steps, starts, ends = lax.fori_loop(0, bq, query, carry)
     tau_ref[...] = tau
     if cap is not None:
-        for ref, val in zip(int_refs[:8], outs):
+        # ---- free ranges under the dense VJP's rounding, all rows at once: x = (z - theta) -
+        # tau_s, upper x >= 1, free 0 < x < 1. The walk's sets (y - t > 1 and > 0 of anchored
+        # scores) differ at ties with the bounds and by rounding: a few entries at most ----
+        a_v, b_v, ns_v = ends
+        if free_start != "walk":  # (tests: the fix-up from the range's start or end, every entry a step)
+            a_v = b_v = s_v if free_start == "range_start" else end_v
+            ns_v = zeros_i
+
+        def xv(m):
+            return (z_ref[jnp.clip(m, 0, mp - 1)] - theta_v) - tau
+
+        def vis(m):
+            return tin_ref[jnp.clip(m, 0, mp - 1)] <= local
+
+        def fa_step(c):
+            a, ns, _ = c
+            left = act_v & (a > s_v) & (xv(a - 1) < 1.0)
+            right = act_v & ~left & (a < end_v) & (xv(a) >= 1.0)
+            ns = ns + jnp.where(left & vis(a - 1), 1, 0) - jnp.where(right & (a < b_v) & vis(a), 1, 0)
+            return a - jnp.where(left, 1, 0) + jnp.where(right, 1, 0), ns, jnp.sum(jnp.where(left | right, 1, 0)) > 0
+
+        fa, ns1, _ = lax.while_loop(lambda c: c[2], fa_step, (a_v, ns_v, jnp.sum(a_v) >= 0))
+
+        def fb_step(c):
+            b, ns, _ = c
+            left = act_v & (b > fa) & (xv(b - 1) <= 0.0)
+            right = act_v & ~left & (b < end_v) & (xv(b) > 0.0)
+            ns = ns - jnp.where(left & vis(b - 1), 1, 0) + jnp.where(right & vis(b), 1, 0)
+            return b - jnp.where(left, 1, 0) + jnp.where(right, 1, 0), ns, jnp.sum(jnp.where(left | right, 1, 0)) > 0
+
+        # (fa past b: the walk's free entries all left on the way, ns1 = 0)
+        fb, nf, _ = lax.while_loop(lambda c: c[2], fb_step, (jnp.maximum(b_v, fa), ns1, jnp.sum(a_v) >= 0))
+        fa, fb, nf = jnp.where(act_v, fa, s_v), jnp.where(act_v, fb, s_v), jnp.where(act_v, nf, 0)
+        # rows without a free set: the first visible entry equal to tau's target (the k-th
+        # visible entry's score, or the minimum where the row keeps everything)
+        need = (act_v & (nf == 0)) | (~act_v & (nvis_v > 0))
+        p0 = jnp.where(act_v, kpos_v, lastv_v)
+        target = z_ref[jnp.clip(p0, 0, mp - 1)]
+
+        def tie_left(m):
+            return need & (m > s_v) & (z_ref[jnp.clip(m - 1, 0, mp - 1)] <= target)
+
+        m = lax.while_loop(lambda m: jnp.sum(jnp.where(tie_left(m), 1, 0)) > 0,
+                           lambda m: m - jnp.where(tie_left(m), 1, 0), p0)
+        m = lax.while_loop(lambda m: jnp.sum(jnp.where(need & ~vis(m), 1, 0)) > 0,
+                           lambda m: m + jnp.where(need & ~vis(m), 1, 0), m)
+        for ref, val in zip(int_refs[:8], (kpos_v, lastv_v, nxt_v, nvis_v, fa, fb, nf, jnp.where(need, m, -1))):
             ref[...] = val
     if steps_ref:  # (walk steps, fresh starts) of this list in its first two entries
         steps_ref[0][...] = jnp.where(local == 0, steps, jnp.where(local == 1, starts, 0))
@@ -835,7 +843,8 @@ class ListSelect(NamedTuple):
 
 
 def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_warps: int = 1,
-                start_steps: int = 3, interpret: bool = False, return_passes: bool = False):
+                start_steps: int = 3, interpret: bool = False, return_passes: bool = False,
+                _free_start: str = "walk"):
     """The walk of ``list_threshold`` that also derives each query's structure (one program per
     list, its queries in order): :class:`ListSelect`.
 
@@ -849,6 +858,8 @@ def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_wa
         min(nvis, C) visible entries.
       chunk, num_warps, start_steps, interpret: as :func:`list_threshold` (walk).
       return_passes: also return each list's walk steps and fresh starts (int32 [rows] each).
+      _free_start: tests only: "range_start" / "range_end" start the free ranges' fix-up from
+        the range's start / end instead of the walk's pointers (same results, every entry a step).
 
     Where the selection's XLA passes computed the visible counts and the k-th / C-th / (C+1)-th
     visible entries with [block_q, block_q] arrays, and the threshold's VJP re-derived the free
@@ -886,7 +897,7 @@ def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_wa
     if return_passes:
         out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
     out = pl.pallas_call(
-        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps, cap=cap),
+        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps, cap=cap, free_start=_free_start),
         grid=(n,),
         in_specs=[list_spec, list_spec] + [row_spec] * 3,
         out_specs=[row_spec] * len(out_shape),

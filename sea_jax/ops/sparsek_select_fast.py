@@ -63,6 +63,11 @@ __all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fas
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 
+# Factored selections on the kernel path ("pallas", float32 scores): the threshold walk also
+# derives each query's structure and free ranges (list_select). False: the XLA [Bq, Bq]
+# passes and list_threshold, as before (kept for benchmarks that compare both).
+STRUCTURE_IN_KERNEL = True
+
 
 def _take(a, idx):
     """a: [..., S] (leading axes broadcast against idx's), idx: int [..., N] clipped -> [..., N]."""
@@ -691,7 +696,7 @@ def fast_select_blocks(
     s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
     e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
     spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
-    if factored and method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
+    if STRUCTURE_IN_KERNEL and factored and method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
         # the kernel keeps each query's structure while it walks: no [Bq, Bq] arrays
         tau, kpos, last, nxt_pos, nvis = _walk_tau(z, tin, s, jnp.where(qrun >= 0, e, s), spos, k, c, M,
                                                    method == "pallas_interpret")

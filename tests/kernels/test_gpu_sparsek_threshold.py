@@ -385,6 +385,14 @@ def test_list_select_matches_brute_force(rows, bq, m, k, cap, ties):
     want, root = _expected_select(z, tin, s, e, k, cap, tau_s)
     for name, w in want.items():
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), w, err_msg=name)
+    # the free ranges' fix-up from the range's start or end (every entry a step, both directions of
+    # both bounds) finds the same ranges as from the walk's pointers (which differ from them only at
+    # ties with x = 1 and by rounding)
+    for start in ("range_start", "range_end"):
+        other = list_select(jnp.asarray(z, jnp.float32), i32(tin), i32(s), i32(e), i32(spos), k=k, cap=cap,
+                            chunk=32, interpret=True, _free_start=start)
+        for name in ("free_lo", "free_hi", "n_free", "first"):
+            np.testing.assert_array_equal(np.asarray(getattr(other, name)), want[name], err_msg=f"{name} {start}")
     active = want["nvis"] > k
     np.testing.assert_allclose(tau_s, np.where(active, root, 0), atol=2e-5, rtol=0)
     # every kind of row occurs: solved with and without a free set, keeping all, seeing none,
