@@ -520,8 +520,9 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
             move = enter & exists & (p < P)
             P = jnp.where(enter & ~exists & (nv1 == targets), lv1, P)
 
-            def hidden(m):
-                return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
+            def hidden(m):  # m holds a key entering after query i: from spos in registers, no load
+                later = (spos_v[None, :] == m[:, None]) & (local[None, :] > i)
+                return move & (jnp.sum(jnp.where(later, 1, 0), axis=1) > 0)
 
             P = lax.while_loop(lambda m: jnp.sum(hidden(m).astype(jnp.int32)) > 0,
                                lambda m: jnp.where(hidden(m), m - 1, m), jnp.where(move, P - 1, P))
@@ -853,7 +854,8 @@ def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_wa
       s, e: int32 [rows, block_q] each query's run range [s, e) of the list (s = e: the query
         sees nothing, e.g. padding).
       spos: int32 [rows, block_q] the list index of the entry entering at each query (M or
-        more: none).
+        more: none); it must agree with tin (tin[spos[t]] = t, and every entry with 0 <= tin <
+        block_q is some spos): the structure's pointers skip hidden entries by it.
       k: the budget; cap: C, the candidate cap (int >= k): query i's candidates are its first
         min(nvis, C) visible entries.
       chunk, num_warps, start_steps, interpret: as :func:`list_threshold` (walk).

@@ -556,26 +556,29 @@ def _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret):
 
 @jax.named_scope("sparsek_tau_grad")
 def _walk_tau_bwd(k, cap, M, interpret, res, g):
-    """_tau_grad_ranges with the kernel's free ranges, free counts and target entries: a
-    difference array over [free_lo, free_hi) less the entering keys hidden inside the range
-    (one fused [Bq, Bq] reduction generated from [Bq] vectors), plus tau's cotangent at the
-    target entry of rows without a free set."""
+    """_tau_grad_ranges with the kernel's free ranges, free counts and target entries, as one
+    difference array (one scatter, one cumulative sum): +g/|free| over [free_lo, free_hi), less
+    the same at the entering keys hidden inside the range (one fused [Bq, Bq] reduction
+    generated from [Bq] vectors), plus tau's cotangent at the target entry of rows without a
+    free set."""
     fa, fb, nf, first, s, e, spos = res
     g_tau = g[0]
     dtype = g_tau.dtype
     shift = jnp.where(nf > 0, g_tau / jnp.maximum(nf, 1).astype(dtype), 0).astype(dtype)
-    diff = jnp.zeros(fa.shape[:-1] + (M + 1,), dtype)
-    dz = jnp.cumsum(_scatter_add(_scatter_add(diff, fa, shift), fb, -shift), axis=-1)[..., :M]
     Bq = s.shape[-1]
     t = jnp.arange(Bq, dtype=jnp.int32)
     sp = spos[..., None, :]
     hid = ((t > t[:, None]) & (sp >= s[..., None]) & (sp < e[..., None]) & (sp >= fa[..., None])
            & (sp < fb[..., None]))  # [..., Bq(i), Bq(t)]: entering key t hidden inside i's free range
-    corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)
-    dz = _scatter_add(dz, spos, -corr)  # spos = M: no entering key, dropped
+    corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)  # spos = M (none): never hidden
     need = first >= 0
-    dz = _scatter_add(dz, jnp.where(need, first, M), jnp.where(need, g_tau, 0).astype(dtype))
-    return dz, None, None, None, None
+    at = jnp.where(need, first, M)
+    g_first = jnp.where(need, g_tau, 0).astype(dtype)
+    # point values become pairs of steps; indices past M + 1 (none) are dropped
+    idx = jnp.concatenate([fa, fb, spos, spos + 1, at, at + 1], axis=-1)
+    val = jnp.concatenate([shift, -shift, -corr, corr, g_first, -g_first], axis=-1)
+    diff = _scatter_add(jnp.zeros(fa.shape[:-1] + (M + 1,), dtype), idx, val)
+    return jnp.cumsum(diff, axis=-1)[..., :M], None, None, None, None
 
 
 _walk_tau.defvjp(_walk_tau_fwd, _walk_tau_bwd)
