@@ -511,36 +511,51 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
         def struct_step(i, s_i, e_i, nv, lv, P):
             """Query i's structure from query i - 1's (same range): the key entering at i (if
             in the range) is one more visible entry; a target's entry behind it moves to the
-            previous visible entry (past keys still hidden from i); one may appear."""
+            previous visible entry (past keys still hidden from i); one may appear. Scalar
+            code (one lane's work: 32 one-warp programs share an SM), the three pointers'
+            hidden flags loaded together, so that most queries cost one round of loads."""
             p = at(spos_v, i)
             enter = (p >= s_i) & (p < e_i)
             nv1 = nv + count(enter)
             lv1 = jnp.where(enter, jnp.maximum(lv, p), lv)
-            exists = nv >= targets
-            move = enter & exists & (p < P)
-            P = jnp.where(enter & ~exists & (nv1 == targets), lv1, P)
 
-            def hidden(m):  # m holds a key entering after query i: from spos in registers, no load
-                later = (spos_v[None, :] == m[:, None]) & (local[None, :] > i)
-                return move & (jnp.sum(jnp.where(later, 1, 0), axis=1) > 0)
+            def update(P, j):
+                exists = nv >= j
+                move = enter & exists & (p < P)
+                P = jnp.where(enter & ~exists & (nv1 == j), lv1, P)
+                return jnp.where(move, P - 1, P), move
 
-            P = lax.while_loop(lambda m: jnp.sum(hidden(m).astype(jnp.int32)) > 0,
-                               lambda m: jnp.where(hidden(m), m - 1, m), jnp.where(move, P - 1, P))
-            return nv1, lv1, P
+            def hidden(m, move):
+                return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
+
+            (pk, mk), (pc, mc), (pd, md) = update(P[0], k), update(P[1], cap), update(P[2], cap + 1)
+
+            def back(c):
+                pk, pc, pd, hk, hc, hd = c
+                pk, pc, pd = pk - count(hk), pc - count(hc), pd - count(hd)
+                return pk, pc, pd, hidden(pk, hk), hidden(pc, hc), hidden(pd, hd)
+
+            out = lax.while_loop(lambda c: c[3] | c[4] | c[5], back,
+                                 (pk, pc, pd, hidden(pk, mk), hidden(pc, mc), hidden(pd, md)))
+            return nv1, lv1, out[:3]
 
         def struct_query(i, carry):
             s_p, e_p, nv, lv, P, outs = carry
             s_i, e_i = at(s_v, i), at(e_v, i)
             fresh = (i == 0) | (s_i != s_p) | (e_i != e_p)
-            nv, lv, P = lax.cond(fresh, lambda _: struct_start(i, s_i, e_i),
-                                 lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
+
+            def start_(_):
+                nv, lv, Pv = struct_start(i, s_i, e_i)
+                return nv, lv, (pick(Pv, 0), pick(Pv, 1), pick(Pv, 2))
+
+            nv, lv, P = lax.cond(fresh, start_, lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
             none = nv <= 0
-            vals = (jnp.where(none, s_i - 1, jnp.where(nv >= k, pick(P, 0), lv)),
-                    jnp.where(none, s_i - 1, jnp.where(nv >= cap, pick(P, 1), lv)),
-                    jnp.where(nv > cap, pick(P, 2), -1), nv)
+            vals = (jnp.where(none, s_i - 1, jnp.where(nv >= k, P[0], lv)),
+                    jnp.where(none, s_i - 1, jnp.where(nv >= cap, P[1], lv)),
+                    jnp.where(nv > cap, P[2], -1), nv)
             return s_i, e_i, nv, lv, P, tuple(jnp.where(local == i, v, o) for v, o in zip(vals, outs))
 
-        carry = (zero_i, zero_i, zero_i, zero_i, targets * 0, (zeros_i,) * 4)
+        carry = (zero_i, zero_i, zero_i, zero_i, (zero_i, zero_i, zero_i), (zeros_i,) * 4)
         kpos_v, lastv_v, nxt_v, nvis_v = lax.fori_loop(0, bq, struct_query, carry)[5]
         end_v = lastv_v + 1
         act_v = nvis_v > k
