@@ -482,8 +482,8 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
         act_v = act_ref[...] != 0
         theta_v = theta_ref[...]
     else:
-        # ---- each query's structure first: pointers that follow the entering keys, one
-        # dependent gather per query at most (before the walk, off its chain of loads) ----
+        # ---- each query's structure: pointers that follow the entering keys (one round of
+        # loads per query, mostly), computed around the previous query's walk ----
         e_v = e_ref[...]
         jv = lax.broadcasted_iota(jnp.int32, (4,), 0)
         targets = jnp.where(jv == 0, k, jnp.where(jv == 1, cap, cap + 1))  # k, C, C + 1 (and a spare)
@@ -508,12 +508,12 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
             init = (zero_i, zero_i - 1, targets * 0 - 1)
             return lax.fori_loop(s_i // chunk, (e_i + chunk - 1) // chunk, body, init)
 
-        def struct_step(i, s_i, e_i, nv, lv, P):
-            """Query i's structure from query i - 1's (same range): the key entering at i (if
-            in the range) is one more visible entry; a target's entry behind it moves to the
-            previous visible entry (past keys still hidden from i); one may appear. Scalar
-            code (one lane's work: 32 one-warp programs share an SM), the three pointers'
-            hidden flags loaded together, so that most queries cost one round of loads."""
+        def struct_a(i, s_i, e_i, nv, lv, P):
+            """Query i's structure from query i - 1's (same range), first half: the key entering
+            at i (if in the range) is one more visible entry; a target's entry behind it moves
+            to the previous visible entry (the loads that tell whether that one is still hidden
+            from i are issued here, read in struct_b); one may appear. Scalar code (one lane's
+            work: ~32 one-warp programs share an SM)."""
             p = at(spos_v, i)
             enter = (p >= s_i) & (p < e_i)
             nv1 = nv + count(enter)
@@ -525,46 +525,52 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
                 P = jnp.where(enter & ~exists & (nv1 == j), lv1, P)
                 return jnp.where(move, P - 1, P), move
 
+            (pk, mk), (pc, mc), (pd, md) = update(P[0], k), update(P[1], cap), update(P[2], cap + 1)
+            raw = tuple(tin_ref[jnp.clip(m, 0, mp - 1)] for m in (pk, pc, pd))
+            return nv1, lv1, (pk, pc, pd), (mk, mc, md), raw
+
+        def struct_b(i, P, move, raw):
+            """Second half: pointers that landed on a hidden entry step on (rare)."""
             def hidden(m, move):
                 return move & (tin_ref[jnp.clip(m, 0, mp - 1)] > i)
-
-            (pk, mk), (pc, mc), (pd, md) = update(P[0], k), update(P[1], cap), update(P[2], cap + 1)
 
             def back(c):
                 pk, pc, pd, hk, hc, hd = c
                 pk, pc, pd = pk - count(hk), pc - count(hc), pd - count(hd)
                 return pk, pc, pd, hidden(pk, hk), hidden(pc, hc), hidden(pd, hd)
 
-            out = lax.while_loop(lambda c: c[3] | c[4] | c[5], back,
-                                 (pk, pc, pd, hidden(pk, mk), hidden(pc, mc), hidden(pd, md)))
-            return nv1, lv1, out[:3]
+            flags = tuple(m & (r > i) for m, r in zip(move, raw))
+            return lax.while_loop(lambda c: c[3] | c[4] | c[5], back, (*P, *flags))[:3]
 
-        def struct_query(i, carry):
-            s_p, e_p, nv, lv, P, outs = carry
-            s_i, e_i = at(s_v, i), at(e_v, i)
-            fresh = (i == 0) | (s_i != s_p) | (e_i != e_p)
+        def struct_fresh(i, s_i, e_i):
+            nv, lv, Pv = struct_start(i, s_i, e_i)
+            return nv, lv, (pick(Pv, 0), pick(Pv, 1), pick(Pv, 2))
 
-            def start_(_):
-                nv, lv, Pv = struct_start(i, s_i, e_i)
-                return nv, lv, (pick(Pv, 0), pick(Pv, 1), pick(Pv, 2))
-
-            nv, lv, P = lax.cond(fresh, start_, lambda _: struct_step(i, s_i, e_i, nv, lv, P), None)
+        def derive(s_i, nv, lv, P):
+            """(kpos, last, nxt): the min(nvis, k)-th, min(nvis, C)-th, (C + 1)-th visible entry."""
             none = nv <= 0
-            vals = (jnp.where(none, s_i - 1, jnp.where(nv >= k, P[0], lv)),
-                    jnp.where(none, s_i - 1, jnp.where(nv >= cap, P[1], lv)),
-                    jnp.where(nv > cap, P[2], -1), nv)
-            return s_i, e_i, nv, lv, P, tuple(jnp.where(local == i, v, o) for v, o in zip(vals, outs))
+            return (jnp.where(none, s_i - 1, jnp.where(nv >= k, P[0], lv)),
+                    jnp.where(none, s_i - 1, jnp.where(nv >= cap, P[1], lv)), jnp.where(nv > cap, P[2], -1))
 
-        carry = (zero_i, zero_i, zero_i, zero_i, (zero_i, zero_i, zero_i), (zeros_i,) * 4)
-        kpos_v, lastv_v, nxt_v, nvis_v = lax.fori_loop(0, bq, struct_query, carry)[5]
-        end_v = lastv_v + 1
-        act_v = nvis_v > k
-        theta_v = jnp.where(act_v, z_ref[jnp.clip(kpos_v, 0, mp - 1)], 0.0)
+        s0, e0 = at(s_v, 0), at(e_v, 0)
+        nv0, lv0, P0 = struct_fresh(zero_i, s0, e0)
+        cur0 = (s0, e0, nv0, lv0, P0, z_at(derive(s0, nv0, lv0, P0)[0]))
 
     def query(i, carry):
-        valid, s_prev, end_prev, anchor, st, tau, steps, starts, ends = carry
-        s_i, end, theta = at(s_v, i), at(end_v, i), at(theta_v, i)
-        act = at(act_v.astype(jnp.int32), i) != 0
+        valid, s_prev, end_prev, anchor, st, tau, steps, starts, ends, cur, outs = carry
+        if cap is None:
+            s_i, end, theta = at(s_v, i), at(end_v, i), at(theta_v, i)
+            act = at(act_v.astype(jnp.int32), i) != 0
+        else:
+            # query i's structure came with the carry; query i + 1's is computed around the
+            # walk of query i (its loads issued before, read after): its latency hides in the walk's
+            s_i, e_i, nv, lv, P, theta = cur
+            kpos, last, nxt = derive(s_i, nv, lv, P)
+            act = nv > k
+            end = last + 1
+            j = jnp.minimum(i + 1, bq - 1)
+            s_n, e_n = at(s_v, j), at(e_v, j)
+            nv1, lv1, P1, move, raw = struct_a(j, s_n, e_n, nv, lv, P)
         fresh = act & ~(valid & (s_i == s_prev))
         anchor = jnp.where(fresh, theta, anchor)
 
@@ -578,16 +584,27 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
         # its right end, t = -1 (tau = theta - 1, which moves with the k-th entry)
         t = jnp.where(st[4] > 0, st[0] - (theta - anchor), -1.0)
         tau = jnp.where(local == i, jnp.where(act, t, 0.0), tau)
-        if cap is not None:  # the walk's pointers at the root (a, b, ns), for the free ranges
+        if cap is not None:
+            # the walk's pointers at the root (a, b, ns), for the free ranges; the structure
             ends = tuple(jnp.where(local == i, v, o) for v, o in zip((st[1], st[2], st[4]), ends))
-        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh), ends
+            outs = tuple(jnp.where(local == i, v, o) for v, o in zip((kpos, last, nxt, nv), outs))
+            same = (s_n == s_i) & (e_n == e_i)
+            nv_n, lv_n, P_n = lax.cond(same, lambda _: (nv1, lv1, struct_b(j, P1, move, raw)),
+                                       lambda _: struct_fresh(j, s_n, e_n), None)
+            cur = (s_n, e_n, nv_n, lv_n, P_n, z_at(derive(s_n, nv_n, lv_n, P_n)[0]))
+        return act, s_i, end, anchor, st, tau, steps + n, starts + count(fresh), ends, cur, outs
 
     st0 = (zero_f, zero_i, zero_i, zero_i, zero_i, zero_f, zero_f)
+    keep = cap is not None
     carry = (jnp.bool_(False), zero_i, zero_i, zero_f, st0, jnp.zeros((bq,), jnp.float32), zero_i, zero_i,
-             (zeros_i,) * 3 if cap is not None else ())
-    _, _, _, _, _, tau, steps, starts, ends = lax.fori_loop(0, bq, query, carry)
+             (zeros_i,) * 3 if keep else (), cur0 if keep else (), (zeros_i,) * 4 if keep else ())
+    _, _, _, _, _, tau, steps, starts, ends, _, outs = lax.fori_loop(0, bq, query, carry)
     tau_ref[...] = tau
     if cap is not None:
+        kpos_v, lastv_v, nxt_v, nvis_v = outs
+        end_v = lastv_v + 1
+        act_v = nvis_v > k
+        theta_v = jnp.where(act_v, z_ref[jnp.clip(kpos_v, 0, mp - 1)], 0.0)
         # ---- free ranges under the dense VJP's rounding, all rows at once: x = (z - theta) -
         # tau_s, upper x >= 1, free 0 < x < 1. The walk's sets (y - t > 1 and > 0 of anchored
         # scores) differ at ties with the bounds and by rounding: a few entries at most ----
