@@ -63,10 +63,13 @@ __all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fas
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 
-# Factored selections on the kernel path ("pallas", float32 scores): the threshold walk also
-# derives each query's structure and free ranges (list_select). False: the XLA [Bq, Bq]
-# passes and list_threshold, as before (kept for benchmarks that compare both).
-STRUCTURE_IN_KERNEL = True
+# Factored selections on the kernel path ("pallas", float32 scores): True lets the threshold walk
+# also derive each query's structure and free ranges (list_select) instead of the XLA [Bq, Bq]
+# passes and list_threshold. On an H100 at T = 32k it saves ~0.5 ms of the SparseK layer's
+# forward+backward (10.18 vs 10.68 ms in one process, benchmarks/results/structure_ab_1124b.json)
+# and 0.18 GiB of temporaries, but that forward+backward then compiled in 133 s instead of 23 s
+# (64k: not within 7 minutes), for reasons not found yet: off by default until they are.
+STRUCTURE_IN_KERNEL = False
 
 
 def _take(a, idx):
@@ -635,7 +638,11 @@ def key_ends(kth: jax.Array, rank: jax.Array, run: jax.Array, window: int) -> ja
     range ends at the first query after p + window with R_t < rank_p (binary search).
     """
     T = rank.shape[-1]
-    has = run >= 0
+    # without segments run is a constant, and XLA's GPU compiler constant-folded this cumulative
+    # sum at compile time (a [B, K, T] reduce-window evaluated on the host: 4.3 and 6.9 s at
+    # T = 32k on an H100, slow_operation_alarm): the barrier keeps it a device computation
+    # (its effect on the compile time is not measured yet)
+    has = lax.optimization_barrier(run) >= 0
     keys_from = jnp.cumsum(has[..., ::-1].astype(jnp.int32), axis=-1)[..., ::-1]  # keys at positions >= p
     run_last = _take(keys_from, run) - 1  # the last rank of the query's run
     big = jnp.iinfo(jnp.int32).max

@@ -461,19 +461,26 @@ def test_union_multiple_pads_with_empty_slots(case):
 
 
 FACTORED_CASES = [
-    # (PARALLEL_CASES index, schedule, union_multiple)
-    (3, "fused", 8),       # segments with ties, block wider than C; padded union
-    (0, "fast", 1),        # T % block_q != 0
-    pytest.param(5, "fast_sorted", 1, marks=pytest.mark.slow),
-    pytest.param(2, "fused", 1, marks=pytest.mark.slow),  # k larger than every prefix
+    # (PARALLEL_CASES index, schedule, union_multiple, STRUCTURE_IN_KERNEL)
+    (3, "fused", 8, False),       # segments with ties, block wider than C; padded union
+    (3, "fused", 8, True),        # the same through list_select
+    (0, "fast", 1, False),        # T % block_q != 0
+    pytest.param(5, "fast_sorted", 1, False, marks=pytest.mark.slow),
+    pytest.param(2, "fused", 1, False, marks=pytest.mark.slow),  # k larger than every prefix
+    pytest.param(2, "fused", 1, True, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("case,schedule,multiple", FACTORED_CASES)
-def test_factored_selection_equals_dense(case, schedule, multiple):
+@pytest.mark.parametrize("case,schedule,multiple,structure_in_kernel", FACTORED_CASES)
+def test_factored_selection_equals_dense(case, schedule, multiple, structure_in_kernel, monkeypatch):
     """factored=True (slot range + slot scores + thresholds, sea_jax.kernels.SlotSelection)
     describes the same selection as the [B, K, T, U] mask and weights of the same schedule,
-    and the gradient of the scores through it is the same."""
+    and the gradient of the scores through it is the same. With structure_in_kernel, "fused"
+    takes its structure, thresholds and tau VJP from list_select (the dense form keeps the XLA
+    structure: an independent reference)."""
+    from sea_jax.ops import sparsek_select_fast
+
+    monkeypatch.setattr(sparsek_select_fast, "STRUCTURE_IN_KERNEL", structure_in_kernel)
     B, T, K, k, window, extra, block_q, _, ties, segments = PARALLEL_CASES[case]
     u, seg = _random_case(B * 100 + T + 1, B, T, K, ties, segments)
     kw = dict(k=k, window=window, extra=extra, block_q=block_q, segment_ids=seg, schedule=schedule,
