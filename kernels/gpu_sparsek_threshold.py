@@ -73,6 +73,17 @@ pointers. On the layer's lists at 32k (block_q 128, 4096 lists of 2176; threshol
 them 1148 steps, 0.92 ms); in the layer 0.37 ms against 1.77 (profile_layer_32k_1124n.json).
 Float32 roots of these lists are good to ~1e-5 (the walk, the search and the XLA solver all lie
 up to 1.4e-5 from the float64 root on the same rows); the tests hold both algorithms to 2e-5.
+
+**The walk with the structure** (:func:`list_select`): the same walk, given each query's run
+range [s, e) instead of its candidate range and k-th score. It keeps the visible count and the
+k-th, C-th and (C + 1)-th visible entries as pointers that follow the entering keys (computed
+around the previous query's walk, so that their loads overlap it), and after the walk fixes up
+each query's free range under the dense VJP's rounding (upper x >= 1, free 0 < x < 1, x = (z -
+theta) - tau_s; the walk's own sets differ from these at ties with 1 and by rounding) and finds
+the entry that takes tau's cotangent where no entry is free. The selection's XLA [block_q,
+block_q] passes and its VJP's binary searches are then not needed. H100, SparseK layer at 32k:
+forward+backward 10.18 vs 10.68 ms (one process), the kernel itself 0.62-0.67 ms against the
+plain walk's 0.37 (benchmarks/README.md, 2026-11-24, fourth session).
 """
 
 from __future__ import annotations
