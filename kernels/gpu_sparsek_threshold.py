@@ -426,7 +426,8 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
                     *add(S, c, jnp.where(free & vis, y, zero_f)))
 
         a, b, u, ns, S, c = lax.fori_loop(end_old, end, join, (a, b, u, ns, S, c))
-        p = at(spos_v, i)  # the key entering at query i (if inside the range it had and keeps)
+        # the key entering at query i (if inside the range it had and keeps)
+        p = spos_ref[i] if cap is None else at(spos_v, i)
         enter = (p >= s_i) & (p < jnp.minimum(end_old, end))
         up = enter & (p < a)
         free = enter & (p >= a) & (p < b)
@@ -486,13 +487,9 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
         return jnp.sum(jnp.where(local == i, vec, jnp.zeros_like(vec)))
 
     zeros_i = jnp.zeros((bq,), jnp.int32)
-    s_v = s_ref[...]
-    spos_v = spos_ref[...]
-    if cap is None:
-        end_v = last_ref[...] + 1
-        act_v = act_ref[...] != 0
-        theta_v = theta_ref[...]
-    else:
+    if cap is not None:
+        s_v = s_ref[...]
+        spos_v = spos_ref[...]
         # ---- each query's structure: pointers that follow the entering keys (one round of
         # loads per query, mostly), computed around the previous query's walk ----
         e_v = e_ref[...]
@@ -570,8 +567,10 @@ def _walk_kernel(*refs, k, chunk, start_steps, cap=None, free_start="walk"):
     def query(i, carry):
         valid, s_prev, end_prev, anchor, st, tau, steps, starts, ends, cur, outs = carry
         if cap is None:
-            s_i, end, theta = at(s_v, i), at(end_v, i), at(theta_v, i)
-            act = at(act_v.astype(jnp.int32), i) != 0
+            s_i = s_ref[i]
+            end = last_ref[i] + 1
+            act = act_ref[i] != 0
+            theta = theta_ref[i]
         else:
             # query i's structure came with the carry; query i + 1's is computed around the
             # walk of query i (its loads issued before, read after): its latency hides in the walk's

@@ -395,6 +395,12 @@ def test_list_select_matches_brute_force(rows, bq, m, k, cap, ties):
             np.testing.assert_array_equal(np.asarray(getattr(other, name)), want[name], err_msg=f"{name} {start}")
     active = want["nvis"] > k
     np.testing.assert_allclose(tau_s, np.where(active, root, 0), atol=2e-5, rtol=0)
+    # return_passes: the same results and each list's walk steps and fresh starts (one start per
+    # run range holding an active query, at least)
+    res, steps, starts = list_select(jnp.asarray(z, jnp.float32), i32(tin), i32(s), i32(e), i32(spos), k=k,
+                                     cap=cap, chunk=32, interpret=True, return_passes=True)
+    np.testing.assert_array_equal(np.asarray(res.tau_s), tau_s)
+    assert (np.asarray(starts) >= active.any(axis=1)).all() and (np.asarray(steps) >= 0).all()
     # every kind of row occurs: solved with and without a free set, keeping all, seeing none,
     # capped (nvis > C) and moved pointers (queries after the first of their range)
     assert active.any() and (~active & (want["nvis"] > 0)).any() and (want["nvis"] == 0).any()
