@@ -828,6 +828,27 @@ def _entering_positions(tin, bq: int):
         jnp.broadcast_to(jnp.arange(mp, dtype=jnp.int32), (n, mp)))[:, :bq]
 
 
+def _walk_call(lists, rows, *, int_outs, return_passes, name, num_warps, interpret, **kernel_kw):
+    """_walk_kernel over one program per list: ``lists`` [n, M'] and ``rows`` [n, block_q] inputs;
+    outputs float32 [n, block_q] thresholds, then ``int_outs`` int32 rows (and the walk counts)."""
+    n, mp = lists[0].shape
+    bq = rows[0].shape[-1]
+    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
+    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
+    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
+    out_shape += [jax.ShapeDtypeStruct((n, bq), jnp.int32)] * (int_outs + int(return_passes))
+    return pl.pallas_call(
+        functools.partial(_walk_kernel, **kernel_kw),
+        grid=(n,),
+        in_specs=[list_spec] * len(lists) + [row_spec] * len(rows),
+        out_specs=[row_spec] * len(out_shape),
+        out_shape=out_shape,
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name=name,
+    )(*lists, *rows)
+
+
 def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps, interpret, return_passes,
                          start_steps, spos):
     n, m = z.shape
@@ -841,21 +862,9 @@ def _list_threshold_walk(z, tin, s, last, active, theta, *, k, chunk, num_warps,
     if bq != bq0:
         pad = lambda a, v=0: jnp.pad(a, ((0, 0), (0, bq - bq0)), constant_values=v)  # noqa: E731
         s, last, active, theta, spos = pad(s), pad(last), pad(active), pad(theta), pad(spos, m)
-    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
-    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
-    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)]
-    if return_passes:
-        out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
-    out = pl.pallas_call(
-        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps),
-        grid=(n,),
-        in_specs=[list_spec, list_spec] + [row_spec] * 5,
-        out_specs=[row_spec] * len(out_shape),
-        out_shape=out_shape,
-        compiler_params=compiler_params(num_warps, 1),
-        interpret=interpret,
-        name="sparsek_list_threshold_walk",
-    )(z, tin, s, last, active.astype(jnp.int32), theta, spos)
+    out = _walk_call((z, tin), (s, last, active.astype(jnp.int32), theta, spos), int_outs=0,
+                     return_passes=return_passes, name="sparsek_list_threshold_walk", num_warps=num_warps,
+                     interpret=interpret, k=k, chunk=chunk, start_steps=start_steps)
     if return_passes:
         return out[0][:, :bq0], out[1][:, 0], out[1][:, 1]
     return out[0][:, :bq0]
@@ -935,21 +944,9 @@ def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_wa
     if bq != bq0:
         pad = lambda a, v=0: jnp.pad(a, ((0, 0), (0, bq - bq0)), constant_values=v)  # noqa: E731
         s, e, spos = pad(s), pad(e), pad(spos, m)
-    row_spec = pl.BlockSpec((None, bq), lambda r: (r, 0))
-    list_spec = pl.BlockSpec((None, mp), lambda r: (r, 0))
-    out_shape = [jax.ShapeDtypeStruct((n, bq), jnp.float32)] + [jax.ShapeDtypeStruct((n, bq), jnp.int32)] * 8
-    if return_passes:
-        out_shape.append(jax.ShapeDtypeStruct((n, bq), jnp.int32))
-    out = pl.pallas_call(
-        functools.partial(_walk_kernel, k=k, chunk=chunk, start_steps=start_steps, cap=cap, free_start=_free_start),
-        grid=(n,),
-        in_specs=[list_spec, list_spec] + [row_spec] * 3,
-        out_specs=[row_spec] * len(out_shape),
-        out_shape=out_shape,
-        compiler_params=compiler_params(num_warps, 1),
-        interpret=interpret,
-        name="sparsek_list_select",
-    )(z, tin, s, e, spos)
+    out = _walk_call((z, tin), (s, e, spos), int_outs=8, return_passes=return_passes, name="sparsek_list_select",
+                     num_warps=num_warps, interpret=interpret, k=k, chunk=chunk, start_steps=start_steps, cap=cap,
+                     free_start=_free_start)
     res = ListSelect(*(o[:, :bq0] for o in out[:9]))
     if return_passes:
         return res, out[9][:, 0], out[9][:, 1]
