@@ -678,12 +678,18 @@ def _search_steps(n: int, arity: int) -> int:
     return steps
 
 
-def _check(z, tin, s, last, active, theta, k):
+def _check_lists(z, tin):
+    """(rows, M) of the list scores z and entry times tin, or a ValueError."""
     if z.ndim != 2 or z.dtype != jnp.float32:
         raise ValueError(f"z must be float32 [rows, M], got {z.dtype} {z.shape}")
     n, m = z.shape
     if tin.shape != (n, m) or tin.dtype != jnp.int32:
         raise ValueError(f"tin must be int32 {(n, m)}, got {tin.dtype} {tin.shape}")
+    return n, m
+
+
+def _check(z, tin, s, last, active, theta, k):
+    n, m = _check_lists(z, tin)
     bq = s.shape[-1]
     for name, a, dt in (("s", s, jnp.int32), ("last", last, jnp.int32), ("theta", theta, jnp.float32)):
         if a.shape != (n, bq) or a.dtype != dt:
@@ -918,11 +924,7 @@ def list_select(z, tin, s, e, spos, *, k: int, cap: int, chunk: int = 64, num_wa
     visible entries with [block_q, block_q] arrays, and the threshold's VJP re-derived the free
     ranges by binary searches, this kernel keeps them as pointers while it walks.
     """
-    if z.ndim != 2 or z.dtype != jnp.float32:
-        raise ValueError(f"z must be float32 [rows, M], got {z.dtype} {z.shape}")
-    n, m = z.shape
-    if tin.shape != (n, m) or tin.dtype != jnp.int32:
-        raise ValueError(f"tin must be int32 {(n, m)}, got {tin.dtype} {tin.shape}")
+    n, m = _check_lists(z, tin)
     bq0 = s.shape[-1]
     for name, a in (("s", s), ("e", e), ("spos", spos)):
         if a.shape != (n, bq0) or a.dtype != jnp.int32:
