@@ -350,6 +350,11 @@ def _sorted_threshold(z, r: _Rows, k: int, rows, active, max_passes: int = 64):
     return jnp.where(active, tau, 0)
 
 
+def _rows_of(lead, a, n):
+    """a broadcast to lead + (n,) as [prod(lead), n]: the kernels' one list (or row set) per row."""
+    return jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)
+
+
 @jax.named_scope("sparsek_threshold")
 def _kernel_threshold(z, r: _Rows, k: int, interpret: bool):
     """tau - theta by the on-chip solver (sea_jax.kernels.gpu_sparsek_threshold): one Pallas
@@ -358,7 +363,7 @@ def _kernel_threshold(z, r: _Rows, k: int, interpret: bool):
 
     M, Bq = z.shape[-1], r.s.shape[-1]
     lead = r.s.shape[:-1]
-    flat = lambda a, n: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)  # noqa: E731
+    flat = functools.partial(_rows_of, lead)
     tau = list_threshold(
         flat(lax.stop_gradient(z), M), flat(r.tin.astype(jnp.int32), M), flat(r.s, Bq), flat(r.last, Bq),
         flat((r.nvis > k) & (r.nvis > 0), Bq), flat(r.theta.astype(jnp.float32), Bq), k=k, interpret=interpret,
@@ -546,7 +551,7 @@ def _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret):
 
     Bq = s.shape[-1]
     lead = s.shape[:-1]
-    flat = lambda a, n: jnp.broadcast_to(a, lead + (n,)).reshape(-1, n)  # noqa: E731
+    flat = functools.partial(_rows_of, lead)
     zs = lax.stop_gradient(z)
     out = list_select(flat(zs, M), flat(tin.astype(jnp.int32), M), flat(s, Bq), flat(e, Bq),
                       flat(spos.astype(jnp.int32), Bq), k=k, cap=cap, interpret=interpret)
@@ -638,10 +643,11 @@ def key_ends(kth: jax.Array, rank: jax.Array, run: jax.Array, window: int) -> ja
     range ends at the first query after p + window with R_t < rank_p (binary search).
     """
     T = rank.shape[-1]
-    # without segments run is a constant, and XLA's GPU compiler constant-folded this cumulative
-    # sum at compile time (a [B, K, T] reduce-window evaluated on the host: 4.3 and 6.9 s at
-    # T = 32k on an H100, slow_operation_alarm): the barrier keeps it a device computation
-    # (its effect on the compile time is not measured yet)
+    # without segments run is a constant. XLA's GPU compiler constant-folded an int32 cumulative
+    # sum of a [1, 16, 32768] constant at compile time (4.3 and 6.9 s at T = 32k on an H100, its
+    # slow-operation alarm; by its shape and dtype this one, the selection's only cumulative sum
+    # over the keys of a constant): the barrier keeps it a device computation (the effect on the
+    # compile time is not measured yet)
     has = lax.optimization_barrier(run) >= 0
     keys_from = jnp.cumsum(has[..., ::-1].astype(jnp.int32), axis=-1)[..., ::-1]  # keys at positions >= p
     run_last = _take(keys_from, run) - 1  # the last rank of the query's run
