@@ -58,6 +58,7 @@ def main():
         seqs = [int(s) for s in args.seqs.split(",")]
         sk = SparseKOptions(k=1024, window=512)
     K = H if args.kv_heads is None else args.kv_heads
+    default_structure = fast.STRUCTURE_IN_KERNEL  # restored after each S
     if K < 1 or H % K:
         raise ValueError(f"--kv_heads must divide the {H} query heads, got {K}")
     dims = AttentionDims(H, K, D, H * D)
@@ -88,7 +89,7 @@ def main():
             outs[name] = (np.asarray(cf(*a), np.float32), _grads(cb, a))
             row[f"{name}_self_grad_rel_diff"] = _rel(_grads(cb, a), outs[name][1])
             paths[name] = (cf, cb, a)
-        fast.STRUCTURE_IN_KERNEL = False
+        fast.STRUCTURE_IN_KERNEL = default_structure
         dense = []
         if not args.smoke:
             _, dfwd, dfb = dense_functions("cudnn")

@@ -65,11 +65,11 @@ EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 
 # Factored selections on the kernel path ("pallas", float32 scores): True lets the threshold walk
 # also derive each query's structure and free ranges (list_select) instead of the XLA [Bq, Bq]
-# passes and list_threshold. On an H100 at T = 32k it saves ~0.5 ms of the SparseK layer's
-# forward+backward (10.18 vs 10.68 ms in one process, benchmarks/results/structure_ab_1124b.json)
-# and 0.18 GiB of temporaries, but that forward+backward then compiled in 133 s instead of 23 s
-# (64k: not within 7 minutes), for reasons not found yet: off by default until they are.
-STRUCTURE_IN_KERNEL = False
+# passes and list_threshold. On an H100 (SparseK layer forward+backward, both paths in one process,
+# benchmarks/results/structure_ab_1124c.json) 10.25 vs 10.66 ms at T = 32k, 19.45 vs 20.57 at 64k,
+# 0.09-0.18 GiB less temporaries; both compile in 11-13 s. False: the XLA passes (kept as the
+# reference the tests compare the kernel path with, and for A/B measurements).
+STRUCTURE_IN_KERNEL = True
 
 
 def _take(a, idx):
@@ -569,16 +569,21 @@ def _walk_tau_bwd(k, cap, M, interpret, res, g):
     the same at the entering keys hidden inside the range (one fused [Bq, Bq] reduction
     generated from [Bq] vectors), plus tau's cotangent at the target entry of rows without a
     free set."""
+    from sea_jax.kernels.gpu_sparsek_threshold import hidden_range_sums
+
     fa, fb, nf, first, s, e, spos = res
     g_tau = g[0]
     dtype = g_tau.dtype
     shift = jnp.where(nf > 0, g_tau / jnp.maximum(nf, 1).astype(dtype), 0).astype(dtype)
     Bq = s.shape[-1]
-    t = jnp.arange(Bq, dtype=jnp.int32)
-    sp = spos[..., None, :]
-    hid = ((t > t[:, None]) & (sp >= s[..., None]) & (sp < e[..., None]) & (sp >= fa[..., None])
-           & (sp < fb[..., None]))  # [..., Bq(i), Bq(t)]: entering key t hidden inside i's free range
-    corr = jnp.sum(jnp.where(hid, shift[..., :, None], 0), axis=-2)  # spos = M (none): never hidden
+    lead = s.shape[:-1]
+    flat = functools.partial(_rows_of, lead, n=Bq)
+    # entering key t is hidden inside query i's free range: i < t, spos_t in [fa_i, fb_i) within
+    # [s_i, e_i) (spos = M, no entering key: never). A kernel, not an XLA [Bq, Bq] reduction:
+    # see hidden_range_sums for the compile time that fusion cost.
+    corr = hidden_range_sums(flat(spos.astype(jnp.int32)), flat(jnp.maximum(fa, s)), flat(jnp.minimum(fb, e)),
+                             flat(shift.astype(jnp.float32)), interpret=interpret)
+    corr = corr.reshape(lead + (Bq,)).astype(dtype)
     need = first >= 0
     at = jnp.where(need, first, M)
     g_first = jnp.where(need, g_tau, 0).astype(dtype)

@@ -460,3 +460,75 @@ def test_list_select_compiled_matches_brute_force(rows, bq, m, k, cap, ties):
     for name, w in want.items():
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), w, err_msg=name)
     np.testing.assert_allclose(np.asarray(got.tau_s), np.where(want["nvis"] > k, root, 0), atol=2e-5, rtol=0)
+
+
+def _hidden_sums_case(rng, rows, bq, m):
+    """Random ranges within [0, m) (some empty), entering positions (some m: none) and values."""
+    lo = rng.integers(0, m, (rows, bq))
+    hi = np.minimum(lo + rng.integers(0, m // 2 + 1, (rows, bq)), m)
+    hi[:, ::5] = lo[:, ::5]  # empty ranges
+    spos = rng.integers(0, m + 1, (rows, bq))
+    spos[:, 1::7] = m  # no entering key
+    val = rng.standard_normal((rows, bq))
+    return spos, lo, hi, val
+
+
+def _hidden_sums_brute_force(spos, lo, hi, val):
+    rows, bq = spos.shape
+    out = np.zeros((rows, bq))
+    for r in range(rows):
+        for t in range(bq):
+            for i in range(t):
+                if lo[r, i] <= spos[r, t] < hi[r, i]:
+                    out[r, t] += val[r, i]
+    return out
+
+
+def _hidden_sums_check(got, spos, lo, hi, val):
+    want = _hidden_sums_brute_force(spos, lo, hi, val)
+    assert (want != 0).mean() > 0.15  # many keys hidden in some earlier range: the sums matter
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,bq,m", [(3, 128, 300), (2, 5, 9), (4, 40, 2176)])
+def test_hidden_range_sums_matches_brute_force(rows, bq, m):
+    from sea_jax.kernels.gpu_sparsek_threshold import hidden_range_sums
+
+    spos, lo, hi, val = _hidden_sums_case(np.random.default_rng(rows * bq + m), rows, bq, m)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    got = hidden_range_sums(i32(spos), i32(lo), i32(hi), jnp.asarray(val, jnp.float32), interpret=True)
+    assert got.shape == (rows, bq) and got.dtype == jnp.float32
+    _hidden_sums_check(got, spos, lo, hi, val)
+
+
+def test_hidden_range_sums_bad_arguments_and_lowering():
+    import re
+
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    from sea_jax.kernels.gpu_sparsek_threshold import hidden_range_sums
+
+    a = jnp.zeros((2, 16), jnp.int32)
+    v = jnp.zeros((2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="val must be float32"):
+        hidden_range_sums(a, a, a, a, interpret=True)
+    with pytest.raises(ValueError, match="hi must be int32"):
+        hidden_range_sums(a, a, a[:, :8], v, interpret=True)
+    sds = jax.ShapeDtypeStruct
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        text = jax.jit(hidden_range_sums).trace(
+            *[sds((8, 128), jnp.int32)] * 3, sds((8, 128), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"] and "sparsek_hidden_range_sums" in text
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernel needs a GPU (interpret mode covers it on CPU)")
+def test_hidden_range_sums_compiled_matches_brute_force():
+    from sea_jax.kernels.gpu_sparsek_threshold import hidden_range_sums
+
+    spos, lo, hi, val = _hidden_sums_case(np.random.default_rng(7), 6, 128, 2176)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    got = jax.jit(hidden_range_sums)(i32(spos), i32(lo), i32(hi), jnp.asarray(val, jnp.float32))
+    _hidden_sums_check(got, spos, lo, hi, val)
