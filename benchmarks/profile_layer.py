@@ -152,6 +152,8 @@ def main():
                          "[4, 4, 4, 4, 4]}': forward, dQ, window dK/dV, slot dK/dV, reduction)")
     ap.add_argument("--threshold_options", default=None,
                     help="JSON of list_threshold options for 'sparsek' (e.g. '{\"search_arity\": 16}')")
+    ap.add_argument("--select_options", default=None,
+                    help="JSON of list_select options for 'sparsek' (e.g. '{\"num_warps\": 2, \"chunk\": 32}')")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--trace_reps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -179,6 +181,11 @@ def main():
 
         threshold_kernel.list_threshold = functools.partial(threshold_kernel.list_threshold,
                                                             **json.loads(args.threshold_options))
+    if args.select_options:  # likewise for the walk that also keeps the structure (the default)
+        import sea_jax.kernels.gpu_sparsek_threshold as threshold_kernel
+
+        threshold_kernel.list_select = functools.partial(threshold_kernel.list_select,
+                                                         **json.loads(args.select_options))
     out = dict(env=env_info(), args=vars(args), rows=[])
     for name in args.layers.split(","):
         if name == "dense_cudnn":

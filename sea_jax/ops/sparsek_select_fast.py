@@ -70,6 +70,10 @@ EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 # 0.09-0.18 GiB less temporaries; both compile in 11-13 s. False: the XLA passes (kept as the
 # reference the tests compare the kernel path with, and for A/B measurements).
 STRUCTURE_IN_KERNEL = True
+# list_select's entries per vector step in the layer: 128 against 64 / 256 took it from 0.61 / 0.65
+# to 0.55 ms in the forward at T = 32k on an H100 (profile_layer.py --select_options, one process
+# each; the plain walk's best was 64)
+_SELECT_CHUNK = 128
 
 
 def _take(a, idx):
@@ -554,7 +558,7 @@ def _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret):
     flat = functools.partial(_rows_of, lead)
     zs = lax.stop_gradient(z)
     out = list_select(flat(zs, M), flat(tin.astype(jnp.int32), M), flat(s, Bq), flat(e, Bq),
-                      flat(spos.astype(jnp.int32), Bq), k=k, cap=cap, interpret=interpret)
+                      flat(spos.astype(jnp.int32), Bq), k=k, cap=cap, chunk=_SELECT_CHUNK, interpret=interpret)
     out = ListSelect(*(o.reshape(lead + (Bq,)) for o in out))
     nvis = out.nvis
     tau = jnp.where(nvis > k, _take(zs, out.kpos) + out.tau_s, jnp.where(nvis > 0, _take(zs, out.last) - 1, 0))
