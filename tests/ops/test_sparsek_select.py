@@ -465,6 +465,8 @@ FACTORED_CASES = [
     (3, "fused", 8, False),       # segments with ties, block wider than C; padded union
     (3, "fused", 8, True),        # the same through list_select
     (0, "fast", 1, False),        # T % block_q != 0
+    (0, "fused", 1, True),        # the same through list_select (the GPU default)
+    (5, "fused", 1, True),        # many blocks, segments with ties, through list_select
     pytest.param(5, "fast_sorted", 1, False, marks=pytest.mark.slow),
     pytest.param(2, "fused", 1, False, marks=pytest.mark.slow),  # k larger than every prefix
     pytest.param(2, "fused", 1, True, marks=pytest.mark.slow),
