@@ -5,8 +5,16 @@ Given feature maps phi(q) and phi(k) (see ``random_features``):
     out_i = sum_{j<=i} (phi(q_i).phi(k_j)) v_j / sum_{j<=i} phi(q_i).phi(k_j)
 
 Inside a chunk of ``chunk`` tokens the masked [chunk, chunk] product is formed explicitly;
-across chunks a running state S = sum phi(k) v^T, z = sum phi(k) is carried by ``lax.scan``,
-so memory is O(T * chunk + M * Dv) instead of O(T^2).
+across chunks the running state S = sum phi(k) v^T, z = sum phi(k) is either
+
+* ``schedule="parallel"`` (default): every chunk's own sums at once (one batched matmul), the
+  states before every chunk by one ``lax.associative_scan`` over the chunks, then every chunk's
+  queries against its state at once: a few large kernels, memory O(T * chunk + (T / chunk) *
+  M * Dv). On an H100 the sequential form was ~7,700 small kernels for SEA's estimator at
+  T = 32k (512 chunks x ~15 kernels, most of its 40 ms forward;
+  benchmarks/results/profile_sea_32k_1124.json);
+* ``schedule="scan"``: carried through ``lax.scan``, memory O(T * chunk + M * Dv): the one
+  for memory-bound or very long inputs.
 
 Packed sequences (``segment_ids``, contiguous runs, 0 = padding) reset the state at segment
 boundaries: a query uses the carried state only if it belongs to the carry's segment.
@@ -18,6 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+SCHEDULES = ("parallel", "scan")
 
 
 class LinearAttentionState(NamedTuple):
@@ -45,12 +56,14 @@ def causal_linear_attention(
     state: LinearAttentionState | None = None,
     chunk: int = 64,
     return_normaliser: bool = False,
+    schedule: str = "parallel",
 ):
     """Causal linear attention.
 
     fq: [B, T, H, M] query features; fk: [B, T, K, M] key features (H % K == 0, GQA);
     v: [B, T, K, Dv]; segment_ids: optional [B, T] int (contiguous runs, 0 = padding);
-    state: running sums of the tokens before this call (decoding), segments must be None.
+    state: running sums of the tokens before this call (decoding), segments must be None;
+    schedule: "parallel" or "scan" (module docstring: same results up to float rounding).
     Returns (out [B, T, H, Dv] float32, new state) and, with ``return_normaliser``, also the
     denominators [B, T, H].
     """
@@ -62,6 +75,8 @@ def causal_linear_attention(
         raise ValueError(f"v must have shape {(B, T, K, '*')}, got {v.shape}")
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     G, Dv = H // K, v.shape[-1]
     # float32 accumulation; float64 inputs stay float64 (finite-difference tests)
     acc = jnp.promote_types(jnp.promote_types(fq.dtype, v.dtype), jnp.float32)
@@ -77,11 +92,15 @@ def causal_linear_attention(
     n = -(-T // c)
     pad = n * c - T
     if pad:
-        # padded tail tokens get segment 0: they neither contribute nor get output
+        # padded tail tokens have zero features: they neither contribute nor count (their
+        # outputs are sliced off)...
         fq = jnp.pad(fq, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
         fk = jnp.pad(fk, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        seg_p = jnp.pad(seg, ((0, 0), (0, pad)))
+        # ... but they repeat the last token's segment: with segment 0 the state returned after
+        # a padded tail was reset (its segment 0), so a decode that went on from it lost the
+        # context (any prefill longer than the chunk and not a multiple of it)
+        seg_p = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
     else:
         seg_p = seg
 
@@ -118,11 +137,63 @@ def causal_linear_attention(
         out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
         return new, (out, jnp.where(valid, den, 0.0))
 
-    state, (out, den) = jax.lax.scan(
-        step, state, (to_chunks(fq), to_chunks(fk), to_chunks(v), to_chunks(seg_p))
-    )
-    out = jnp.moveaxis(out, 0, 1).reshape(B, n * c, H, Dv)[:, :T]
-    if return_normaliser:
+    if schedule == "scan":
+        state, (out, den) = jax.lax.scan(
+            step, state, (to_chunks(fq), to_chunks(fk), to_chunks(v), to_chunks(seg_p))
+        )
+        out = jnp.moveaxis(out, 0, 1).reshape(B, n * c, H, Dv)[:, :T]
         den = jnp.moveaxis(den, 0, 1).reshape(B, n * c, H)[:, :T]
+    else:
+        state, out, den = _parallel_chunks(fq, fk, v, seg_p, state, n, c, causal, den_floor)
+        out = out.reshape(B, n * c, H, Dv)[:, :T]
+        den = den.reshape(B, n * c, H)[:, :T]
+    if return_normaliser:
         return out, state, den
     return out, state
+
+
+def _parallel_chunks(fq, fk, v, seg, state: LinearAttentionState, n: int, c: int, causal, den_floor):
+    """The scan's step for all chunks at once (same sums, same masks and floor).
+
+    fq [B, T', K, G, M], fk [B, T', K, M], v [B, T', K, Dv], seg [B, T'] with T' = n * c.
+    Returns (final state, out [B, n, c, K, G, Dv], den [B, n, c, K, G]).
+
+    The state after chunk i is S_i = keep_i * S_{i-1} + own_i, where own_i sums the chunk's
+    tokens of its last segment and keep_i says that segment continues the carry's: a linear
+    recurrence, so an associative scan over (keep, own) pairs gives every S_i.
+    """
+    B, K, G = fq.shape[0], fq.shape[2], fq.shape[3]
+    split = lambda x: x.reshape(B, n, c, *x.shape[2:])  # noqa: E731
+    q, k, vv, sg = split(fq), split(fk), split(v), split(seg)
+    last = sg[:, :, -1]  # [B, n]: the segment the state carries after each chunk
+    carry_seg = jnp.concatenate([state.segment[:, None], last[:, :-1]], axis=1)  # the state's before it
+    keep = (carry_seg == last).astype(q.dtype)
+    in_last = (sg == last[..., None]).astype(q.dtype)  # [B, n, c]
+    k_last = k * in_last[..., None, None]
+    own_s = jnp.einsum("bnjkm,bnjkd->bnkmd", k_last, vv)
+    own_z = jnp.sum(k_last, axis=2)  # [B, n, K, M]
+    # the incoming state enters as chunk 0's predecessor: fold it into chunk 0 and cut there
+    own_s = own_s.at[:, 0].add(keep[:, 0, None, None, None] * state.s)
+    own_z = own_z.at[:, 0].add(keep[:, 0, None, None] * state.z)
+    keep = keep.at[:, 0].set(0)
+
+    def combine(x, y):
+        (ka, sa, za), (kb, sb, zb) = x, y
+        return ka * kb, kb[..., None, None, None] * sa + sb, kb[..., None, None] * za + zb
+
+    _, s_after, z_after = jax.lax.associative_scan(combine, (keep, own_s, own_z), axis=1)
+    s_before = jnp.concatenate([state.s[:, None], s_after[:, :-1]], axis=1)  # [B, n, K, M, Dv]
+    z_before = jnp.concatenate([state.z[:, None], z_after[:, :-1]], axis=1)
+
+    same = (sg[..., :, None] == sg[..., None, :]) & causal  # [B, n, c, c]
+    a = jnp.einsum("bnikgm,bnjkm->bnkgij", q, k) * same[:, :, None, None]
+    num = jnp.einsum("bnkgij,bnjkd->bnikgd", a, vv)
+    den = jnp.sum(a, axis=-1).transpose(0, 1, 4, 2, 3)  # [B, n, c, K, G]
+    use_carry = (sg == carry_seg[..., None])[..., None, None].astype(q.dtype)  # [B, n, c, 1, 1]
+    num = num + use_carry[..., None] * jnp.einsum("bnikgm,bnkmd->bnikgd", q, s_before)
+    den = den + use_carry * jnp.einsum("bnikgm,bnkm->bnikg", q, z_before)
+    valid = (sg != 0)[..., None, None]
+    safe = jnp.where(valid, jnp.maximum(den, den_floor), 1.0)  # the scan's floor (see there)
+    out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
+    final = LinearAttentionState(s_after[:, -1], z_after[:, -1], last[:, -1])
+    return final, out, jnp.where(valid, den, 0.0)
