@@ -74,7 +74,7 @@ class SEAOptions:
     features: random features of the estimator, None -> "relu" (causal) / "favor".
     num_features: M, None -> d ln d / nbf; nbf: see ``default_num_features``.
     orthogonal: orthogonal random features.
-    chunk: chunk of the estimator's causal linear-attention scan.
+    chunk: chunk of the estimator's causal linear attention (sea_jax.ops.linear_attention).
     block_q, block_k: block sizes of the layout and of the sparse attention.
     granularity: "token" (exact: the selected keys only) or "block" (every prefix key of each
         touched key block; what block-sparse kernels compute; needs power-of-two blocks >= 16).
@@ -85,12 +85,14 @@ class SEAOptions:
         granularity="block" -> the Pallas kernels on GPU / TPU, XLA on CPU;
         granularity="token" -> XLA on every backend (no kernel takes SEA's per-row cell mask
         yet, and "auto" never changes the result). Decoding always uses the XLA path.
+        "pallas_gpu" also selects the top-k cells with a Pallas radix select
+        (sea_jax.kernels.gpu_top_budget; the same cells as the XLA sort).
     kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
     kernel_options: None or a dict of backend tuning knobs passed to
         ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"always_mask": True}`` for the
         Triton kernel); stored as sorted (key, value) pairs so the options stay hashable.
     sort_rows: causal rows below this index select with a full sort; later rows (whose budget
-        is bounded) with ``lax.top_k`` of that bound (same result, less work).
+        is bounded) with ``lax.top_k`` of that bound (same result, less work; XLA selection).
     gate_bias: initial biases of the gate logits (s0, s1) (see ``init_estimator_params``).
     aux_mask_max_len: the expanded [B, H, T, T] mask is returned in aux only up to this T.
     """
@@ -258,6 +260,10 @@ class SEAAttention(nnx.Module):
         o, H = self.options, self.dims.num_heads
         budgets = sel_ops.row_budgets(row_length, k=o.k, t_m=o.t_m, num_heads=H, mode=o.mode)
         T = probs.shape[1]
+        if o.resolved_impl() == "pallas_gpu":
+            # the radix-select kernel: no sort (XLA's top_k of [T, H t_m] rows is one)
+            method = "pallas_interpret" if o.kernel_interpret else "pallas"
+            return sel_ops.select_cells(probs, budgets, mode=o.mode, method=method), budgets
         if static_rows and o.causal and T > o.sort_rows:
             R = o.sort_rows
             cap = int(sel_ops.row_budgets(np.asarray(R + 1), k=o.k, t_m=o.t_m, num_heads=H, mode=o.mode))

@@ -148,27 +148,41 @@ def _select_flat(scores, budget, cap: int | None):
     return jnp.zeros((R, N), bool).at[rows, order].set(keep)
 
 
-def select_cells(probs, budgets, *, mode: str = "shared", cap: int | None = None):
+SELECT_METHODS = ("sort", "pallas", "pallas_interpret")
+
+
+def select_cells(probs, budgets, *, mode: str = "shared", cap: int | None = None, method: str = "sort"):
     """Top-k cells of the compressed estimate.
 
     probs: [B, T, H, t_m] estimate (any monotone transform of the logits selects the same
     cells); budgets: [B, T] int from :func:`row_budgets` (same ``mode``).
     cap: None, or a static bound on every budget (then ``lax.top_k(cap)`` replaces a full
     sort; the caller guarantees ``budgets <= cap``).
+    method: "sort" (XLA: a stable sort, or top_k with ``cap``) or "pallas" /
+    "pallas_interpret" (sea_jax.kernels.gpu_top_budget's radix select, GPU; ``cap`` unused):
+    the same cells.
     Returns bool [B, T, H, t_m]. No gradient flows through the selection.
     """
     _check_mode(mode)
+    if method not in SELECT_METHODS:
+        raise ValueError(f"method must be one of {SELECT_METHODS}, got {method!r}")
     if probs.ndim != 4:
         raise ValueError(f"probs must have shape [batch, seq, heads, t_m], got {probs.shape}")
     B, T, H, M = probs.shape
     if budgets.shape != (B, T):
         raise ValueError(f"budgets must have shape {(B, T)}, got {budgets.shape}")
     scores = jax.lax.stop_gradient(probs).astype(jnp.float32)
+    if method == "sort":
+        select = lambda x, b: _select_flat(x, b, cap)  # noqa: E731
+    else:
+        from sea_jax.kernels.gpu_top_budget import top_budget_mask
+
+        select = lambda x, b: top_budget_mask(x, b, interpret=method == "pallas_interpret")  # noqa: E731
     if mode == "shared":
-        sel = _select_flat(scores.reshape(B * T, H * M), budgets.reshape(B * T), cap)
+        sel = select(scores.reshape(B * T, H * M), budgets.reshape(B * T))
     else:
         b = jnp.broadcast_to(budgets[:, :, None], (B, T, H))
-        sel = _select_flat(scores.reshape(B * T * H, M), b.reshape(-1), cap)
+        sel = select(scores.reshape(B * T * H, M), b.reshape(-1))
     return sel.reshape(B, T, H, M)
 
 

@@ -407,6 +407,8 @@ def test_impl_resolution_and_pallas_gpu_route_in_interpret_mode():
     seg = jnp.asarray(np.array([[1] * 25 + [2] * 12 + [0] * 3], np.int32))
     a, b = run_xla(q, k, v, seg), run_gpu(q, k, v, seg)
     np.testing.assert_allclose(np.asarray(b.out), np.asarray(a.out), atol=2e-5)
+    # the same cells (the pallas_gpu route selects them with the radix-select kernel)
+    np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]))
     # block granularity = dense reference restricted to the aux block mask
     start, length = ref_rows(np.asarray(seg), True)
     sparse = masked_softmax_attention(q, k, v, np.asarray(a.aux["mask"]))

@@ -150,6 +150,11 @@ def test_select_cells_matches_loop_with_ties(mode):
     cap = int(np.asarray(budgets)[:, tail].max())
     got_cap = ss.select_cells(jnp.asarray(probs[:, tail]), budgets[:, tail], mode=mode, cap=cap)
     np.testing.assert_array_equal(np.asarray(got_cap), got[:, tail])
+    # the GPU radix-select kernel (interpret mode) selects the same set
+    got_kernel = ss.select_cells(jnp.asarray(probs), budgets, mode=mode, method="pallas_interpret")
+    np.testing.assert_array_equal(np.asarray(got_kernel), got)
+    with pytest.raises(ValueError, match="method must be one of"):
+        ss.select_cells(jnp.asarray(probs), budgets, mode=mode, method="radix")
     counts = got.reshape(B, T, -1).sum(-1) if mode == "shared" else got.sum(-1)
     want = np.asarray(budgets) if mode == "shared" else np.repeat(np.asarray(budgets)[..., None], H, -1)
     np.testing.assert_array_equal(counts, want)
