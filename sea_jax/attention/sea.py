@@ -48,6 +48,7 @@ from sea_jax.attention.cache import KVCache, append_kv
 from sea_jax.attention.performer import RandomProjection
 from sea_jax.ops import sea_estimate as est
 from sea_jax.ops import sea_select as sel_ops
+from sea_jax.ops.linear_attention import SCHEDULES as LINEAR_SCHEDULES
 from sea_jax.ops.linear_attention import LinearAttentionState, causal_linear_attention
 from sea_jax.ops.random_features import FEATURE_KINDS, default_num_features, draw_projection
 from sea_jax.ops.sea_sparse_attention import selected_attention
@@ -75,6 +76,9 @@ class SEAOptions:
     num_features: M, None -> d ln d / nbf; nbf: see ``default_num_features``.
     orthogonal: orthogonal random features.
     chunk: chunk of the estimator's causal linear attention (sea_jax.ops.linear_attention).
+    linear_schedule: that linear attention's schedule: "parallel" (all chunks at once: an
+        associative scan over chunk states; fast, memory O(T / chunk * M * 2D) per head) or
+        "scan" (sequential; memory O(M * 2D)). Same result up to float rounding.
     block_q, block_k: block sizes of the layout and of the sparse attention.
     granularity: "token" (exact: the selected keys only) or "block" (every prefix key of each
         touched key block; what block-sparse kernels compute; needs power-of-two blocks >= 16).
@@ -85,12 +89,15 @@ class SEAOptions:
         granularity="block" -> the Pallas kernels on GPU / TPU, XLA on CPU;
         granularity="token" -> XLA on every backend (no kernel takes SEA's per-row cell mask
         yet, and "auto" never changes the result). Decoding always uses the XLA path.
-        "pallas_gpu" also selects the top-k cells with a Pallas radix select
-        (sea_jax.kernels.gpu_top_budget; the same cells as the XLA sort).
+        "pallas_gpu" also selects the top-k cells with a Pallas radix select (``select_impl``).
     kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
     kernel_options: None or a dict of backend tuning knobs passed to
         ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"always_mask": True}`` for the
         Triton kernel); stored as sorted (key, value) pairs so the options stay hashable.
+    select_impl: how the top-k cells are found: "xla" (a stable sort; ``lax.top_k`` for the rows
+        past ``sort_rows``), "pallas" (sea_jax.kernels.gpu_top_budget, a Pallas Triton radix
+        select: GPU, or interpret mode with ``kernel_interpret``) or "auto" ("pallas" when
+        ``impl`` resolves to "pallas_gpu", else "xla"). The same cells either way.
     sort_rows: causal rows below this index select with a full sort; later rows (whose budget
         is bounded) with ``lax.top_k`` of that bound (same result, less work; XLA selection).
     gate_bias: initial biases of the gate logits (s0, s1) (see ``init_estimator_params``).
@@ -106,12 +113,14 @@ class SEAOptions:
     nbf: float = 8.0
     orthogonal: bool = True
     chunk: int = 64
+    linear_schedule: str = "parallel"
     block_q: int = 64
     block_k: int = 64
     granularity: str = "token"
     impl: str = "auto"
     kernel_interpret: bool = False
     kernel_options: Any = None
+    select_impl: str = "auto"
     sort_rows: int = 1024
     gate_bias: tuple[float, float] = (3.0, 3.0)
     aux_mask_max_len: int = 1024
@@ -132,6 +141,10 @@ class SEAOptions:
         for name in ("chunk", "block_q", "block_k", "sort_rows"):
             _check_int(name, getattr(self, name), 1)
         _check_int("aux_mask_max_len", self.aux_mask_max_len, 0)
+        if self.linear_schedule not in LINEAR_SCHEDULES:
+            raise ValueError(f"linear_schedule must be one of {LINEAR_SCHEDULES}, got {self.linear_schedule!r}")
+        if self.select_impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"select_impl must be one of ('auto', 'xla', 'pallas'), got {self.select_impl!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.impl not in IMPLS:
@@ -252,16 +265,21 @@ class SEAAttention(nnx.Module):
         ones_q = jnp.ones((B, T, self.dims.num_heads, 1), jnp.float32)
         ones_k = jnp.ones((B, T, K, 1), jnp.float32)
         if self.options.causal:
-            return causal_linear_attention(ones_q, ones_k, v, segment_ids=segment_ids, state=state, chunk=self.options.chunk)
-        return est._bidirectional_linear_attention(ones_q, ones_k, v, segment_ids, self.options.chunk), None
+            return causal_linear_attention(ones_q, ones_k, v, segment_ids=segment_ids, state=state, chunk=self.options.chunk,
+                                           schedule=self.options.linear_schedule)
+        return est._bidirectional_linear_attention(ones_q, ones_k, v, segment_ids, self.options.chunk,
+                                                   self.options.linear_schedule), None
 
     def _select(self, probs, row_length, *, static_rows: bool):
         """Top-k cells; ``static_rows``: row t's length is t + 1 (causal, no segments, no cache)."""
         o, H = self.options, self.dims.num_heads
         budgets = sel_ops.row_budgets(row_length, k=o.k, t_m=o.t_m, num_heads=H, mode=o.mode)
         T = probs.shape[1]
-        if o.resolved_impl() == "pallas_gpu":
+        if o.select_impl == "pallas" or (o.select_impl == "auto" and o.resolved_impl() == "pallas_gpu"):
             # the radix-select kernel: no sort (XLA's top_k of [T, H t_m] rows is one)
+            if not o.kernel_interpret and jax.default_backend() != "gpu":
+                raise ValueError(f"select_impl='pallas' runs a Pallas Triton kernel: it needs a GPU "
+                                 f"(or kernel_interpret=True), got backend {jax.default_backend()!r}")
             method = "pallas_interpret" if o.kernel_interpret else "pallas"
             return sel_ops.select_cells(probs, budgets, mode=o.mode, method=method), budgets
         if static_rows and o.causal and T > o.sort_rows:
@@ -333,6 +351,7 @@ class SEAAttention(nnx.Module):
         ctx, _ = est.estimator_context(
             q, k, v, self.projection[...], self._freqs(), key_offset=offset, reference=row_length,
             features=o.feature_kind, causal=o.causal, segment_ids=segment_ids, chunk=o.chunk,
+            schedule=o.linear_schedule,
         )
         s0, s1, rows = self._estimate_heads(params, ctx, v)
         logits = est.cnn_logits(params, rows, seg_rows, causal=o.causal)
@@ -378,6 +397,7 @@ class SEAAttention(nnx.Module):
         ctx, est_state = est.estimator_context(
             q, k, v, self.projection[...], self._freqs(), key_offset=offset, reference=row_length,
             features=o.feature_kind, causal=True, state=cache.estimator, chunk=o.chunk, stabilise_keys=False,
+            schedule=o.linear_schedule,
         )
         s0, s1, rows = self._estimate_heads(params, ctx, v)
         R = cache.cnn_rows.shape[1]

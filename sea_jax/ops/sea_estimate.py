@@ -140,7 +140,7 @@ def rotate_to_relative(pos_context: jax.Array, reference: jax.Array, freqs: jax.
     return jnp.concatenate([c * cos + s * sin, s * cos - c * sin], axis=-1)
 
 
-def _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk):
+def _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk, schedule="parallel"):
     """Non-causal linear attention within segments, in linear memory: the causal pass forward
     plus the causal pass over the reversed sequence, minus the diagonal counted twice.
 
@@ -149,10 +149,11 @@ def _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk):
     K = fk.shape[2]
     G = H // K
     seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    out_f, _, den_f = causal_linear_attention(fq, fk, values, segment_ids=seg, chunk=chunk, return_normaliser=True)
+    out_f, _, den_f = causal_linear_attention(fq, fk, values, segment_ids=seg, chunk=chunk, return_normaliser=True,
+                                              schedule=schedule)
     rev = lambda x: jnp.flip(x, axis=1)
     out_b, _, den_b = causal_linear_attention(
-        rev(fq), rev(fk), rev(values), segment_ids=rev(seg), chunk=chunk, return_normaliser=True
+        rev(fq), rev(fk), rev(values), segment_ids=rev(seg), chunk=chunk, return_normaliser=True, schedule=schedule
     )
     out_b, den_b = rev(out_b), rev(den_b)
     fk_h = jnp.repeat(fk.astype(_F32), G, axis=2)
@@ -182,12 +183,14 @@ def estimator_context(
     state: LinearAttentionState | None = None,
     chunk: int = 64,
     stabilise_keys: bool = True,
+    schedule: str = "parallel",
 ):
     """Kernel-attention context [B, T, H, 2D] (float32): [relative-position half, value half].
 
     q: [B, T, H, D]; k, v: [B, T, K, D]; projection: [M, D] random features; freqs: [D/2];
     key_offset: [B, T] in-segment positions of the keys (= of the tokens); reference: [B, T]
-    the rows' reference lengths (R_t); state: causal decode state (running sums), or None.
+    the rows' reference lengths (R_t); state: causal decode state (running sums), or None;
+    chunk, schedule: of the linear attention (sea_jax.ops.linear_attention).
     Returns (context, new_state); new_state is None in the bidirectional variant.
     """
     D = q.shape[-1]
@@ -198,9 +201,10 @@ def estimator_context(
     pos = jnp.broadcast_to(pos[:, :, None, :], k.shape[:3] + (pos.shape[-1],))
     values = jnp.concatenate([pos, v.astype(_F32)], axis=-1)
     if causal:
-        ctx, state = causal_linear_attention(fq, fk, values, segment_ids=segment_ids, state=state, chunk=chunk)
+        ctx, state = causal_linear_attention(fq, fk, values, segment_ids=segment_ids, state=state, chunk=chunk,
+                                             schedule=schedule)
     else:
-        ctx, state = _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk), None
+        ctx, state = _bidirectional_linear_attention(fq, fk, values, segment_ids, chunk, schedule), None
     P2 = pos.shape[-1]
     rel = rotate_to_relative(ctx[..., :P2], reference, freqs)
     return jnp.concatenate([rel, ctx[..., P2:]], axis=-1), state

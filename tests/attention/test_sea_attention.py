@@ -418,6 +418,25 @@ def test_impl_resolution_and_pallas_gpu_route_in_interpret_mode():
     np.testing.assert_allclose(np.asarray(a.out), want, atol=5e-5)
 
 
+def test_linear_schedule_and_select_impl_change_nothing():
+    """linear_schedule="scan" (the sequential linear attention) and select_impl="pallas" (the
+    radix-select kernel, interpret mode) give the defaults' selection and, up to float32
+    rounding, their outputs and estimate (packed segments with padding, T not a multiple of
+    the chunk)."""
+    T = 37
+    base = dict(k=2, t_m=8, chunk=8)
+    q, k, v = inputs(11, T, batch=1)
+    seg = jnp.asarray(np.array([[1] * 20 + [2] * 14 + [0] * 3], np.int32))
+    _, run = jitted(tuple(sorted(base.items())))
+    a = run(q, k, v, seg)
+    for extra in (dict(linear_schedule="scan"), dict(select_impl="pallas", kernel_interpret=True)):
+        _, run2 = jitted(tuple(sorted({**base, **extra}.items())))
+        b = run2(q, k, v, seg)
+        np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]), err_msg=str(extra))
+        np.testing.assert_allclose(np.asarray(b.out), np.asarray(a.out), atol=2e-5, err_msg=str(extra))
+        np.testing.assert_allclose(np.asarray(b.aux["estimate"]), np.asarray(a.aux["estimate"]), atol=2e-5)
+
+
 def test_registered_and_keeps_pretrained_projections():
     """"sea" is a registered core; swapping a SelfAttention's dense core for SEA keeps the
     Q/K/V/O projections and adds only SEA's own parameters (gates start near 1)."""
@@ -453,6 +472,8 @@ def test_bad_inputs_raise_value_errors():
         (dict(features="cos"), "features must be"),
         (dict(gate_bias=(1.0,)), "gate_bias"),
         (dict(granularity="block", kernel_options=["always_mask"]), "kernel_options must be"),
+        (dict(linear_schedule="serial"), "linear_schedule must be one of"),
+        (dict(select_impl="cuda"), "select_impl must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             SEAOptions(**opts)
@@ -464,6 +485,9 @@ def test_bad_inputs_raise_value_errors():
     hash(tuned)
     m = SEAAttention(DIMS, SEAOptions(k=2, t_m=8), rngs=nnx.Rngs(0))
     q, k, v = inputs(0, 5)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="select_impl='pallas' runs a Pallas Triton kernel"):
+            SEAAttention(DIMS, SEAOptions(k=2, t_m=8, select_impl="pallas"), rngs=nnx.Rngs(0))(q, k, v)
     with pytest.raises(ValueError, match="k must have shape"):
         m(q, k[:, :, :1], v)
     with pytest.raises(ValueError, match="q has 3 heads"):
