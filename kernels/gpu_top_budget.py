@@ -11,7 +11,8 @@ One program per row (``rows_per_program`` rows): the row's scores become order-p
 uint32 keys held in registers; 32 count passes find the budget-th largest key bit by bit
 (largest v with #{key >= v} >= budget), then ceil(log2(N + 1)) more find how many of the
 entries equal to it, in index order, complete the budget. No sort, no global memory
-besides one read of the row and one write of the mask.
+besides one read of the row and one write of the mask. The XLA form it replaces (and is
+tested against) is ``sea_jax.ops.sea_select.select_cells(method="sort")``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.experimental import pallas as pl
 
 from sea_jax.kernels.gpu_block_sparse import compiler_params
 
-__all__ = ["top_budget_mask", "top_budget_mask_reference"]
+__all__ = ["top_budget_mask"]
 
 
 def _order_keys(x):
@@ -97,10 +98,3 @@ def top_budget_mask(scores: jax.Array, budget: jax.Array, *, rows_per_program: i
     )(x, b)
     return out[:R, :N] != 0
 
-
-def top_budget_mask_reference(scores: jax.Array, budget: jax.Array) -> jax.Array:
-    """The same mask by a stable descending sort (XLA; what the kernel is tested against)."""
-    R, N = scores.shape
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    keep = jnp.arange(N)[None, :] < budget[:, None]
-    return jnp.zeros((R, N), bool).at[jnp.arange(R)[:, None], order].set(keep)

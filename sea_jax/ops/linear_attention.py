@@ -112,30 +112,12 @@ def causal_linear_attention(
 
     def step(carry: LinearAttentionState, xs):
         q_c, k_c, v_c, seg_c = xs  # [B,c,K,G,M], [B,c,K,M], [B,c,K,Dv], [B,c]
-        same = (seg_c[:, :, None] == seg_c[:, None, :]) & causal[None]  # [B, c, c]
-        a = jnp.einsum("bikgm,bjkm->bkgij", q_c, k_c) * same[:, None, None]
-        num = jnp.einsum("bkgij,bjkd->bikgd", a, v_c)
-        den = jnp.sum(a, axis=-1).transpose(0, 3, 1, 2)  # [B, c, K, G]
-        use_carry = (seg_c == carry.segment[:, None])[:, :, None, None]
-        num = num + use_carry[..., None] * jnp.einsum("bikgm,bkmd->bikgd", q_c, carry.s)
-        den = den + use_carry * jnp.einsum("bikgm,bkm->bikg", q_c, carry.z)
-        last = seg_c[:, -1]
+        out, den = _chunk_outputs(q_c, k_c, v_c, seg_c, carry, causal, den_floor)
+        last, own_s, own_z = _chunk_sums(k_c, v_c, seg_c)
         keep = (carry.segment == last).astype(acc)
-        in_last = (seg_c == last[:, None]).astype(acc)  # [B, c]
-        k_last = k_c * in_last[:, :, None, None]
-        new = LinearAttentionState(
-            keep[:, None, None, None] * carry.s + jnp.einsum("bjkm,bjkd->bkmd", k_last, v_c),
-            keep[:, None, None] * carry.z + jnp.sum(k_last, axis=1),
-            last,
-        )
-        valid = (seg_c != 0)[:, :, None, None]
-        # A floor, not just den > 0: unstabilised FAVOR+ key features of huge-norm keys
-        # (LLM "massive activations") underflow, leaving a tiny positive den whose 1/den^2 in
-        # the backward overflows to inf and then NaN. Below the floor the output shrinks
-        # towards 0 (|out| <= max|v| * den / floor) with a zero gradient through den.
-        safe = jnp.where(valid, jnp.maximum(den, den_floor), 1.0)
-        out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
-        return new, (out, jnp.where(valid, den, 0.0))
+        new = LinearAttentionState(keep[:, None, None, None] * carry.s + own_s, keep[:, None, None] * carry.z + own_z,
+                                   last)
+        return new, (out, den)
 
     if schedule == "scan":
         state, (out, den) = jax.lax.scan(
@@ -152,8 +134,41 @@ def causal_linear_attention(
     return out, state
 
 
+def _chunk_sums(k, v, seg):
+    """What a chunk adds to the state: (its last segment [...], sum phi(k) v^T [..., K, M, Dv],
+    sum phi(k) [..., K, M]) over its tokens of that segment (the state carries only one).
+
+    k [..., c, K, M], v [..., c, K, Dv], seg [..., c] (any leading axes)."""
+    last = seg[..., -1]
+    k_last = k * (seg == last[..., None]).astype(k.dtype)[..., None, None]
+    return last, jnp.einsum("...jkm,...jkd->...kmd", k_last, v), jnp.sum(k_last, axis=-3)
+
+
+def _chunk_outputs(q, k, v, seg, carry: LinearAttentionState, causal, den_floor):
+    """(out [..., c, K, G, Dv], den [..., c, K, G]) of a chunk's queries: the masked in-chunk
+    products plus the carried state for the queries of the carry's segment.
+
+    q [..., c, K, G, M], k [..., c, K, M], v [..., c, K, Dv], seg [..., c]; carry: the state
+    before the chunk (s [..., K, M, Dv], z [..., K, M], segment [...]); any leading axes."""
+    same = (seg[..., :, None] == seg[..., None, :]) & causal  # [..., c, c]
+    a = jnp.einsum("...ikgm,...jkm->...kgij", q, k) * same[..., None, None, :, :]
+    num = jnp.einsum("...kgij,...jkd->...ikgd", a, v)
+    den = jnp.moveaxis(jnp.sum(a, axis=-1), -1, -3)  # [..., c, K, G]
+    use_carry = (seg == carry.segment[..., None]).astype(q.dtype)[..., None, None]
+    num = num + use_carry[..., None] * jnp.einsum("...ikgm,...kmd->...ikgd", q, carry.s)
+    den = den + use_carry * jnp.einsum("...ikgm,...km->...ikg", q, carry.z)
+    valid = (seg != 0)[..., None, None]
+    # A floor, not just den > 0: unstabilised FAVOR+ key features of huge-norm keys
+    # (LLM "massive activations") underflow, leaving a tiny positive den whose 1/den^2 in
+    # the backward overflows to inf and then NaN. Below the floor the output shrinks
+    # towards 0 (|out| <= max|v| * den / floor) with a zero gradient through den.
+    safe = jnp.where(valid, jnp.maximum(den, den_floor), 1.0)
+    out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
+    return out, jnp.where(valid, den, 0.0)
+
+
 def _parallel_chunks(fq, fk, v, seg, state: LinearAttentionState, n: int, c: int, causal, den_floor):
-    """The scan's step for all chunks at once (same sums, same masks and floor).
+    """The scan's steps for all chunks at once (the same per-chunk functions).
 
     fq [B, T', K, G, M], fk [B, T', K, M], v [B, T', K, Dv], seg [B, T'] with T' = n * c.
     Returns (final state, out [B, n, c, K, G, Dv], den [B, n, c, K, G]).
@@ -162,16 +177,12 @@ def _parallel_chunks(fq, fk, v, seg, state: LinearAttentionState, n: int, c: int
     tokens of its last segment and keep_i says that segment continues the carry's: a linear
     recurrence, so an associative scan over (keep, own) pairs gives every S_i.
     """
-    B, K, G = fq.shape[0], fq.shape[2], fq.shape[3]
+    B = fq.shape[0]
     split = lambda x: x.reshape(B, n, c, *x.shape[2:])  # noqa: E731
     q, k, vv, sg = split(fq), split(fk), split(v), split(seg)
-    last = sg[:, :, -1]  # [B, n]: the segment the state carries after each chunk
-    carry_seg = jnp.concatenate([state.segment[:, None], last[:, :-1]], axis=1)  # the state's before it
+    last, own_s, own_z = _chunk_sums(k, vv, sg)  # [B, n], [B, n, K, M, Dv], [B, n, K, M]
+    carry_seg = jnp.concatenate([state.segment[:, None], last[:, :-1]], axis=1)  # the state's before each chunk
     keep = (carry_seg == last).astype(q.dtype)
-    in_last = (sg == last[..., None]).astype(q.dtype)  # [B, n, c]
-    k_last = k * in_last[..., None, None]
-    own_s = jnp.einsum("bnjkm,bnjkd->bnkmd", k_last, vv)
-    own_z = jnp.sum(k_last, axis=2)  # [B, n, K, M]
     # the incoming state enters as chunk 0's predecessor: fold it into chunk 0 and cut there
     own_s = own_s.at[:, 0].add(keep[:, 0, None, None, None] * state.s)
     own_z = own_z.at[:, 0].add(keep[:, 0, None, None] * state.z)
@@ -182,18 +193,7 @@ def _parallel_chunks(fq, fk, v, seg, state: LinearAttentionState, n: int, c: int
         return ka * kb, kb[..., None, None, None] * sa + sb, kb[..., None, None] * za + zb
 
     _, s_after, z_after = jax.lax.associative_scan(combine, (keep, own_s, own_z), axis=1)
-    s_before = jnp.concatenate([state.s[:, None], s_after[:, :-1]], axis=1)  # [B, n, K, M, Dv]
-    z_before = jnp.concatenate([state.z[:, None], z_after[:, :-1]], axis=1)
-
-    same = (sg[..., :, None] == sg[..., None, :]) & causal  # [B, n, c, c]
-    a = jnp.einsum("bnikgm,bnjkm->bnkgij", q, k) * same[:, :, None, None]
-    num = jnp.einsum("bnkgij,bnjkd->bnikgd", a, vv)
-    den = jnp.sum(a, axis=-1).transpose(0, 1, 4, 2, 3)  # [B, n, c, K, G]
-    use_carry = (sg == carry_seg[..., None])[..., None, None].astype(q.dtype)  # [B, n, c, 1, 1]
-    num = num + use_carry[..., None] * jnp.einsum("bnikgm,bnkmd->bnikgd", q, s_before)
-    den = den + use_carry * jnp.einsum("bnikgm,bnkm->bnikg", q, z_before)
-    valid = (sg != 0)[..., None, None]
-    safe = jnp.where(valid, jnp.maximum(den, den_floor), 1.0)  # the scan's floor (see there)
-    out = jnp.where(valid[..., None], num / safe[..., None], 0.0)
-    final = LinearAttentionState(s_after[:, -1], z_after[:, -1], last[:, -1])
-    return final, out, jnp.where(valid, den, 0.0)
+    before = LinearAttentionState(jnp.concatenate([state.s[:, None], s_after[:, :-1]], axis=1),
+                                  jnp.concatenate([state.z[:, None], z_after[:, :-1]], axis=1), carry_seg)
+    out, den = _chunk_outputs(q, k, vv, sg, before, causal, den_floor)
+    return LinearAttentionState(s_after[:, -1], z_after[:, -1], last[:, -1]), out, den
