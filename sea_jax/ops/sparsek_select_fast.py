@@ -570,8 +570,8 @@ def _walk_tau_fwd(z, tin, s, e, spos, k, cap, M, interpret):
 def _walk_tau_bwd(k, cap, M, interpret, res, g):
     """_tau_grad_ranges with the kernel's free ranges, free counts and target entries, as one
     difference array (one scatter, one cumulative sum): +g/|free| over [free_lo, free_hi), less
-    the same at the entering keys hidden inside the range (one fused [Bq, Bq] reduction
-    generated from [Bq] vectors), plus tau's cotangent at the target entry of rows without a
+    the same at the entering keys hidden inside the range (their sums per key by one small
+    kernel, hidden_range_sums), plus tau's cotangent at the target entry of rows without a
     free set."""
     from sea_jax.kernels.gpu_sparsek_threshold import hidden_range_sums
 
