@@ -18,6 +18,8 @@ in one process:
   Pallas block-sparse kernel on GPU), other options default; fwd+bwd = grad of mean(out) +
   mean(estimate) w.r.t. q, k, v and every SEA parameter (the estimate term stands in for
   the distillation loss, the only path of gradient into the estimator).
+* ``sea_token``: the same with granularity "token" (SEAOptions' default: exactly the selected
+  keys; on a GPU the same kernel with the selection's cells as a CellMask).
 
 Time: median of ``--reps`` calls after compile and one warm call. Memory: XLA's compiled
 memory analysis of the jitted function (temporaries + arguments + outputs), so it counts
@@ -201,6 +203,7 @@ def main():
         "dense_cudnn": lambda: dense_functions(dense_impl),
         "sparsek": lambda: sparsek_functions(dims, sk),
         "sea": lambda: sea_functions(dims, sea),
+        "sea_token": lambda: sea_functions(dims, dataclasses.replace(sea, granularity="token")),
     }
     for name in layers:  # "sparsek@fast_sorted": another selection schedule; "sparsek:block_q=128": other options
         if name.startswith("sparsek@"):

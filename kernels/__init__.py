@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sea_jax.kernels.cell_mask import CellMask
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 from sea_jax.kernels.slot_selection import SlotSelection
 from sea_jax.kernels.reference import (
@@ -50,6 +51,7 @@ from sea_jax.kernels.reference import (
 
 __all__ = [
     "BlockLayout",
+    "CellMask",
     "block_sparse_attention",
     "gathered_attention",
     "SlotSelection",
@@ -159,6 +161,7 @@ def block_sparse_attention(
     impl: str = "auto",
     interpret=False,
     kernel_options: dict | None = None,
+    cell_mask: CellMask | None = None,
 ) -> jax.Array:
     """Block-sparse softmax attention.
 
@@ -181,6 +184,10 @@ def block_sparse_attention(
       impl: "auto" | "xla" | "pallas_gpu" | "pallas_tpu".
       interpret: run the Pallas kernel in interpret mode (CPU testing).
       kernel_options: backend tuning knobs (see the backend module), None for defaults.
+      cell_mask: optional :class:`CellMask` (SEA's token-level selection: selected cells of
+        each query row's prefix, per query head): inside the listed blocks, only the keys of
+        selected cells are visible. "xla" and "pallas_gpu" take it; "pallas_tpu" does not
+        (ValueError; "auto" on a TPU then runs "xla").
 
     Returns:
       [batch, seq_q, heads, head_dim] in q's dtype. Queries with no visible key give 0.
@@ -200,7 +207,17 @@ def block_sparse_attention(
     layout = layout.broadcast_batch(B)
     kw = dict(key_weights=key_weights, weight_mode=weight_mode, causal=bool(causal), window=window,
               segment_ids=segment_ids, scale=scale)
+    asked = impl
     impl = _resolve_impl(impl, interpret)
+    if cell_mask is not None:
+        if not isinstance(cell_mask, CellMask):
+            raise ValueError(f"cell_mask must be a CellMask, got {type(cell_mask).__name__}")
+        cell_mask.check(B, Sq, H, Skv)
+        if impl == "pallas_tpu":
+            if asked != "auto":
+                raise ValueError("impl='pallas_tpu' does not take a cell_mask (use impl='xla' or 'pallas_gpu')")
+            impl = "xla"
+        kw["cell_mask"] = cell_mask
     if impl == "xla":
         return block_sparse_attention_reference(q, k, v, layout, **kw)
     if impl == "pallas_gpu":

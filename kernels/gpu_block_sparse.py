@@ -37,6 +37,7 @@ with warnings.catch_warnings():  # the Triton backend is deprecated (not removed
     warnings.simplefilter("ignore")
     from jax.experimental.pallas import triton as pltriton
 
+from sea_jax.kernels.cell_mask import CellMask, cells_of_tile
 from sea_jax.kernels.gpu_block_sparse_mosaic import block_sparse_forward_mosaic, mosaic_forward_supported
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 
@@ -107,6 +108,7 @@ class BlockSparseGpuConfig:
     dkv_stages: int
     always_mask: bool  # True: mask every tile with jnp.where; False: branch per tile
     fwd_impl: str = "triton"  # "triton" or "mosaic" (gpu_block_sparse_mosaic, Hopper only)
+    num_cells: int = 0  # > 0: a CellMask (cells per row) masks every tile
     mosaic_block_kv: int = 128
     mosaic_stages: int = 2
 
@@ -120,7 +122,7 @@ def _tile_needs_mask(cfg, q0, tq, k0, tk):
     lists them only when its blocks are coarser than the causal / window pattern) and
     contribute exactly zero there.
     """
-    if cfg.has_segments:
+    if cfg.has_segments or cfg.num_cells:
         return None
     q_last, k_last = q0 + tq - 1, k0 + tk - 1
     need = k_last >= cfg.seq_k
@@ -141,6 +143,17 @@ def _element_mask(cfg, qpos, kpos, segq, segk):
     if cfg.has_segments:
         ok = ok & (segq == segk) & (segk != 0)
     return ok
+
+
+def _cell_mask(cfg, cells_ref, rows_ref, h, qpos, kpos, q0, tq, axis: int):
+    """The CellMask of a tile (``cells_of_tile``); query rows [q0, q0 + tq) run along ``axis``
+    of the tile (0: [tq, tk], forward / dQ; 1: [tk, tq], dK/dV). ``h``: the query head inside
+    the KV head's group (the row of ``cells_ref``'s flat [group heads, Sq_pad, M] block)."""
+    start = rows_ref[0, pl.ds(q0, tq)]
+    length = rows_ref[1, pl.ds(q0, tq)]
+    start, length = (start[:, None], length[:, None]) if axis == 0 else (start[None, :], length[None, :])
+    base = h * (rows_ref.shape[1] * cfg.num_cells)
+    return cells_of_tile(cells_ref, base, qpos, kpos, start, length, cfg.num_cells)
 
 
 def _split(t, n: int):
@@ -175,6 +188,7 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
     kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
     w_ref = next(it) if cfg.has_weights else None
     seg_ref = next(it) if cfg.has_segments else None
+    cells_ref, rows_ref = (next(it), next(it)) if cfg.num_cells else (None, None)
     o_ref, lse_ref = next(it), next(it)
 
     tq, tk = cfg.fwd_tq, cfg.fwd_tk
@@ -186,6 +200,7 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
     i = _split(tile, sub_q)[0]
     q0 = tile * tq
     qk_scale = cfg.scale * LOG2E
+    h_in_group = _split(h, cfg.num_heads // cfg.num_kv_heads)[1]
 
     q = q_ref[...]
     qpos = q0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 0)
@@ -205,7 +220,10 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
             if masked:
                 kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
                 segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
-                s = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), s, -jnp.inf)
+                ok = _element_mask(cfg, qpos, kpos, segq, segk)
+                if cfg.num_cells:
+                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, qpos, kpos, q0, tq, 0)
+                s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = jnp.exp2(m - m_use)
@@ -240,9 +258,16 @@ def _full_spec(x):
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _forward(cfg, q, k, v, w, seg, kv_index, kv_count):
+def _cell_specs(cells, rows, rep, cells_map, rows_map):
+    return [pl.BlockSpec((None, None, cells.shape[2]), cells_map),
+            pl.BlockSpec((None, 2, rows.shape[2]), rows_map)]
+
+
+def _forward(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count):
     """q: [B, Sq_pad, H, Dp]; k, v: [B, Skv_pad, K, Dp]; w: [B, K, Skv_pad] f32 or None;
-    seg: [B, S_pad] int32 or None. Returns o [B, Sq_pad, H, Dp], lse2 [B, H, Sq_pad]."""
+    seg: [B, S_pad] int32 or None; cells: int8 [B, K, rep * Sq_pad * M] and rows: int32
+    [B, 2, Sq_pad] (prefix starts, lengths), or None. Returns o [B, Sq_pad, H, Dp], lse2
+    [B, H, Sq_pad]."""
     if cfg.fwd_impl == "mosaic":
         return block_sparse_forward_mosaic(
             q, k, v, kv_index, kv_count, seq_k=cfg.seq_k, block_q=cfg.block_q, block_k=cfg.block_k,
@@ -268,6 +293,9 @@ def _forward(cfg, q, k, v, w, seg, kv_index, kv_count):
     if cfg.has_segments:
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
         args.append(seg)
+    if cfg.num_cells:
+        in_specs += _cell_specs(cells, rows, rep, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
+        args += [cells, rows]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((B, H, Sq_pad), jnp.float32),
@@ -295,6 +323,7 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
     kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
     w_ref = next(it) if cfg.has_weights else None
     seg_ref = next(it) if cfg.has_segments else None
+    cells_ref, rows_ref = (next(it), next(it)) if cfg.num_cells else (None, None)
     do_ref, lse_ref, delta_ref, dq_ref = next(it), next(it), next(it), next(it)
 
     tq, tk = cfg.dq_tq, cfg.dq_tk
@@ -305,6 +334,7 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
     i = _split(tile, sub_q)[0]
     q0 = tile * tq
     qk_scale = cfg.scale * LOG2E
+    h_in_group = _split(h, cfg.num_heads // cfg.num_kv_heads)[1]
 
     q = q_ref[...]
     do = do_ref[...]
@@ -326,7 +356,10 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
             if masked:
                 kpos = k0 + lax.broadcasted_iota(jnp.int32, (tq, tk), 1)
                 segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
-                s = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), s, -jnp.inf)
+                ok = _element_mask(cfg, qpos, kpos, segq, segk)
+                if cfg.num_cells:
+                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, qpos, kpos, q0, tq, 0)
+                s = jnp.where(ok, s, -jnp.inf)
             p = jnp.exp2(s - lse)
             dp = _dot(do, v, 1, 1)
             if cfg.has_weights:
@@ -346,7 +379,7 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dq(cfg, q, k, v, w, seg, do, lse, delta, kv_index, kv_count):
+def _dq(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, kv_index, kv_count):
     B, Sq_pad, H, Dp = q.shape
     Skv_pad, K = k.shape[1], k.shape[2]
     rep = H // K
@@ -364,6 +397,9 @@ def _dq(cfg, q, k, v, w, seg, do, lse, delta, kv_index, kv_count):
     if cfg.has_segments:
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
         args.append(seg)
+    if cfg.num_cells:
+        in_specs += _cell_specs(cells, rows, rep, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
+        args += [cells, rows]
     in_specs += [qspec, rowspec, rowspec]
     args += [do, lse, delta]
     return pl.pallas_call(
@@ -384,6 +420,7 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
     q_index_ref, q_count_ref, q_ref, k_ref, v_ref = (next(it) for _ in range(5))
     w_ref = next(it) if cfg.has_weights else None
     seg_ref = next(it) if cfg.has_segments else None
+    cells_ref, rows_ref = (next(it), next(it)) if cfg.num_cells else (None, None)
     do_ref, lse_ref, delta_ref = next(it), next(it), next(it)
     dk_ref, dv_ref = next(it), next(it)
     dw_ref = next(it) if cfg.has_weights else None
@@ -425,7 +462,10 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
                 if masked:
                     qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
                     segq = seg_ref[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
-                    st = jnp.where(_element_mask(cfg, qpos, kpos, segq, segk), st, -jnp.inf)
+                    ok = _element_mask(cfg, qpos, kpos, segq, segk)
+                    if cfg.num_cells:
+                        ok = ok & _cell_mask(cfg, cells_ref, rows_ref, r, qpos, kpos, q0, tq, 1)
+                    st = jnp.where(ok, st, -jnp.inf)
                 pt = jnp.exp2(st - lse)
                 dpt = _dot(v, do, 1, 1)  # [tk, tq]
                 if cfg.has_weights:
@@ -459,7 +499,7 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
         dw_ref[...] = dw
 
 
-def _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count):
+def _dkv(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, q_index, q_count):
     B, Sq_pad, H, Dp = q.shape
     Skv_pad, K = k.shape[1], k.shape[2]
     rep = H // K
@@ -476,6 +516,9 @@ def _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count):
     if cfg.has_segments:
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, kh, b: (b, 0)))
         args.append(seg)
+    if cfg.num_cells:
+        in_specs += _cell_specs(cells, rows, rep, lambda t, kh, b: (b, kh, 0), lambda t, kh, b: (b, 0, 0))
+        args += [cells, rows]
     in_specs += [qspec, rowspec, rowspec]
     args += [do, lse, delta]
     out_specs = [kspec, kspec]
@@ -498,26 +541,26 @@ def _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count):
 
 # ------------------------------------------------------------------------- custom vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, w, seg, kv_index, kv_count, q_index, q_count):
-    o, _ = _forward(cfg, q, k, v, w, seg, kv_index, kv_count)
+def _attention(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count, q_index, q_count):
+    o, _ = _forward(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count)
     return o
 
 
-def _attention_fwd(cfg, q, k, v, w, seg, kv_index, kv_count, q_index, q_count):
-    o, lse = _forward(cfg, q, k, v, w, seg, kv_index, kv_count)
-    return o, (q, k, v, w, seg, kv_index, kv_count, q_index, q_count, o, lse)
+def _attention_fwd(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count, q_index, q_count):
+    o, lse = _forward(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count)
+    return o, (q, k, v, w, seg, cells, rows, kv_index, kv_count, q_index, q_count, o, lse)
 
 
 def _attention_bwd(cfg, res, do):
-    q, k, v, w, seg, kv_index, kv_count, q_index, q_count, o, lse = res
+    q, k, v, w, seg, cells, rows, kv_index, kv_count, q_index, q_count, o, lse = res
     # delta_i = sum_j p_ij dP_ij = dO_i . o_i (weights included in o), fp32: [B, H, Sq_pad]
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     do = do.astype(q.dtype)
-    dq = _dq(cfg, q, k, v, w, seg, do, lse, delta, kv_index, kv_count)
-    dk, dv, dw = _dkv(cfg, q, k, v, w, seg, do, lse, delta, q_index, q_count)
+    dq = _dq(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, kv_index, kv_count)
+    dk, dv, dw = _dkv(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, q_index, q_count)
     if w is not None:
         dw = dw.astype(w.dtype)
-    return dq, dk, dv, dw, None, None, None, None, None
+    return dq, dk, dv, dw, None, None, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -581,6 +624,7 @@ def block_sparse_attention_gpu(
     forward: str = "auto",
     mosaic_block_kv: int | None = None,
     mosaic_stages: int = 2,
+    cell_mask: CellMask | None = None,
 ) -> jax.Array:
     """Block-sparse attention with the Pallas Triton kernels (forward and backward).
 
@@ -611,6 +655,10 @@ def block_sparse_attention_gpu(
     per-tile branch is the path the interpret tests cover by default). 4 stages exceed the
     H100's shared memory at 128 x 128.
 
+    A ``cell_mask`` (:class:`~sea_jax.kernels.cell_mask.CellMask`, validated by the caller)
+    masks every visited tile by the selected cells, rebuilt on chip from the int8 cells of the
+    tile's rows (``cells_of_tile``); it needs the Triton forward.
+
     q: [B, Sq, H, D]; k, v: [B, Skv, K, D]; key_weights: [B, Skv, K] or None.
     Returns [B, Sq, H, D] in q.dtype.
     """
@@ -628,8 +676,10 @@ def block_sparse_attention_gpu(
     warps = num_warps or (8 if fq >= 128 else 4, 4, 4)
     stages = num_stages or (3, 2, 2)
     scale = D**-0.5 if scale is None else float(scale)
-    fwd_impl = _forward_impl(forward, q.dtype, D, bq, bk, key_weights is not None,
-                             segment_ids is not None, bool(interpret))
+    if cell_mask is not None and forward == "mosaic":
+        raise ValueError("forward='mosaic' cannot run this call: the Mosaic forward takes no cell_mask")
+    fwd_impl = "triton" if cell_mask is not None else _forward_impl(
+        forward, q.dtype, D, bq, bk, key_weights is not None, segment_ids is not None, bool(interpret))
     m_block_kv = min(128, bk) if mosaic_block_kv is None else mosaic_block_kv
     if fwd_impl == "mosaic":
         m_block_kv, mosaic_stages = _mosaic_block_kv(m_block_kv, bk), _stages(mosaic_stages)
@@ -643,6 +693,7 @@ def block_sparse_attention_gpu(
         dkv_tq=kq, dkv_tk=kk, dkv_warps=warps[2], dkv_stages=stages[2],
         always_mask=bool(always_mask),
         fwd_impl=fwd_impl, mosaic_block_kv=m_block_kv, mosaic_stages=mosaic_stages,
+        num_cells=0 if cell_mask is None else cell_mask.num_cells,
     )
     nq, nk = num_blocks(Sq, bq), num_blocks(Skv, bk)
     qp = _pad_to(_pad_to(q, 1, nq * bq), 3, Dp)
@@ -654,6 +705,14 @@ def block_sparse_attention_gpu(
     seg = None
     if segment_ids is not None:
         seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(nq * bq, nk * bk))
-    o = _attention(cfg, qp, kp, vp, w, seg, layout.kv_index, layout.kv_count,
+    cells = rows = None
+    if cell_mask is not None:
+        # [B, Sq, H, M] bool -> int8 [B, K, (H // K) * Sq_pad * M]: one flat block per KV head
+        M = cell_mask.num_cells
+        c = _pad_to(cell_mask.cells.astype(jnp.int8), 1, nq * bq)
+        cells = jnp.moveaxis(c, 2, 1).reshape(B, K, (H // K) * nq * bq * M)
+        rows = jnp.stack([cell_mask.row_start, cell_mask.row_length], axis=1).astype(jnp.int32)
+        rows = _pad_to(rows, 2, nq * bq)  # padding rows: length 0, they see nothing
+    o = _attention(cfg, qp, kp, vp, w, seg, cells, rows, layout.kv_index, layout.kv_count,
                    layout.q_index, layout.q_count)
     return o[:, :Sq, :, :D]

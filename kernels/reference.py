@@ -72,6 +72,7 @@ def block_sparse_attention_reference(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    cell_mask=None,
 ):
     """Block-sparse attention in plain XLA, one query block at a time.
 
@@ -80,7 +81,8 @@ def block_sparse_attention_reference(
     [B, Skv, K] (one weight per key and KV head); segment_ids: optional [B, S] (requires
     Sq == Skv; 0 = padding, never attended; tokens attend only within their segment).
     Query t may see key s iff s lies in a key block listed for t's query block, s < Skv,
-    (causal) s <= t, (window) t - window < s, and segments match.
+    (causal) s <= t, (window) t - window < s, segments match and (``cell_mask``, a
+    :class:`~sea_jax.kernels.cell_mask.CellMask`) ``cell_mask.allowed`` holds.
     Arithmetic runs in promote_types(q.dtype, float32): float32 for half inputs, float64 for
     float64 ones (used by the finite-difference tests).
     Returns out [B, Sq, H, D] in q.dtype (and lse [B, H, Sq] in that dtype if ``return_lse``,
@@ -129,6 +131,8 @@ def block_sparse_attention_reference(
             sq = lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # [B, bq]
             sk = jnp.take_along_axis(seg[:, None, :], jnp.minimum(kpos[:, :, 0], seg.shape[1] - 1), axis=2)
             allowed &= (sq[:, None, :, None] == sk[:, :, None, :]) & (sk[:, :, None, :] != 0)
+        if cell_mask is not None:
+            allowed &= cell_mask.allowed(qpos, kpos, jnp.arange(H)[None, :, None, None])
         qi = jnp.moveaxis(qp[:, i], 2, 1).astype(acc)  # [B, H, bq, D]
         s = jnp.einsum("bhqd,bhkd->bhqk", qi, kg.astype(acc)) * scale
         p, lse = masked_softmax_rows(s, allowed, wg, weight_mode)

@@ -81,15 +81,16 @@ class SEAOptions:
         "scan" (sequential; memory O(M * 2D)). Same result up to float rounding.
     block_q, block_k: block sizes of the layout and of the sparse attention.
     granularity: "token" (exact: the selected keys only) or "block" (every prefix key of each
-        touched key block; what block-sparse kernels compute; needs power-of-two blocks >= 16).
+        touched key block; needs power-of-two blocks >= 16).
     impl: where the sparse attention of a full pass runs. "xla": this module's blockwise XLA
-        path (either granularity). "pallas_gpu" / "pallas_tpu":
-        ``sea_jax.kernels.block_sparse_attention`` with that impl; the kernels mask whole key
-        blocks (plus causal / segment masks), so they need granularity="block". "auto":
-        granularity="block" -> the Pallas kernels on GPU / TPU, XLA on CPU;
-        granularity="token" -> XLA on every backend (no kernel takes SEA's per-row cell mask
-        yet, and "auto" never changes the result). Decoding always uses the XLA path.
-        "pallas_gpu" also selects the top-k cells with a Pallas radix select (``select_impl``).
+        path (either granularity). "pallas_gpu": ``sea_jax.kernels.block_sparse_attention``'s
+        Triton kernels over the touched blocks, with the selection's cells as a
+        ``CellMask`` for granularity="token" (the kernel rebuilds each tile's token mask on
+        chip). "pallas_tpu": the TPU kernels, granularity="block" only. Both need
+        power-of-two blocks >= 16. "auto": "pallas_gpu" on a GPU, "pallas_tpu" on a TPU
+        (granularity="block"), "xla" otherwise (and for blocks the kernels cannot take);
+        every path gives the same result. Decoding always uses the XLA path. "pallas_gpu"
+        also selects the top-k cells with a Pallas radix select (``select_impl``).
     kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
     kernel_options: None or a dict of backend tuning knobs passed to
         ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"always_mask": True}`` for the
@@ -149,16 +150,16 @@ class SEAOptions:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.impl in ("pallas_gpu", "pallas_tpu") and self.granularity != "block":
+        if self.impl == "pallas_tpu" and self.granularity != "block":
             raise ValueError(
-                f"impl={self.impl!r} runs the block-sparse kernels, which attend whole key blocks: "
-                "it needs granularity='block' (granularity='token' is computed by impl='xla')"
+                "impl='pallas_tpu' runs the TPU block-sparse kernels, which attend whole key blocks: "
+                "it needs granularity='block' (granularity='token' runs on impl='xla' or 'pallas_gpu')"
             )
-        if self.granularity == "block":
+        if self.granularity == "block" or self.impl in ("pallas_gpu", "pallas_tpu"):
+            why = "granularity='block'" if self.granularity == "block" else f"impl={self.impl!r}"
             for name in ("block_q", "block_k"):
-                b = getattr(self, name)
-                if b < 16 or b & (b - 1):
-                    raise ValueError(f"granularity='block' needs {name} a power of two >= 16, got {b}")
+                if not self._kernel_block(getattr(self, name)):
+                    raise ValueError(f"{why} needs {name} a power of two >= 16, got {getattr(self, name)}")
         if self.kernel_options is not None:
             if not isinstance(self.kernel_options, (dict, tuple)):
                 raise ValueError(f"kernel_options must be None or a dict, got {self.kernel_options!r}")
@@ -171,13 +172,19 @@ class SEAOptions:
     def feature_kind(self) -> str:
         return self.features or ("relu" if self.causal else "favor")
 
+    @staticmethod
+    def _kernel_block(b: int) -> bool:
+        return b >= 16 and not b & (b - 1)
+
     def resolved_impl(self, backend: str | None = None) -> str:
         """The backend of the full-pass sparse attention: "xla", "pallas_gpu" or "pallas_tpu"."""
         if self.impl != "auto":
             return self.impl
-        if self.granularity == "token":
-            return "xla"
         backend = backend or jax.default_backend()
+        if not (self._kernel_block(self.block_q) and self._kernel_block(self.block_k)):
+            return "xla"
+        if self.granularity == "token":
+            return "pallas_gpu" if backend == "gpu" else "xla"
         return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
 
 
@@ -302,15 +309,17 @@ class SEAAttention(nnx.Module):
         scale = self.dims.head_dim ** -0.5
         impl = o.resolved_impl()
         if impl != "xla" and full_pass:
-            from sea_jax.kernels import BlockLayout, block_sparse_attention
+            from sea_jax.kernels import BlockLayout, CellMask, block_sparse_attention
 
             kl = BlockLayout.from_mask(
                 layout.block_mask, o.block_q, o.block_k,
                 max_kv_blocks=layout.block_mask.shape[-1], max_q_blocks=layout.block_mask.shape[-2],
             )
+            cells = CellMask(selection, row_start, row_length) if o.granularity == "token" else None
             out = block_sparse_attention(
                 q, k, v, kl, causal=o.causal, segment_ids=segment_ids, scale=scale, impl=impl,
                 interpret=o.kernel_interpret, kernel_options=dict(o.kernel_options or ()),
+                cell_mask=cells,
             ).astype(jnp.float32)
             return out, layout
         out = selected_attention(

@@ -390,12 +390,15 @@ def test_no_txt_array_in_forward_backward_and_loss_at_8192():
 # --------------------------------------------------------------------------------------
 
 def test_impl_resolution_and_pallas_gpu_route_in_interpret_mode():
-    """impl="auto": XLA on CPU, Pallas on GPU/TPU for granularity="block", XLA for "token".
+    """impl="auto": XLA on CPU, Pallas on GPU (either granularity) and on TPU for
+    granularity="block" ("token" has no TPU kernel), XLA for blocks the kernels cannot take.
     granularity="block" through sea_jax.kernels.block_sparse_attention (pallas_gpu, interpret
     mode) equals the module's own XLA block path and attends every prefix key of the touched
     blocks (the aux mask)."""
     assert SEAOptions().resolved_impl("cpu") == "xla"
-    assert SEAOptions().resolved_impl("gpu") == "xla"  # token granularity: no kernel for it
+    assert SEAOptions().resolved_impl("gpu") == "pallas_gpu"  # token granularity: the cell-mask kernel
+    assert SEAOptions().resolved_impl("tpu") == "xla"
+    assert SEAOptions(block_q=24).resolved_impl("gpu") == "xla"
     assert SEAOptions(granularity="block").resolved_impl("gpu") == "pallas_gpu"
     assert SEAOptions(granularity="block").resolved_impl("tpu") == "pallas_tpu"
     assert SEAOptions(granularity="block").resolved_impl("cpu") == "xla"
@@ -416,6 +419,27 @@ def test_impl_resolution_and_pallas_gpu_route_in_interpret_mode():
     want = g1 * g0 * sparse + (1 - g1) * ref_mean(v, start, length, H)
     want = np.where((length > 0)[:, :, None, None], want, 0)
     np.testing.assert_allclose(np.asarray(a.out), want, atol=5e-5)
+
+
+def test_token_granularity_pallas_gpu_route_equals_xla():
+    """granularity="token" through the block-sparse kernel with a CellMask (pallas_gpu,
+    interpret mode) gives the XLA token path's selection, output and gradients (packed
+    segments with padding, GQA, T not a multiple of the blocks)."""
+    T = 45
+    base = dict(k=2, t_m=8, block_q=16, block_k=16)
+    q, k, v = inputs(7, T, batch=1)
+    seg = jnp.asarray(np.array([[1] * 26 + [2] * 16 + [0] * 3], np.int32))
+    outs, grads = [], []
+    for extra in (dict(impl="xla"), dict(impl="pallas_gpu", kernel_interpret=True)):
+        module, run = jitted(tuple(sorted({**base, **extra}.items())))
+        outs.append(run(q, k, v, seg))
+        loss = lambda q, k, v: jnp.sum(jnp.sin(module(q, k, v, segment_ids=seg).out))  # noqa: B023
+        grads.append(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    a, b = outs
+    np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]))
+    np.testing.assert_allclose(np.asarray(b.out), np.asarray(a.out), atol=2e-5)
+    for ga, gb in zip(*grads):
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), atol=5e-5)
 
 
 def test_linear_schedule_and_select_impl_change_nothing():
@@ -466,7 +490,8 @@ def test_bad_inputs_raise_value_errors():
         (dict(t_m=2), "t_m must be"),
         (dict(mode="query"), "mode must be"),
         (dict(impl="cuda"), "impl must be"),
-        (dict(impl="pallas_gpu"), "granularity='block'"),
+        (dict(impl="pallas_tpu"), "granularity='block'"),
+        (dict(impl="pallas_gpu", block_k=48), "impl='pallas_gpu' needs block_k a power of two"),
         (dict(granularity="block", block_q=24), "power of two"),
         (dict(granularity="rows"), "granularity must be"),
         (dict(features="cos"), "features must be"),

@@ -1,0 +1,221 @@
+"""sea_jax.kernels.cell_mask and the block-sparse kernels' ``cell_mask=`` (SEA's token-level
+selection), in interpret mode on CPU and compiled on a GPU.
+
+References written here: the allowed keys by explicit loops with Python integer arithmetic
+(cell c of a row of length L holds offset o iff (2 o + 1) M // (2 L) == c), then the dense
+masked softmax of kernel_reference.py (float64). Tolerances as test_gpu_block_sparse.py:
+float32 2e-5 forward / 1e-4 gradients, bfloat16 1.5e-2 / 3e-2 (relative norm error).
+"""
+
+import os
+import sys
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_reference import dense_attention_jnp, dense_attention_np, random_block_mask, rel_err  # noqa: E402
+from x64 import enable_x64  # noqa: E402
+
+from sea_jax.kernels import BlockLayout, CellMask, block_sparse_attention  # noqa: E402
+from sea_jax.kernels.cell_mask import cells_of_tile  # noqa: E402
+from sea_jax.kernels.layout import num_blocks  # noqa: E402
+
+FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
+GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+
+
+def _rng(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _rows(seg, causal):
+    """Each row's prefix (start, length) from segment ids by loops: its segment up to itself
+    (causal) or the whole segment; padding rows (id 0) have length 0."""
+    B, T = seg.shape
+    start, length = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+    for b in range(B):
+        for t in range(T):
+            if seg[b, t] == 0:
+                continue
+            s = t
+            while s > 0 and seg[b, s - 1] == seg[b, t]:
+                s -= 1
+            e = t
+            while e + 1 < T and seg[b, e + 1] == seg[b, t]:
+                e += 1
+            start[b, t] = s
+            length[b, t] = t - s + 1 if causal else e - s + 1
+    return start, length
+
+
+def _cell_allowed(cells, start, length, S):
+    """allowed [B, H, T, S] of a cell selection, by loops."""
+    B, T, H, M = cells.shape
+    a = np.zeros((B, H, T, S), bool)
+    for b in range(B):
+        for t in range(T):
+            L = int(length[b, t])
+            for s in range(int(start[b, t]), int(start[b, t]) + L):
+                c = ((2 * (s - int(start[b, t])) + 1) * M) // (2 * L)
+                a[b, :, t, s] = cells[b, t, :, c]
+    return a
+
+
+def _block_allowed(block_mask, bq, bk, H, T, S):
+    B, G = block_mask.shape[:2]
+    a = np.zeros((B, H, T, S), bool)
+    for h in range(H):
+        for t in range(T):
+            for s in range(S):
+                a[:, h, t, s] = block_mask[:, h // (H // G), t // bq, s // bk]
+    return a
+
+
+def test_cells_of_tile_equals_integer_division():
+    """The kernel's cell index (float estimate + one exact correction each way) equals the
+    floor division for every offset of many row lengths, including lengths near the int32
+    limit 2 M L < 2**31 and M not a power of two; offsets outside the row are masked."""
+    rng = np.random.default_rng(0)
+    for M in (4, 12, 256):
+        top = 2**30 // M - 1
+        lengths = np.concatenate([np.arange(1, 300), rng.integers(1, top, 300), [top, top - 1, M, M + 1]])
+        # one row per length: offsets around both ends, at random, and on both sides of 20
+        # random cell boundaries s_c = ceil((2 c L - M) / 2M) (where the quotient is nearest
+        # an integer, so a float estimate may round across it)
+        c = rng.integers(1, M, (len(lengths), 20)).astype(np.int64)
+        bound = (2 * c * lengths[:, None] + M - 1) // (2 * M)
+        off = np.concatenate([np.arange(-2, 38)[None].repeat(len(lengths), 0),
+                              lengths[:, None] + np.arange(-38, 2)[None],
+                              rng.integers(0, lengths[:, None], (len(lengths), 20)), bound - 1, bound], axis=1)
+        bits = rng.random((len(lengths), M)) < 0.5
+        row = np.arange(len(lengths))[:, None]
+        got = np.asarray(cells_of_tile(jnp.asarray(bits.astype(np.int8).ravel()), 0, jnp.asarray(row, jnp.int32),
+                                       jnp.asarray(off, jnp.int32), jnp.int32(0),
+                                       jnp.asarray(lengths[:, None], jnp.int32), M))
+        cell = ((2 * off.astype(np.int64) + 1) * M) // (2 * lengths[:, None].astype(np.int64))
+        want = (off >= 0) & (off < lengths[:, None]) & bits[row, np.clip(cell, 0, M - 1)]
+        np.testing.assert_array_equal(got, want, err_msg=f"M={M}")
+
+
+CASES = [
+    # name, B, T, S, H, K, G, D, bq, bk, M, dtype, causal, segments
+    ("gqa2_causal_odd_m12", 2, 77, 77, 4, 2, 4, 64, 32, 16, 12, jnp.float32, True, False),
+    ("segments_m8_gqa4", 1, 90, 90, 4, 1, 2, 64, 16, 32, 8, jnp.float32, True, True),
+    ("noncausal_segments_d128", 1, 50, 50, 2, 2, 2, 128, 16, 16, 16, jnp.float32, False, True),
+    ("bf16_causal_m8", 1, 64, 64, 4, 4, 4, 64, 32, 32, 8, jnp.bfloat16, True, False),
+]
+
+
+def _case_inputs(case, seed):
+    name, B, T, S, H, K, G, D, bq, bk, M, dtype, causal, use_seg = case
+    rng = _rng(name, seed)
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, S, K, D)), dtype)
+    seg = np.ones((B, T), np.int32)
+    if use_seg:
+        for b in range(B):
+            c = np.sort(rng.choice(np.arange(3, T - 4), 2, replace=False))
+            seg[b, c[0]: c[1]], seg[b, c[1]: T - 3], seg[b, T - 3:] = 2, 3, 0
+    start, length = _rows(seg, causal)
+    cells = rng.random((B, T, H, M)) < 0.4
+    cells[:, : T // 4, 0] = True  # whole rows selected
+    cells[:, T // 3, :] = False  # rows selecting nothing
+    nq, nk = num_blocks(T, bq), num_blocks(S, bk)
+    block = random_block_mask(rng, B, G, nq, nk, ("full", "random", "one", "empty"))
+    lay = BlockLayout.from_mask(block, bq, bk, max_kv_blocks=nk, max_q_blocks=nq)
+    cm = CellMask(jnp.asarray(cells), jnp.asarray(start), jnp.asarray(length))
+    allowed = _cell_allowed(cells, start, length, S) & _block_allowed(block, bq, bk, H, T, S)
+    segj = jnp.asarray(seg) if use_seg else None
+    return q, k, v, lay, cm, segj, allowed
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_gradients(case):
+    """Output (every element written: interpret mode poisons outputs with NaN) against the
+    dense reference and the XLA path; rows with nothing allowed give exactly 0; dQ, dK, dV
+    against float64 autodiff of the dense reference."""
+    name, B, T, S, H, K, G, D, bq, bk, M, dtype, causal, use_seg = case
+    q, k, v, lay, cm, seg, allowed = _case_inputs(case, 0)
+
+    def run(impl, **kw):
+        f = lambda q, k, v: block_sparse_attention(q, k, v, lay, causal=causal, segment_ids=seg, cell_mask=cm,
+                                                   impl=impl, **kw)
+        return jax.vjp(jax.jit(f), q, k, v)
+
+    out, vjp = run("pallas_gpu", interpret=True)
+    out64 = np.asarray(out, np.float64)
+    assert out.dtype == dtype and np.isfinite(out64).all()
+    assert rel_err(out, dense_attention_np(q, k, v, allowed)) < FWD_TOL[dtype]
+    out_x, _ = run("xla")
+    assert rel_err(out, out_x) < FWD_TOL[dtype]
+    empty = np.moveaxis(~allowed.any(-1), 1, 2)
+    assert empty.any() and np.all(out64[empty] == 0)
+
+    ct = jnp.asarray(_rng(name, "ct").standard_normal(q.shape), dtype)
+    g = vjp(ct)
+    with enable_x64():
+        up = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+        _, vjp64 = jax.vjp(lambda q, k, v: dense_attention_jnp(q, k, v, allowed), up(q), up(k), up(v))
+        g64 = vjp64(up(ct))
+    for n, a, r in zip("qkv", g, g64):
+        assert np.isfinite(np.asarray(a, np.float64)).all()
+        assert rel_err(a, np.asarray(r)) < GRAD_TOL[dtype], n
+
+
+def test_bad_cell_masks():
+    q = jnp.ones((1, 32, 2, 16), jnp.float32)
+    lay = BlockLayout.causal(32, 32, 16, 16)
+    rows = jnp.zeros((1, 32), jnp.int32), jnp.arange(1, 33, dtype=jnp.int32)[None]
+    good = CellMask(jnp.ones((1, 32, 2, 8), bool), *rows)
+    for cm, match in [
+        (good._replace(cells=jnp.ones((1, 32, 3, 8), bool)), "cells must have shape"),
+        (good._replace(cells=jnp.ones((1, 32, 2, 8), jnp.int32)), "cells must be boolean"),
+        (good._replace(row_start=jnp.zeros((1, 31), jnp.int32)), "row_start must be an integer array"),
+        (good._replace(row_length=jnp.ones((1, 32), jnp.float32)), "row_length must be an integer array"),
+        ((good.cells, *rows), "cell_mask must be a CellMask"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            block_sparse_attention(q, q, q, lay, cell_mask=cm, impl="xla")
+    with pytest.raises(ValueError, match="does not take a cell_mask"):
+        block_sparse_attention(q, q, q, lay, cell_mask=good, impl="pallas_tpu", interpret=True)
+    with pytest.raises(ValueError, match="the Mosaic forward takes no cell_mask"):
+        block_sparse_attention(q, q, q, lay, cell_mask=good, impl="pallas_gpu", interpret=True,
+                               kernel_options={"forward": "mosaic"})
+    with pytest.raises(ValueError, match="< 2\\*\\*30"):
+        CellMask(jnp.ones((1, 32, 2, 2**26), bool), *rows).check(1, 32, 2, 32)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Triton kernels need a GPU (interpret mode covers them on CPU)")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_matches_xla_on_gpu(dtype):
+    """Compiled kernels (default tiles) with a cell mask against the XLA path: 1000 causal
+    tokens in two segments, M = 256 (more cells than keys in early rows), GQA 2."""
+    rng = _rng("compiled", str(jnp.dtype(dtype)))
+    B, T, H, K, D, M, bq, bk = 1, 1000, 4, 2, 128, 256, 64, 64
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, D)), dtype) for n in (H, K, K))
+    seg = np.ones((B, T), np.int32)
+    seg[:, 600:] = 2
+    start, length = _rows(seg, True)
+    cm = CellMask(jnp.asarray(rng.random((B, T, H, M)) < 0.3), jnp.asarray(start), jnp.asarray(length))
+    lay = BlockLayout.causal(T, T, bq, bk)
+    ct = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+    def run(impl, q, k, v):
+        f = lambda q, k, v: block_sparse_attention(q, k, v, lay, segment_ids=jnp.asarray(seg), cell_mask=cm, impl=impl)
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return out, vjp(ct.astype(q.dtype))
+
+    out, g = run("pallas_gpu", q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        out_x, gx = run("xla", f32(q), f32(k), f32(v))
+    fwd_tol, grad_tol = (3e-3, 1e-2) if dtype == jnp.float32 else (FWD_TOL[dtype], 3e-2)
+    assert rel_err(out, out_x) < fwd_tol
+    for n, a, r in zip("qkv", g, gx):
+        assert rel_err(a, r) < grad_tol, n
