@@ -1,8 +1,8 @@
 """Where the time of one attention layer call goes: GPU kernel times from a profiler trace.
 
 Builds the same functions as bench_layers.py (``dense_cudnn``, ``sparsek`` with k = 1024,
-w = 512, selection included; ``sea`` with k = 64, T_M = 256, block granularity; B = 1, H = 16,
-D = 128, bf16), times them like bench_layers
+w = 512, selection included; ``sea`` with k = 64, T_M = 256, block granularity; ``sea_token``:
+the same with token granularity; B = 1, H = 16, D = 128, bf16), times them like bench_layers
 (median of ``--reps`` calls), then records ``--trace_reps`` calls under
 ``jax.profiler.trace`` and sums the device events of the trace by kernel name (Pallas
 kernels keep their Python names; XLA's fusions, sorts and copies keep their HLO names).
@@ -196,11 +196,12 @@ def main():
         elif name == "sparsek":
             extra, fwd, fwd_bwd = sparsek_functions(dims, sk)
             fargs = (*extra, q, k, v, x)
-        elif name == "sea":  # bench_layers.py's SEA setting (its fwd+bwd loss includes the estimate)
-            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(k=64, t_m=256, granularity="block", impl="auto"))
+        elif name in ("sea", "sea_token"):  # bench_layers.py's SEA settings (fwd+bwd loss includes the estimate)
+            gran = "block" if name == "sea" else "token"
+            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(k=64, t_m=256, granularity=gran, impl="auto"))
             fargs = (*extra, q, k, v)
         else:
-            raise ValueError(f"--layers: unknown layer {name!r}; allowed: dense_cudnn, sparsek, sea")
+            raise ValueError(f"--layers: unknown layer {name!r}; allowed: dense_cudnn, sparsek, sea, sea_token")
         for part, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             t0 = time.perf_counter()
             compiled = fn.lower(*fargs).compile()

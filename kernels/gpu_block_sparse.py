@@ -37,7 +37,7 @@ with warnings.catch_warnings():  # the Triton backend is deprecated (not removed
     warnings.simplefilter("ignore")
     from jax.experimental.pallas import triton as pltriton
 
-from sea_jax.kernels.cell_mask import CellMask, cells_of_tile
+from sea_jax.kernels.cell_mask import CellMask, cell_words, cells_of_tile, num_words
 from sea_jax.kernels.gpu_block_sparse_mosaic import block_sparse_forward_mosaic, mosaic_forward_supported
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 
@@ -145,15 +145,15 @@ def _element_mask(cfg, qpos, kpos, segq, segk):
     return ok
 
 
-def _cell_mask(cfg, cells_ref, rows_ref, h, qpos, kpos, q0, tq, axis: int):
+def _cell_mask(cfg, cells_ref, rows_ref, h, kpos, q0, tq, k0, tk, axis: int):
     """The CellMask of a tile (``cells_of_tile``); query rows [q0, q0 + tq) run along ``axis``
     of the tile (0: [tq, tk], forward / dQ; 1: [tk, tq], dK/dV). ``h``: the query head inside
-    the KV head's group (the row of ``cells_ref``'s flat [group heads, Sq_pad, M] block)."""
+    the KV head's group (the row of ``cells_ref``'s flat [group heads, Sq_pad, words] block)."""
     start = rows_ref[0, pl.ds(q0, tq)]
     length = rows_ref[1, pl.ds(q0, tq)]
-    start, length = (start[:, None], length[:, None]) if axis == 0 else (start[None, :], length[None, :])
-    base = h * (rows_ref.shape[1] * cfg.num_cells)
-    return cells_of_tile(cells_ref, base, qpos, kpos, start, length, cfg.num_cells)
+    qrow = q0 + lax.broadcasted_iota(jnp.int32, (tq,), 0)
+    base = h * (rows_ref.shape[1] * num_words(cfg.num_cells))
+    return cells_of_tile(cells_ref, base, qrow, kpos, start, length, cfg.num_cells, k0, tk, axis)
 
 
 def _split(t, n: int):
@@ -222,7 +222,7 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
                 segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
                 ok = _element_mask(cfg, qpos, kpos, segq, segk)
                 if cfg.num_cells:
-                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, qpos, kpos, q0, tq, 0)
+                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, kpos, q0, tq, k0, tk, 0)
                 s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -358,7 +358,7 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
                 segk = seg_ref[pl.ds(k0, tk)][None, :] if cfg.has_segments else None
                 ok = _element_mask(cfg, qpos, kpos, segq, segk)
                 if cfg.num_cells:
-                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, qpos, kpos, q0, tq, 0)
+                    ok = ok & _cell_mask(cfg, cells_ref, rows_ref, h_in_group, kpos, q0, tq, k0, tk, 0)
                 s = jnp.where(ok, s, -jnp.inf)
             p = jnp.exp2(s - lse)
             dp = _dot(do, v, 1, 1)
@@ -464,7 +464,7 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
                     segq = seg_ref[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
                     ok = _element_mask(cfg, qpos, kpos, segq, segk)
                     if cfg.num_cells:
-                        ok = ok & _cell_mask(cfg, cells_ref, rows_ref, r, qpos, kpos, q0, tq, 1)
+                        ok = ok & _cell_mask(cfg, cells_ref, rows_ref, r, kpos, q0, tq, k0, tk, 1)
                     st = jnp.where(ok, st, -jnp.inf)
                 pt = jnp.exp2(st - lse)
                 dpt = _dot(v, do, 1, 1)  # [tk, tq]
@@ -707,10 +707,10 @@ def block_sparse_attention_gpu(
         seg = _pad_to(segment_ids.astype(jnp.int32), 1, max(nq * bq, nk * bk))
     cells = rows = None
     if cell_mask is not None:
-        # [B, Sq, H, M] bool -> int8 [B, K, (H // K) * Sq_pad * M]: one flat block per KV head
-        M = cell_mask.num_cells
-        c = _pad_to(cell_mask.cells.astype(jnp.int8), 1, nq * bq)
-        cells = jnp.moveaxis(c, 2, 1).reshape(B, K, (H // K) * nq * bq * M)
+        # [B, Sq, H, M] bool -> packed int32 words [B, K, (H // K) * Sq_pad * W]: one flat block
+        # per KV head
+        c = cell_words(_pad_to(cell_mask.cells, 1, nq * bq))
+        cells = jnp.moveaxis(c, 2, 1).reshape(B, K, -1)
         rows = jnp.stack([cell_mask.row_start, cell_mask.row_length], axis=1).astype(jnp.int32)
         rows = _pad_to(rows, 2, nq * bq)  # padding rows: length 0, they see nothing
     o = _attention(cfg, qp, kp, vp, w, seg, cells, rows, layout.kv_index, layout.kv_count,

@@ -437,9 +437,11 @@ def test_token_granularity_pallas_gpu_route_equals_xla():
         grads.append(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
     a, b = outs
     np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]))
-    np.testing.assert_allclose(np.asarray(b.out), np.asarray(a.out), atol=2e-5)
+    # on a GPU the compiled kernel's float32 dots run at TF32 (the XLA path's at full float32)
+    atol = (2e-5, 5e-5) if jax.default_backend() == "cpu" else (5e-3, 2e-2)
+    np.testing.assert_allclose(np.asarray(b.out), np.asarray(a.out), atol=atol[0])
     for ga, gb in zip(*grads):
-        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), atol=5e-5)
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), atol=atol[1])
 
 
 def test_linear_schedule_and_select_impl_change_nothing():

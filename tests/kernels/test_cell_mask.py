@@ -75,30 +75,85 @@ def _block_allowed(block_mask, bq, bk, H, T, S):
     return a
 
 
-def test_cells_of_tile_equals_integer_division():
-    """The kernel's cell index (float estimate + one exact correction each way) equals the
-    floor division for every offset of many row lengths, including lengths near the int32
-    limit 2 M L < 2**31 and M not a power of two; offsets outside the row are masked."""
-    rng = np.random.default_rng(0)
-    for M in (4, 12, 256):
-        top = 2**30 // M - 1
-        lengths = np.concatenate([np.arange(1, 300), rng.integers(1, top, 300), [top, top - 1, M, M + 1]])
-        # one row per length: offsets around both ends, at random, and on both sides of 20
-        # random cell boundaries s_c = ceil((2 c L - M) / 2M) (where the quotient is nearest
-        # an integer, so a float estimate may round across it)
-        c = rng.integers(1, M, (len(lengths), 20)).astype(np.int64)
-        bound = (2 * c * lengths[:, None] + M - 1) // (2 * M)
-        off = np.concatenate([np.arange(-2, 38)[None].repeat(len(lengths), 0),
-                              lengths[:, None] + np.arange(-38, 2)[None],
-                              rng.integers(0, lengths[:, None], (len(lengths), 20)), bound - 1, bound], axis=1)
-        bits = rng.random((len(lengths), M)) < 0.5
-        row = np.arange(len(lengths))[:, None]
-        got = np.asarray(cells_of_tile(jnp.asarray(bits.astype(np.int8).ravel()), 0, jnp.asarray(row, jnp.int32),
-                                       jnp.asarray(off, jnp.int32), jnp.int32(0),
-                                       jnp.asarray(lengths[:, None], jnp.int32), M))
-        cell = ((2 * off.astype(np.int64) + 1) * M) // (2 * lengths[:, None].astype(np.int64))
-        want = (off >= 0) & (off < lengths[:, None]) & bits[row, np.clip(cell, 0, M - 1)]
-        np.testing.assert_array_equal(got, want, err_msg=f"M={M}")
+def _tiles(rng, M, tk, tq, n):
+    """n tiles of tq rows (prefix starts, lengths, key tile start): rows from one regime (long
+    rows spanning <= 2 cells of a tk-key tile, medium rows <= 32 cells, short rows, lengths
+    near the int32 limit) with the tile near a row's cell boundary or at random, or rows of
+    mixed kinds, each with its own start so that a cell boundary falls inside the tile."""
+    top = 2**30 // M - 1
+    starts, lengths, k0s = [], [], []
+    for i in range(n):
+        regime = i % 7
+        if regime >= 5:  # rows of every kind, each with a cell boundary inside the tile
+            k0 = top // 2 - tk
+            kinds = rng.integers(0 if regime == 5 else 1, 3, tq)
+            L = np.where(kinds == 0, rng.integers(1, max(3, M * tk // 8), tq),
+                         np.where(kinds == 1, rng.integers(M * tk // 31 + 1, 16384, tq), rng.integers(16384, top // 2, tq)))
+            c = rng.integers(1, M, tq)
+            bound = (2 * c * L + M - 1) // (2 * M)
+            start = np.where(kinds == 0, k0 - rng.integers(0, 3, tq), k0 - bound + rng.integers(-2, tk + 2, tq))
+            start = np.maximum(start, 0)
+        else:
+            if regime == 3:  # short and long rows in one tile
+                L = np.concatenate([rng.integers(1, max(3, M * tk // 8), tq // 2),
+                                    rng.integers(16384, top, tq - tq // 2)])
+            else:
+                lo, hi = [(M * tk, top), (M * tk // 31 + 1, 16384), (1, M * tk // 31 + 2), None, (top - 64, top)][regime]
+                L = rng.integers(lo, max(hi, lo + 1), tq)
+            s0 = int(rng.integers(0, 50))
+            t = int(rng.integers(0, tq))
+            c = int(rng.integers(1, M))
+            bound = (2 * c * max(int(L[t]), 1) + M - 1) // (2 * M)  # a key where row t's cell changes
+            shortest = int(L.min())
+            k0 = s0 + bound - int(rng.integers(0, tk)) if i % 2 else s0 + int(rng.integers(-tk // 2, shortest))
+            start = np.full(tq, s0)
+        L[rng.random(tq) < 0.1] = 0  # rows that see nothing
+        starts.append(start)
+        lengths.append(L)
+        k0s.append(k0)
+    return np.array(starts, np.int32), np.array(lengths, np.int32), np.array(k0s, np.int32)
+
+
+@pytest.mark.parametrize("M,tk", [(4, 16), (12, 32), (256, 64), (40, 64)])
+def test_cells_of_tile_equals_integer_division(M, tk):
+    """The kernel's tile mask (three paths: one boundary comparison per element for rows of
+    <= 2 cells, a float32 cell offset for rows of <= 32 cells shorter than 16384, a float
+    estimate with an exact integer correction otherwise) equals the floor division
+    (2 o + 1) M // (2 L) and the cell's bit, for rows from every regime including lengths
+    near the int32 limit 2 M L < 2**31, M not a power of two, keys outside the rows, tiles
+    starting just before a cell boundary; both tile orientations."""
+    from sea_jax.kernels.cell_mask import cell_words, num_words
+
+    rng = np.random.default_rng(M * 1000 + tk)
+    tq, n = 16, 84
+    starts, lengths, k0s = _tiles(rng, M, tk, tq, n)
+    bits = rng.random((n, tq, M)) < 0.5
+    words = cell_words(jnp.asarray(bits)).reshape(n, -1)
+    qrow = jnp.arange(tq, dtype=jnp.int32)
+
+    def one(words, start, length, k0, axis):
+        kpos = k0 + jnp.arange(tk, dtype=jnp.int32)
+        kpos = kpos[None, :] if axis == 0 else kpos[:, None]
+        return cells_of_tile(words, 0, qrow, kpos, start, length, M, k0, tk, axis)
+
+    off = (k0s[:, None, None] + np.arange(tk)[None, None, :] - starts[:, :, None]).astype(np.int64)
+    L = lengths[:, :, None].astype(np.int64)
+    cell = np.clip(((2 * off + 1) * M) // (2 * np.maximum(L, 1)), 0, M - 1)
+    want = (off >= 0) & (off < L) & np.take_along_axis(bits, cell, axis=2)
+    args = (words, jnp.asarray(starts), jnp.asarray(lengths), jnp.asarray(k0s))
+    got0 = np.asarray(jax.jit(jax.vmap(lambda *a: one(*a, 0)))(*args))
+    got1 = np.asarray(jax.jit(jax.vmap(lambda *a: one(*a, 1)))(*args))
+    np.testing.assert_array_equal(got0, want)
+    np.testing.assert_array_equal(np.swapaxes(got1, 1, 2), want)
+    # every path ran on some tiles
+    lo = ((2 * np.clip(k0s[:, None] - starts, 0, np.maximum(lengths, 1) - 1) + 1) * M) // (2 * np.maximum(lengths, 1))
+    hi = ((2 * np.clip(k0s[:, None] + tk - 1 - starts, 0, np.maximum(lengths, 1) - 1) + 1) * M) // (
+        2 * np.maximum(lengths, 1))
+    span = np.where(lengths > 0, hi - lo, 0).max(1)
+    two = span <= 1
+    flt = ~two & (span <= 31) & (lengths.max(1) < 16384)
+    assert two.sum() >= 3 and flt.sum() >= 3 and (~two & ~flt).sum() >= 3, (two.sum(), flt.sum())
+    assert num_words(M) == words.shape[1] // tq
 
 
 CASES = [
@@ -219,3 +274,26 @@ def test_compiled_matches_xla_on_gpu(dtype):
     assert rel_err(out, out_x) < fwd_tol
     for n, a, r in zip("qkv", g, gx):
         assert rel_err(a, r) < grad_tol, n
+
+
+def test_triton_lowering_for_an_h100():
+    """Forward and backward with a cell mask lower to Triton kernels for an H100 on the CPU
+    (the three tile-mask paths as scf.if branches: the lowering accepts every op they use)."""
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    B, T, H, K, D, M = 1, 512, 4, 2, 128, 256
+    sds = jax.ShapeDtypeStruct
+    lay = BlockLayout.causal(T, T, 64, 64)
+
+    def loss(q, k, v, cells, start, length):
+        cm = CellMask(cells, start, length)
+        return jnp.sum(block_sparse_attention(q, k, v, lay, cell_mask=cm, impl="pallas_gpu").astype(jnp.float32))
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    args = (sds((B, T, H, D), jnp.bfloat16), sds((B, T, K, D), jnp.bfloat16), sds((B, T, K, D), jnp.bfloat16),
+            sds((B, T, H, M), jnp.bool_), sds((B, T), jnp.int32), sds((B, T), jnp.int32))
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"):
+        assert name in text, name
