@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from sea_jax.ops.sea_select import cell_of_offset
 
-__all__ = ["CellMask", "cell_words", "cells_of_tile", "num_words"]
+__all__ = ["CellMask", "MAX_TILE_KEYS", "cell_words", "cells_of_tile", "num_words"]
 
 # 2 * M * row_length must stay below 2**31 (int32 arithmetic, on chip too)
 _MAX_PRODUCT = 2**30
@@ -79,19 +79,34 @@ class CellMask(NamedTuple):
         return inside & self.cells[b, qsafe, head, cell]
 
 
+# the tile masks read a window of words from the row's first visible cell: key tiles of up to
+# this many keys (the Triton kernels' tiles are <= 128)
+MAX_TILE_KEYS = 128
+_WINDOW_WORDS = (31 + MAX_TILE_KEYS) // 32 + 1
+
+
 def num_words(num_cells: int) -> int:
-    """Words per row of :func:`cell_words`."""
-    return -(-num_cells // 32) + 1
+    """Words per row of :func:`cell_words` (the cells, then zero words for the window)."""
+    return -(-num_cells // 32) + _WINDOW_WORDS - 1
 
 
-def cell_words(cells: jax.Array) -> jax.Array:
-    """Pack bool cells [..., M] into int32 words [..., ceil(M / 32) + 1]: cell c is bit c % 32
-    of word c // 32; the last word is 0 (so a 32-cell window starting at any cell reads two
-    words without a bounds check)."""
+def cell_words(cells: jax.Array, row_length: jax.Array) -> jax.Array:
+    """The kernel form of a cell selection: int32 words [B, Sq, H, num_words(M)].
+
+    Bit c % 32 of word c // 32 is the bit of "cell" c, where rows of at least M keys keep
+    their cells, and rows shorter than M (whose keys each lie in a different cell) store the
+    bit of every key offset o < L instead, so that a tile of tk keys always spans fewer than
+    tk + 1 consecutive entries (for those rows the kernel's cell of offset o is o itself).
+    cells: bool [B, Sq, H, M]; row_length: int [B, Sq].
+    """
     M = cells.shape[-1]
+    L = row_length.astype(jnp.int32)[:, :, None, None]
+    off = jnp.arange(M, dtype=jnp.int32)
+    keyed = jnp.take_along_axis(cells, jnp.broadcast_to(cell_of_offset(off, L, M), L.shape[:2] + (1, M)), axis=-1)
+    bits = jnp.where(L < M, keyed & (off < L), cells)
     W = num_words(M)
-    x = jnp.pad(cells, [(0, 0)] * (cells.ndim - 1) + [(0, 32 * W - M)])
-    x = x.reshape(cells.shape[:-1] + (W, 32)).astype(jnp.uint32)
+    x = jnp.pad(bits, [(0, 0)] * 3 + [(0, 32 * W - M)])
+    x = x.reshape(bits.shape[:-1] + (W, 32)).astype(jnp.uint32)
     words = jnp.sum(x << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
     return jax.lax.bitcast_convert_type(words, jnp.int32)
 
@@ -102,79 +117,64 @@ def _bit(words, index):
 
 
 def _cell(off, num_cells, length):
-    """cell_of_offset by integer division (for per-row vectors: cheap there)."""
-    return ((2 * off + 1) * num_cells) // (2 * length)
-
-
-# Rows shorter than this may take the float path: there (r + 1/2) / (2 L) with r < 2 L * 33
-# lies >= 1 / (4 L) > 1.5e-5 from every integer, beyond float32's rounding (< 1e-5 at 33)
-_FLOAT_PATH_MAX_LENGTH = 16384
+    """cell_of_offset for off >= 0 by integer division (per-row vectors: cheap there)."""
+    return jax.lax.div((2 * off + 1) * num_cells, 2 * length)
 
 
 def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0, tk: int, axis: int):
     """Kernel-side ``CellMask.allowed`` of one tile: keys [k0, k0 + tk) for the query rows
     ``qrow`` (an int32 vector) along ``axis`` of the tile (0: [rows, keys]; 1: [keys, rows]).
 
-    words_ref: a flat int32 ref of packed cells (:func:`cell_words`): row t's W words start at
-    ``base + t * W``. kpos: the tile's key positions (broadcasting to it); start, length: the
-    rows' prefixes, vectors like ``qrow``.
+    words_ref: a flat int32 ref of :func:`cell_words`: row t's words start at
+    ``base + t * num_words(M)``. kpos: the tile's key positions (broadcasting to it); start,
+    length: the rows' prefixes, vectors like ``qrow``.
 
-    Per row, the cells the tile spans, [c_lo, c_hi], and the 32 cell bits from c_lo (two word
-    loads) are found once; then per element, no division and no load:
+    Per row, the first entry the tile can see, c_lo (its cell; its offset for rows shorter
+    than M), and the words from c_lo's word on are loaded once (vector loads, no per-element
+    gather). Per element:
 
-    * every row spans <= 2 cells (long rows): a key is in c_lo iff it lies before the row's
-      next cell boundary, one comparison;
-    * every row spans <= 32 cells and is shorter than 16384: the cell offset from c_lo is
-      floor((r + 1/2) / (2 L)) in float32 (r the integer numerator relative to c_lo; exact,
-      see ``_FLOAT_PATH_MAX_LENGTH``);
-    * otherwise: the cell by a float estimate corrected by one exact integer step each way
-      (equal to ``cell_of_offset``'s floor division), its word loaded per element.
+    * when every row spans <= 2 cells (long rows): a key is in c_lo iff it lies before the
+      row's next cell boundary, one comparison;
+    * otherwise: the cell by a float32 estimate corrected by one exact integer step each way
+      (equal to ``cell_of_offset``'s floor division), or the offset for short rows, and its
+      bit picked from the row's window of words.
     """
+    if tk > MAX_TILE_KEYS:
+        raise ValueError(f"cell masks take key tiles of <= {MAX_TILE_KEYS} keys, got {tk}")
     M = num_cells
     W = num_words(M)
     row = (lambda x: x[:, None]) if axis == 0 else (lambda x: x[None, :])
     valid = length > 0
+    short = length < M
     L = jnp.maximum(length, 1)
-    lo = _cell(jnp.minimum(jnp.maximum(k0 - start, 0), L - 1), M, L)
-    hi = _cell(jnp.minimum(jnp.maximum(k0 + tk - 1 - start, 0), L - 1), M, L)
-    span = jnp.max(jnp.where(valid, hi - lo, 0))
-    longest = jnp.max(length)
+    first = jnp.minimum(jnp.maximum(k0 - start, 0), L - 1)
+    last = jnp.minimum(jnp.maximum(k0 + tk - 1 - start, 0), L - 1)
+    lo = jnp.where(short, first, _cell(first, M, L))
+    span = jnp.max(jnp.where(valid, jnp.where(short, 2, _cell(last, M, L) - lo), 0))
     inside = (kpos >= row(start)) & (kpos < row(start + length))
+    w_lo = jax.lax.shift_right_logical(lo, 5)
+    wptr = base + qrow * W + w_lo
 
-    def window_bits(d):  # bit d of the 32 cells from c_lo, d in [0, 32)
-        w = base + qrow * W + lax_shift_right(lo, 5)
-        w0, w1 = words_ref[w], words_ref[w + 1]
-        sh = lo & 31
-        upper = jnp.where(sh == 0, 0, jax.lax.shift_left(w1, (32 - sh) & 31))
-        pattern = jax.lax.shift_right_logical(w0, sh) | upper
-        return _bit(row(pattern), d)
-
-    def two_cells(_):
-        bound = start + (2 * (lo + 1) * L + M - 1) // (2 * M)  # first key of cell c_lo + 1
-        return window_bits(jnp.where(kpos >= row(bound), 1, 0))
-
-    def float_cells(_):
-        rc = M - 2 * M * start - 2 * L * lo  # r = 2 M kpos + rc = (2 off + 1) M - 2 L c_lo
-        inv = 1.0 / (2 * L).astype(jnp.float32)
-        r = (2 * M * kpos + row(rc)).astype(jnp.float32)
-        d = jnp.floor(r * row(inv) + row(0.5 * inv)).astype(jnp.int32)
-        return window_bits(jnp.minimum(jnp.maximum(d, 0), 31))
+    def two_cells(_):  # long rows: keys before the boundary are in c_lo, the others in c_lo + 1
+        bound = start + jax.lax.div(2 * (lo + 1) * L + M - 1, 2 * M)  # first key of cell c_lo + 1
+        w0, w1 = words_ref[wptr], words_ref[wptr + 1]
+        a0 = _bit(w0, lo)
+        a1 = _bit(jnp.where((lo & 31) == 31, w1, w0), lo + 1)
+        return jnp.where(kpos >= row(bound), row(a1), row(a0))
 
     def any_cells(_):
         off = kpos - row(start)
         num = (2 * off + 1) * M
         den = row(2 * L)
-        est = jnp.floor(num.astype(jnp.float32) * (1.0 / den.astype(jnp.float32))).astype(jnp.int32)
+        est = jnp.floor(num.astype(jnp.float32) * row(1.0 / (2 * L).astype(jnp.float32))).astype(jnp.int32)
         est = jnp.where(num >= (est + 1) * den, est + 1, est)
         est = jnp.where(num < est * den, est - 1, est)
-        cell = jnp.minimum(jnp.maximum(est, 0), M - 1)
-        return _bit(words_ref[base + row(qrow) * W + lax_shift_right(cell, 5)], cell)
+        d = jnp.where(row(short), off, est) - row(32 * w_lo)  # < 32 * _WINDOW_WORDS inside the row
+        window = (31 + tk) // 32 + 1  # words the tile's entries can reach from c_lo's word
+        d = jnp.minimum(jnp.maximum(d, 0), 32 * window - 1)
+        word = row(words_ref[wptr + window - 1])
+        for j in range(window - 2, -1, -1):
+            word = jnp.where(d < 32 * (j + 1), row(words_ref[wptr + j]), word)
+        return _bit(word, d)
 
-    def not_two(_):
-        return jax.lax.cond((span <= 31) & (longest < _FLOAT_PATH_MAX_LENGTH), float_cells, any_cells, None)
-
-    return inside & jax.lax.cond(span <= 1, two_cells, not_two, None)
-
-
-def lax_shift_right(x, n: int):
-    return jax.lax.shift_right_logical(x, jnp.int32(n))
+    return inside & jax.lax.cond(span <= 1, two_cells, any_cells, None)

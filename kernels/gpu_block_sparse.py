@@ -709,7 +709,7 @@ def block_sparse_attention_gpu(
     if cell_mask is not None:
         # [B, Sq, H, M] bool -> packed int32 words [B, K, (H // K) * Sq_pad * W]: one flat block
         # per KV head
-        c = cell_words(_pad_to(cell_mask.cells, 1, nq * bq))
+        c = cell_words(_pad_to(cell_mask.cells, 1, nq * bq), _pad_to(cell_mask.row_length, 1, nq * bq))
         cells = jnp.moveaxis(c, 2, 1).reshape(B, K, -1)
         rows = jnp.stack([cell_mask.row_start, cell_mask.row_length], axis=1).astype(jnp.int32)
         rows = _pad_to(rows, 2, nq * bq)  # padding rows: length 0, they see nothing
