@@ -85,6 +85,13 @@ MAX_TILE_KEYS = 128
 _WINDOW_WORDS = (31 + MAX_TILE_KEYS) // 32 + 1
 
 
+# the float32 path: a row of length L whose entries lie within d_max of c_lo's word takes
+# floor((r + 1/2) / (2 L)) in float32 when L (d_max + 1) < this bound: the quotient then lies
+# >= 1 / (4 L) from every integer, more than its two float32 roundings move it (x 2.4e-7)
+_FLOAT_EXACT_BOUND = 1_000_000
+FLOAT_PATH = True  # benchmarks switch it off to time the corrected path alone
+
+
 def num_words(num_cells: int) -> int:
     """Words per row of :func:`cell_words` (the cells, then zero words for the window)."""
     return -(-num_cells // 32) + _WINDOW_WORDS - 1
@@ -135,9 +142,12 @@ def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0
 
     * when every row spans <= 2 cells (long rows): a key is in c_lo iff it lies before the
       row's next cell boundary, one comparison;
-    * otherwise: the cell by a float32 estimate corrected by one exact integer step each way
-      (equal to ``cell_of_offset``'s floor division), or the offset for short rows, and its
-      bit picked from the row's window of words.
+    * otherwise its entry (the key offset for rows shorter than M, else its cell) relative to
+      c_lo's word, picked from the row's window of words; the cell is floor((r + 1/2) / (2 L))
+      in float32 with r the integer numerator relative to c_lo, exact while
+      L (d_max + 1) < ``_FLOAT_EXACT_BOUND`` (every row shorter than ~30k keys at M = 256,
+      64-key tiles), else a float estimate corrected by one exact integer step each way
+      (equal to ``cell_of_offset``'s floor division).
     """
     if tk > MAX_TILE_KEYS:
         raise ValueError(f"cell masks take key tiles of <= {MAX_TILE_KEYS} keys, got {tk}")
@@ -154,6 +164,18 @@ def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0
     inside = (kpos >= row(start)) & (kpos < row(start + length))
     w_lo = jax.lax.shift_right_logical(lo, 5)
     wptr = base + qrow * W + w_lo
+    window = (31 + tk) // 32 + 1  # words the tile's entries can reach from c_lo's word
+    d_max = jnp.where(short, 0, _cell(last, M, L) - lo + 31)
+    # (L < bound first: the product could overflow int32 for long rows; with M L < 2**30 it cannot then)
+    score = jnp.where(L < _FLOAT_EXACT_BOUND, L * (d_max + 1), _FLOAT_EXACT_BOUND)
+    float_ok = jnp.max(jnp.where(valid & ~short, score, 0)) < _FLOAT_EXACT_BOUND
+
+    def lookup(d):  # bit d of the row's window (d clipped: entries outside the row are masked)
+        d = jnp.minimum(jnp.maximum(d, 0), 32 * window - 1)
+        word = row(words_ref[wptr + window - 1])
+        for j in range(window - 2, -1, -1):
+            word = jnp.where(d < 32 * (j + 1), row(words_ref[wptr + j]), word)
+        return _bit(word, d)
 
     def two_cells(_):  # long rows: keys before the boundary are in c_lo, the others in c_lo + 1
         bound = start + jax.lax.div(2 * (lo + 1) * L + M - 1, 2 * M)  # first key of cell c_lo + 1
@@ -162,6 +184,13 @@ def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0
         a1 = _bit(jnp.where((lo & 31) == 31, w1, w0), lo + 1)
         return jnp.where(kpos >= row(bound), row(a1), row(a0))
 
+    def float_cells(_):  # r = (2 off + 1) M - 2 L c_lo >= 0 inside the row, exact in float32
+        off = kpos - row(start)
+        inv = 1.0 / (2 * L).astype(jnp.float32)
+        r = (2 * M * kpos + row(M - 2 * M * start - 2 * L * lo)).astype(jnp.float32)
+        d = jnp.floor(r * row(inv) + row(0.5 * inv)).astype(jnp.int32) + row(lo - 32 * w_lo)
+        return lookup(jnp.where(row(short), off - row(32 * w_lo), d))
+
     def any_cells(_):
         off = kpos - row(start)
         num = (2 * off + 1) * M
@@ -169,12 +198,11 @@ def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0
         est = jnp.floor(num.astype(jnp.float32) * row(1.0 / (2 * L).astype(jnp.float32))).astype(jnp.int32)
         est = jnp.where(num >= (est + 1) * den, est + 1, est)
         est = jnp.where(num < est * den, est - 1, est)
-        d = jnp.where(row(short), off, est) - row(32 * w_lo)  # < 32 * _WINDOW_WORDS inside the row
-        window = (31 + tk) // 32 + 1  # words the tile's entries can reach from c_lo's word
-        d = jnp.minimum(jnp.maximum(d, 0), 32 * window - 1)
-        word = row(words_ref[wptr + window - 1])
-        for j in range(window - 2, -1, -1):
-            word = jnp.where(d < 32 * (j + 1), row(words_ref[wptr + j]), word)
-        return _bit(word, d)
+        return lookup(jnp.where(row(short), off, est) - row(32 * w_lo))
 
-    return inside & jax.lax.cond(span <= 1, two_cells, any_cells, None)
+    def not_two(_):
+        if not FLOAT_PATH:
+            return any_cells(None)
+        return jax.lax.cond(float_ok, float_cells, any_cells, None)
+
+    return inside & jax.lax.cond(span <= 1, two_cells, not_two, None)
