@@ -85,9 +85,10 @@ MAX_TILE_KEYS = 128
 _WINDOW_WORDS = (31 + MAX_TILE_KEYS) // 32 + 1
 
 
-# the float32 path: a row of length L whose entries lie within d_max of c_lo's word takes
-# floor((r + 1/2) / (2 L)) in float32 when L (d_max + 1) < this bound: the quotient then lies
-# >= 1 / (4 L) from every integer, more than its two float32 roundings move it (x 2.4e-7)
+# the float32 path takes a row's cell offset from c_lo as floor((r + 1/2) / (2 L)): that quotient
+# x <= span + 1 lies >= 1 / (4 L) from every integer and its two float32 roundings move it by
+# <= x * 2.4e-7, so the floor is exact while L (span + 1) < ~1e6; the kernels ask for
+# L (span + 32) < this bound (the offset from c_lo's word, span + 31, bounds span + 1: margin)
 _FLOAT_EXACT_BOUND = 1_000_000
 FLOAT_PATH = True  # benchmarks switch it off to time the corrected path alone
 

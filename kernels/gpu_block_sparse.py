@@ -37,7 +37,7 @@ with warnings.catch_warnings():  # the Triton backend is deprecated (not removed
     warnings.simplefilter("ignore")
     from jax.experimental.pallas import triton as pltriton
 
-from sea_jax.kernels.cell_mask import CellMask, cell_words, cells_of_tile, num_words
+from sea_jax.kernels.cell_mask import MAX_TILE_KEYS, CellMask, cell_words, cells_of_tile, num_words
 from sea_jax.kernels.gpu_block_sparse_mosaic import block_sparse_forward_mosaic, mosaic_forward_supported
 from sea_jax.kernels.layout import BlockLayout, num_blocks, validate_block_size
 
@@ -258,15 +258,15 @@ def _full_spec(x):
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _cell_specs(cells, rows, rep, cells_map, rows_map):
+def _cell_specs(cells, rows, cells_map, rows_map):
     return [pl.BlockSpec((None, None, cells.shape[2]), cells_map),
             pl.BlockSpec((None, 2, rows.shape[2]), rows_map)]
 
 
 def _forward(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count):
     """q: [B, Sq_pad, H, Dp]; k, v: [B, Skv_pad, K, Dp]; w: [B, K, Skv_pad] f32 or None;
-    seg: [B, S_pad] int32 or None; cells: int8 [B, K, rep * Sq_pad * M] and rows: int32
-    [B, 2, Sq_pad] (prefix starts, lengths), or None. Returns o [B, Sq_pad, H, Dp], lse2
+    seg: [B, S_pad] int32 or None; cells: packed cell words (``cell_words``) int32
+    [B, K, rep * Sq_pad * W] and rows: int32 [B, 2, Sq_pad] (prefix starts, lengths), or None. Returns o [B, Sq_pad, H, Dp], lse2
     [B, H, Sq_pad]."""
     if cfg.fwd_impl == "mosaic":
         return block_sparse_forward_mosaic(
@@ -294,7 +294,7 @@ def _forward(cfg, q, k, v, w, seg, cells, rows, kv_index, kv_count):
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
         args.append(seg)
     if cfg.num_cells:
-        in_specs += _cell_specs(cells, rows, rep, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
+        in_specs += _cell_specs(cells, rows, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
         args += [cells, rows]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -398,7 +398,7 @@ def _dq(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, kv_index, kv_count):
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, h, b: (b, 0)))
         args.append(seg)
     if cfg.num_cells:
-        in_specs += _cell_specs(cells, rows, rep, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
+        in_specs += _cell_specs(cells, rows, lambda t, h, b: (b, h // rep, 0), lambda t, h, b: (b, 0, 0))
         args += [cells, rows]
     in_specs += [qspec, rowspec, rowspec]
     args += [do, lse, delta]
@@ -517,7 +517,7 @@ def _dkv(cfg, q, k, v, w, seg, cells, rows, do, lse, delta, q_index, q_count):
         in_specs.append(pl.BlockSpec((None, seg.shape[1]), lambda t, kh, b: (b, 0)))
         args.append(seg)
     if cfg.num_cells:
-        in_specs += _cell_specs(cells, rows, rep, lambda t, kh, b: (b, kh, 0), lambda t, kh, b: (b, 0, 0))
+        in_specs += _cell_specs(cells, rows, lambda t, kh, b: (b, kh, 0), lambda t, kh, b: (b, 0, 0))
         args += [cells, rows]
     in_specs += [qspec, rowspec, rowspec]
     args += [do, lse, delta]
@@ -656,8 +656,9 @@ def block_sparse_attention_gpu(
     H100's shared memory at 128 x 128.
 
     A ``cell_mask`` (:class:`~sea_jax.kernels.cell_mask.CellMask`, validated by the caller)
-    masks every visited tile by the selected cells, rebuilt on chip from the int8 cells of the
-    tile's rows (``cells_of_tile``); it needs the Triton forward.
+    masks every visited tile by the selected cells, rebuilt on chip from the packed cell words
+    of the tile's rows (``cells_of_tile``); it needs the Triton forward and key tiles of at
+    most ``MAX_TILE_KEYS`` (128) keys.
 
     q: [B, Sq, H, D]; k, v: [B, Skv, K, D]; key_weights: [B, Skv, K] or None.
     Returns [B, Sq, H, D] in q.dtype.
@@ -678,6 +679,9 @@ def block_sparse_attention_gpu(
     scale = D**-0.5 if scale is None else float(scale)
     if cell_mask is not None and forward == "mosaic":
         raise ValueError("forward='mosaic' cannot run this call: the Mosaic forward takes no cell_mask")
+    if cell_mask is not None and max(fk, dqk, kk) > MAX_TILE_KEYS:
+        raise ValueError(f"a cell_mask needs key tiles of at most {MAX_TILE_KEYS} keys, got fwd / dq / dkv "
+                         f"tk = {fk} / {dqk} / {kk}")
     fwd_impl = "triton" if cell_mask is not None else _forward_impl(
         forward, q.dtype, D, bq, bk, key_weights is not None, segment_ids is not None, bool(interpret))
     m_block_kv = min(128, bk) if mosaic_block_kv is None else mosaic_block_kv

@@ -248,6 +248,11 @@ def test_bad_cell_masks():
     with pytest.raises(ValueError, match="the Mosaic forward takes no cell_mask"):
         block_sparse_attention(q, q, q, lay, cell_mask=good, impl="pallas_gpu", interpret=True,
                                kernel_options={"forward": "mosaic"})
+    q256 = jnp.ones((1, 256, 2, 16), jnp.float32)
+    cm256 = CellMask(jnp.ones((1, 256, 2, 8), bool), jnp.zeros((1, 256), jnp.int32), jnp.ones((1, 256), jnp.int32))
+    with pytest.raises(ValueError, match="key tiles of at most 128 keys"):
+        block_sparse_attention(q256, q256, q256, BlockLayout.causal(256, 256, 256, 256), cell_mask=cm256,
+                               impl="pallas_gpu", interpret=True, kernel_options={"fwd_tiles": (16, 256)})
     with pytest.raises(ValueError, match="< 2\\*\\*30"):
         CellMask(jnp.ones((1, 32, 2, 2**26), bool), *rows).check(1, 32, 2, 32)
 
