@@ -122,7 +122,7 @@ def _tile_needs_mask(cfg, q0, tq, k0, tk):
     lists them only when its blocks are coarser than the causal / window pattern) and
     contribute exactly zero there.
     """
-    if cfg.has_segments or cfg.num_cells:
+    if cfg.has_segments or getattr(cfg, "num_cells", 0):  # (the gathered kernels' configs have no cells)
         return None
     q_last, k_last = q0 + tq - 1, k0 + tk - 1
     need = k_last >= cfg.seq_k
