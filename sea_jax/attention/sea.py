@@ -10,10 +10,10 @@ Lee et al., "SEA: Sparse Linear Attention with Estimated Attention Mask", ICLR 2
    ``round(k t_m / L)`` per head); cell c of a row covers relative positions [c, c+1) / t_m of
    the row's prefix of length L (``sea_jax.ops.sea_select``);
 3. exact softmax attention runs on the selected keys only, visiting the key blocks of the
-   selection's block layout (``sea_jax.ops.sea_sparse_attention``; or, with
-   ``granularity="block"``, on every prefix key of the touched blocks, which is what
-   ``sea_jax.kernels.block_sparse_attention`` computes: ``impl`` picks the Pallas kernels or
-   the XLA path, see :class:`SEAOptions`);
+   selection's block layout (``sea_jax.ops.sea_sparse_attention`` on the XLA path; on a GPU
+   ``sea_jax.kernels.block_sparse_attention`` with the selection as a ``CellMask``); with
+   ``granularity="block"`` on every prefix key of the touched blocks instead (``impl`` picks
+   the Pallas kernels or the XLA path, see :class:`SEAOptions`);
 4. ``out = sigma(s1) * sigma(s0) * O_sparse + (1 - sigma(s1)) * O_mean`` where ``O_mean`` is
    the running mean of V over the row's prefix and s0, s1 are per (row, head) gate logits.
 
