@@ -68,3 +68,23 @@ def linear_attention_loop(fq, fk, v, segment_ids=None):
                     den += w
                 out[b, i, h] = num / den
     return out
+
+
+def segment_rows(seg, causal):
+    """(start, length) int32 [B, T] of every query row's prefix, by walking the segment ids:
+    its segment up to itself (causal) or the whole segment; padding rows (id 0) get length 0."""
+    seg = np.asarray(seg)
+    B, T = seg.shape
+    start = np.zeros((B, T), np.int32)
+    length = np.zeros((B, T), np.int32)
+    for b, t in np.ndindex(B, T):
+        if seg[b, t] == 0:
+            continue
+        s = t
+        while s > 0 and seg[b, s - 1] == seg[b, t]:
+            s -= 1
+        e = t
+        while e + 1 < T and seg[b, e + 1] == seg[b, t]:
+            e += 1
+        start[b, t], length[b, t] = s, (t - s + 1) if causal else (e - s + 1)
+    return start, length

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from reference_attention import segment_rows
 from x64 import enable_x64
 
 from sea_jax import distill
@@ -21,23 +22,6 @@ B, H, K, D = 2, 4, 2, 8
 
 def ref_cell(o, L, t_m):
     return int(Fraction(2 * o + 1, 2 * L) * t_m)
-
-
-def rows_of(seg, causal):
-    Bn, T = seg.shape
-    start = np.zeros((Bn, T), np.int32)
-    length = np.zeros((Bn, T), np.int32)
-    for b, t in np.ndindex(Bn, T):
-        if seg[b, t] == 0:
-            continue
-        s = t
-        while s > 0 and seg[b, s - 1] == seg[b, t]:
-            s -= 1
-        e = t
-        while e + 1 < T and seg[b, e + 1] == seg[b, t]:
-            e += 1
-        start[b, t], length[b, t] = s, (t - s + 1) if causal else (e - s + 1)
-    return start, length
 
 
 def segs(T):
@@ -128,7 +112,7 @@ def test_kl_mse_and_global_terms_by_hand():
 def test_pool_attention_matches_loop(causal):
     T, t_m = 13, 8  # rows shorter and longer than t_m (empty cells), blocks of 4 with a tail
     q, k = rand(1, B, T, H, D), rand(2, B, T, K, D)
-    start, length = rows_of(segs(T), causal)
+    start, length = segment_rows(segs(T), causal)
     got = jax.jit(lambda q, k: distill.pool_attention(q, k, jnp.asarray(start), jnp.asarray(length), t_m,
                                                       block_q=4))(q, k)
     want = pool_loop(dense_probs(q, k, start, length), start, length, t_m)
@@ -161,7 +145,7 @@ def test_pooled_estimate_loss_equals_dense_form_where_it_must(causal):
     """Same gradient w.r.t. the estimate always; the values differ exactly by the within-cell
     terms, so they agree when the teacher is uniform inside every cell."""
     T, t_m = 11, 4
-    start, length = rows_of(segs(T), causal)
+    start, length = segment_rows(segs(T), causal)
     with enable_x64():
         q, k = rand(3, B, T, H, D, dtype=jnp.float64), rand(4, B, T, K, D, dtype=jnp.float64)
         est = rand(5, B, T, H, t_m, dtype=jnp.float64)
@@ -215,7 +199,7 @@ def test_estimate_loss_hand_value_and_float64_gradients():
     np.testing.assert_allclose(float(got["mse"]), ((R - A) ** 2 / n).sum() / 6, rtol=1e-5)
 
     T = 7
-    start, length = rows_of(np.ones((1, T), np.int32), True)
+    start, length = segment_rows(np.ones((1, T), np.int32), True)
     st, ln = jnp.asarray(start), jnp.asarray(length)
     with enable_x64():
         q, k = rand(6, 1, T, 2, 4, dtype=jnp.float64), rand(7, 1, T, 1, 4, dtype=jnp.float64)
@@ -237,7 +221,7 @@ def test_estimate_loss_hand_value_and_float64_gradients():
 
 def test_attention_loss_blockwise_equals_dense_and_gradients():
     T = 13
-    start, length = rows_of(segs(T), True)
+    start, length = segment_rows(segs(T), True)
     st, ln = jnp.asarray(start), jnp.asarray(length)
     qs, ks, qt, kt = rand(10, B, T, H, D), rand(11, B, T, K, D), rand(12, B, T, H, D), rand(13, B, T, 1, D)
 
@@ -262,7 +246,7 @@ def test_attention_loss_blockwise_equals_dense_and_gradients():
 
 def test_layer_loss_combines_weighted_terms():
     T, t_m = 9, 4
-    start, length = rows_of(np.ones((B, T), np.int32), True)
+    start, length = segment_rows(np.ones((B, T), np.int32), True)
     aux = {"estimate": rand(20, B, T, H, t_m), "row_start": jnp.asarray(start), "row_length": jnp.asarray(length),
            "q": rand(21, B, T, H, D), "k": rand(22, B, T, K, D)}
     out, tq, tk, tout = rand(23, B, T, H, D), rand(24, B, T, H, D), rand(25, B, T, K, D), rand(26, B, T, H, D)

@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from jaxpr_memory import big_arrays
-from reference_attention import masked_softmax_attention
+from reference_attention import masked_softmax_attention, segment_rows
 from sea_jax.attention.base import AttentionDims, make_attention
 from sea_jax.attention.sea import SEAAttention, SEAOptions
 from sea_jax.ops import sea_estimate as est
@@ -39,25 +39,6 @@ DIMS = AttentionDims(H, K, D, E)
 def ref_cell(o, L, t_m):
     """Nearest-neighbour cell of key offset o in a prefix of length L: floor((o + .5) / L t_m)."""
     return int(Fraction(2 * o + 1, 2 * L) * t_m)
-
-
-def ref_rows(seg, causal):
-    """(start, length) of every row's prefix by walking the segment ids."""
-    Bn, T = seg.shape
-    start = np.zeros((Bn, T), int)
-    length = np.zeros((Bn, T), int)
-    for b in range(Bn):
-        for t in range(T):
-            if seg[b, t] == 0:
-                continue
-            s = t
-            while s > 0 and seg[b, s - 1] == seg[b, t]:
-                s -= 1
-            e = t
-            while e + 1 < T and seg[b, e + 1] == seg[b, t]:
-                e += 1
-            start[b, t], length[b, t] = s, (t - s + 1) if causal else (e - s + 1)
-    return start, length
 
 
 def ref_mask(selection, start, length, S):
@@ -122,7 +103,7 @@ def module_reference(q, k, v, aux, seg, causal):
     """The module's output recomputed from its own selection and gates, in float64 loops."""
     T = q.shape[1]
     seg = np.ones((q.shape[0], T), int) if seg is None else np.asarray(seg)
-    start, length = ref_rows(seg, causal)
+    start, length = segment_rows(seg, causal)
     np.testing.assert_array_equal(np.asarray(aux["row_start"])[seg != 0], start[seg != 0])
     np.testing.assert_array_equal(np.asarray(aux["row_length"]), length)
     mask = ref_mask(np.asarray(aux["selection"]), start, length, T)
@@ -164,7 +145,7 @@ def test_estimator_context_matches_loop(causal):
     proj = draw_projection(jax.random.PRNGKey(3), M, D)
     freqs = est.position_frequencies(est.position_dims(D) // 2, t_m)
     kind = "relu" if causal else "favor"
-    start, length = ref_rows(seg, causal)
+    start, length = segment_rows(seg, causal)
     offset = np.arange(T)[None] - start
     ctx, _ = jax.jit(lambda q, k, v: est.estimator_context(
         q, k, v, proj, freqs, key_offset=jnp.asarray(offset), reference=jnp.asarray(length),
@@ -271,7 +252,7 @@ def test_module_matches_dense_masked_reference(opts, T, with_seg):
     if with_seg:
         assert np.all(np.asarray(res.out)[np.asarray(seg) == 0] == 0)
     # the expansion is genuinely sparse somewhere (otherwise the test checks dense attention)
-    start, length = ref_rows(np.ones((B, T), int) if seg is None else np.asarray(seg), causal)
+    start, length = segment_rows(np.ones((B, T), int) if seg is None else np.asarray(seg), causal)
     assert mask.sum() < H * length.sum()
 
 
@@ -292,7 +273,7 @@ def test_dynamic_k_and_dense_limit():
     causal = np.tril(np.ones((T, T), bool))[None, None]
     dense = masked_softmax_attention(q, k, v, causal)
     g0, g1 = (np.asarray(big.aux[n], np.float64)[..., None] for n in ("gate_scale", "gate_mix"))
-    start, length = ref_rows(np.ones((B, T), int), True)
+    start, length = segment_rows(np.ones((B, T), int), True)
     want = g1 * g0 * dense + (1 - g1) * ref_mean(v, start, length, H)
     np.testing.assert_allclose(np.asarray(big.out), want, atol=5e-5)
     assert not np.allclose(np.asarray(small.out), np.asarray(big.out), atol=1e-3)
@@ -413,7 +394,7 @@ def test_impl_resolution_and_pallas_gpu_route_in_interpret_mode():
     # the same cells (the pallas_gpu route selects them with the radix-select kernel)
     np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]))
     # block granularity = dense reference restricted to the aux block mask
-    start, length = ref_rows(np.asarray(seg), True)
+    start, length = segment_rows(np.asarray(seg), True)
     sparse = masked_softmax_attention(q, k, v, np.asarray(a.aux["mask"]))
     g0, g1 = (np.asarray(a.aux[n], np.float64)[..., None] for n in ("gate_scale", "gate_mix"))
     want = g1 * g0 * sparse + (1 - g1) * ref_mean(v, start, length, H)

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_reference import dense_attention_jnp, dense_attention_np, random_block_mask, rel_err  # noqa: E402
+from reference_attention import segment_rows  # noqa: E402
 from x64 import enable_x64  # noqa: E402
 
 from sea_jax.kernels import BlockLayout, CellMask, block_sparse_attention  # noqa: E402
@@ -30,26 +31,6 @@ GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
 def _rng(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _rows(seg, causal):
-    """Each row's prefix (start, length) from segment ids by loops: its segment up to itself
-    (causal) or the whole segment; padding rows (id 0) have length 0."""
-    B, T = seg.shape
-    start, length = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
-    for b in range(B):
-        for t in range(T):
-            if seg[b, t] == 0:
-                continue
-            s = t
-            while s > 0 and seg[b, s - 1] == seg[b, t]:
-                s -= 1
-            e = t
-            while e + 1 < T and seg[b, e + 1] == seg[b, t]:
-                e += 1
-            start[b, t] = s
-            length[b, t] = t - s + 1 if causal else e - s + 1
-    return start, length
 
 
 def _cell_allowed(cells, start, length, S):
@@ -183,7 +164,7 @@ def _case_inputs(case, seed):
         for b in range(B):
             c = np.sort(rng.choice(np.arange(3, T - 4), 2, replace=False))
             seg[b, c[0]: c[1]], seg[b, c[1]: T - 3], seg[b, T - 3:] = 2, 3, 0
-    start, length = _rows(seg, causal)
+    start, length = segment_rows(seg, causal)
     cells = rng.random((B, T, H, M)) < 0.4
     cells[:, : T // 4, 0] = True  # whole rows selected
     cells[:, T // 3, :] = False  # rows selecting nothing
@@ -268,7 +249,7 @@ def test_compiled_matches_xla_on_gpu(dtype):
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, D)), dtype) for n in (H, K, K))
     seg = np.ones((B, T), np.int32)
     seg[:, 600:] = 2
-    start, length = _rows(seg, True)
+    start, length = segment_rows(seg, True)
     cm = CellMask(jnp.asarray(rng.random((B, T, H, M)) < 0.3), jnp.asarray(start), jnp.asarray(length))
     lay = BlockLayout.causal(T, T, bq, bk)
     ct = jnp.asarray(rng.standard_normal(q.shape), dtype)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_attention import segment_rows
 from x64 import enable_x64
 from jax.test_util import check_grads
 
@@ -32,25 +33,6 @@ def random_segments(rng, B, T, *, padding=True):
             seg[b, prev:c] = sid
             sid, prev = sid + 1, c
     return seg
-
-
-def ref_geometry(seg, causal):
-    B, T = seg.shape
-    start = np.zeros((B, T), np.int32)
-    length = np.zeros((B, T), np.int32)
-    for b in range(B):
-        for t in range(T):
-            if seg[b, t] == 0:
-                continue
-            s = t
-            while s > 0 and seg[b, s - 1] == seg[b, t]:
-                s -= 1
-            e = t
-            while e + 1 < T and seg[b, e + 1] == seg[b, t]:
-                e += 1
-            start[b, t] = s
-            length[b, t] = (t - s + 1) if causal else (e - s + 1)
-    return start, length
 
 
 def ref_cell(j, L, t_m):
@@ -82,7 +64,7 @@ def test_row_geometry_matches_loop(causal):
     rng = np.random.default_rng(0)
     seg = random_segments(rng, 3, 23)
     start, length, offset = ss.row_geometry(jnp.asarray(seg), 3, 23, causal=causal)
-    rs, rl = ref_geometry(seg, causal)
+    rs, rl = segment_rows(seg, causal)
     valid = seg != 0
     np.testing.assert_array_equal(np.asarray(length), rl)
     np.testing.assert_array_equal(np.asarray(start)[valid], rs[valid])
