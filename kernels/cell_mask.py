@@ -24,13 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sea_jax.ops.sea_select import cell_of_offset
+from sea_jax.ops.sea_select import cell_of_offset, check_lengths
 
 __all__ = ["CellMask", "MAX_TILE_KEYS", "cell_words", "cells_of_tile", "num_words"]
-
-# 2 * M * row_length must stay below 2**31 (int32 arithmetic, on chip too)
-_MAX_PRODUCT = 2**30
-
 
 class CellMask(NamedTuple):
     """Selected cells of every query row's prefix.
@@ -61,9 +57,7 @@ class CellMask(NamedTuple):
             if x.shape != (batch, seq_q) or not jnp.issubdtype(x.dtype, jnp.integer):
                 raise ValueError(f"cell_mask.{name} must be an integer array of shape "
                                  f"{(batch, seq_q)}, got {x.shape} {x.dtype}")
-        if self.num_cells * max(seq_q, seq_kv) >= _MAX_PRODUCT:
-            raise ValueError(f"cells per row * sequence length must be < 2**30 (int32 cell "
-                             f"arithmetic), got M={self.num_cells}, length={max(seq_q, seq_kv)}")
+        check_lengths(max(seq_q, seq_kv), self.num_cells)  # 2 M L < 2**31: int32 cell arithmetic
 
     def allowed(self, qpos: jax.Array, kpos: jax.Array, head: jax.Array) -> jax.Array:
         """Reference semantics: bool mask for query positions ``qpos``, key positions ``kpos``

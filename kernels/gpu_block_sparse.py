@@ -122,7 +122,7 @@ def _tile_needs_mask(cfg, q0, tq, k0, tk):
     lists them only when its blocks are coarser than the causal / window pattern) and
     contribute exactly zero there.
     """
-    if cfg.has_segments or getattr(cfg, "num_cells", 0):  # (the gathered kernels' configs have no cells)
+    if cfg.has_segments:
         return None
     q_last, k_last = q0 + tq - 1, k0 + tk - 1
     need = k_last >= cfg.seq_k
@@ -238,7 +238,7 @@ def _fwd_kernel(*refs, cfg: BlockSparseGpuConfig):
             acc = acc * alpha[:, None] + _dot(pw.astype(v.dtype), v)
             return acc, m_new, l_new
 
-        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        needs = None if cfg.num_cells else _tile_needs_mask(cfg, q0, tq, k0, tk)  # cells: every tile
         return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
     d = q_ref.shape[-1]
@@ -372,7 +372,7 @@ def _dq_kernel(*refs, cfg: BlockSparseGpuConfig):
                 ds = p * (dp - delta)
             return dq + _dot(ds.astype(k.dtype), k)
 
-        needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+        needs = None if cfg.num_cells else _tile_needs_mask(cfg, q0, tq, k0, tk)
         return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), dq)
 
     dq = lax.fori_loop(0, count * sub_k, step, jnp.zeros(q.shape, jnp.float32))
@@ -482,7 +482,7 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
                 dk = dk + _dot(dst.astype(q.dtype), q)
                 return dk, dv, dw
 
-            needs = _tile_needs_mask(cfg, q0, tq, k0, tk)
+            needs = None if cfg.num_cells else _tile_needs_mask(cfg, q0, tq, k0, tk)
             return _run_tile(cfg, needs, lambda c: compute(c, True), lambda c: compute(c, False), carry)
 
         return lax.fori_loop(0, count * sub_q, step, carry)
