@@ -6,7 +6,7 @@ random earlier key blocks per head; the cell mask selects ``--density`` of t_m =
 row (causal prefixes). Variants: ``none`` (the layout alone, block granularity), ``cells`` (the
 cell mask), ``cells_nofloat`` (the cell mask without the float32 cell path:
 ``sea_jax.kernels.cell_mask.FLOAT_PATH = False``), ``cells_w8`` (8 warps in the forward and dQ
-kernels), ``cells_dkv_w8`` / ``cells_dkv_w4`` (8 / 4 warps in the dK/dV kernel). Prints a table, writes JSON:
+kernels), ``cells_dkv_w8`` (8 warps in the dK/dV kernel). Prints a table, writes JSON:
 
     python3 benchmarks/bench_cell_mask.py --seq 32768 --out benchmarks/results/cell_mask_32k.json
     python3 benchmarks/bench_cell_mask.py --smoke --out /tmp/c.json   # tiny CPU run (interpret mode)
@@ -28,7 +28,7 @@ from common import JsonRows, env_info, time_ms  # noqa: E402
 import sea_jax.kernels.cell_mask as cell_mask_module  # noqa: E402
 from sea_jax.kernels import BlockLayout, CellMask, block_sparse_attention  # noqa: E402
 
-VARIANTS = ("none", "cells", "cells_nofloat", "cells_w8", "cells_dkv_w8", "cells_dkv_w4")
+VARIANTS = ("none", "cells", "cells_nofloat", "cells_w8", "cells_dkv_w8")
 
 
 def main():
@@ -61,8 +61,8 @@ def main():
     q, k, v = (jax.random.normal(key, (1, S, H, D), dtype) for key in (kq, kk, kv))
     rec = JsonRows(args.out, dict(env=env_info(), args=vars(args), config=dict(B=1, H=H, D=D, t_m=M, block=block)))
 
-    def functions(cm, opts, impl):
-        kw = dict(cell_mask=cm, impl=impl, interpret=args.smoke, kernel_options=opts)
+    def functions(cm, opts):
+        kw = dict(cell_mask=cm, impl="pallas_gpu", interpret=args.smoke, kernel_options=opts)
         fwd = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, layout, **kw))
         loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, layout, **kw).astype(jnp.float32))  # noqa: E731
         return fwd, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -79,9 +79,8 @@ def main():
         print(f"| cuDNN dense causal | {tf:.2f} | {tb:.2f} | 1.000 |", flush=True)
     for name in variants:
         cell_mask_module.FLOAT_PATH = name != "cells_nofloat"
-        opts = {"cells_w8": {"num_warps": (8, 8, 4)}, "cells_dkv_w8": {"num_warps": (4, 4, 8)},
-                "cells_dkv_w4": {"num_warps": (4, 4, 4)}}.get(name, {})
-        fwd, fwd_bwd = functions(None if name == "none" else cells, opts, "pallas_gpu")
+        opts = {"cells_w8": {"num_warps": (8, 8, 4)}, "cells_dkv_w8": {"num_warps": (4, 4, 8)}}.get(name, {})
+        fwd, fwd_bwd = functions(None if name == "none" else cells, opts)
         tf, tb = time_ms(fwd, (q, k, v), args.reps), time_ms(fwd_bwd, (q, k, v), args.reps)
         rec.add(dict(variant=name, S=S, fwd_ms=tf, fwd_bwd_ms=tb))
         ratio = f"{tb / base:.3f}" if base else "-"

@@ -155,12 +155,13 @@ def cells_of_tile(words_ref, base, qrow, kpos, start, length, num_cells: int, k0
     first = jnp.minimum(jnp.maximum(k0 - start, 0), L - 1)
     last = jnp.minimum(jnp.maximum(k0 + tk - 1 - start, 0), L - 1)
     lo = jnp.where(short, first, _cell(first, M, L))
-    span = jnp.max(jnp.where(valid, jnp.where(short, 2, _cell(last, M, L) - lo), 0))
+    spread = _cell(last, M, L) - lo  # cells the tile spans past c_lo (long rows)
+    span = jnp.max(jnp.where(valid, jnp.where(short, 2, spread), 0))
     inside = (kpos >= row(start)) & (kpos < row(start + length))
     w_lo = jax.lax.shift_right_logical(lo, 5)
     wptr = base + qrow * W + w_lo
     window = (31 + tk) // 32 + 1  # words the tile's entries can reach from c_lo's word
-    d_max = jnp.where(short, 0, _cell(last, M, L) - lo + 31)
+    d_max = jnp.where(short, 0, spread + 31)
     # (L < bound first: the product could overflow int32 for long rows; with M L < 2**30 it cannot then)
     score = jnp.where(L < _FLOAT_EXACT_BOUND, L * (d_max + 1), _FLOAT_EXACT_BOUND)
     float_ok = jnp.max(jnp.where(valid & ~short, score, 0)) < _FLOAT_EXACT_BOUND
