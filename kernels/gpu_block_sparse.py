@@ -620,7 +620,7 @@ def block_sparse_attention_gpu(
     dkv_tiles: tuple[int, int] | None = None,
     num_warps: tuple[int, int, int] | None = None,
     num_stages: tuple[int, int, int] | None = None,
-    always_mask: bool = False,
+    always_mask: bool = True,
     forward: str = "auto",
     mosaic_block_kv: int | None = None,
     mosaic_stages: int = 2,
@@ -637,7 +637,8 @@ def block_sparse_attention_gpu(
         (float32 at D = 128, D = 256) take proportionally fewer rows per tile
         (:func:`row_scaled_tile`: the same shared memory).
       num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
-      always_mask: mask every tile elementwise instead of branching per tile.
+      always_mask: mask every tile elementwise (default) instead of branching per tile
+        between a masked and a plain step (False).
       forward: "auto" | "triton" | "mosaic": the forward kernel. "mosaic" is the Mosaic GPU
         (wgmma/TMA) forward of :mod:`.gpu_block_sparse_mosaic` (Hopper, bf16/fp16, head_dim
         64/128, no key weights or segment ids, block_q % 128 == 0, block_k % 64 == 0; a
@@ -650,10 +651,11 @@ def block_sparse_attention_gpu(
     Measured in benchmarks/results/block_sparse_bench.json (H100, S = 32k, 12.5 % of the
     causal blocks, D = 128, bf16, forward): 128 x 128 tiles 307 TFLOP/s against 275 for
     128 x 64 (hence the default); always_mask=True raises 128 x 128 to 344 TFLOP/s (and
-    forward+backward to 345), the fastest setting of the sweep: pass
-    ``kernel_options={"always_mask": True}`` for speed (the default stays False while the
-    per-tile branch is the path the interpret tests cover by default). 4 stages exceed the
-    H100's shared memory at 128 x 128.
+    forward+backward to 345), and it was faster in every forward setting of the sweep (128 x
+    64: 321 vs 275 at 3 stages, 282 vs 279 at 2) and in each kernel of the SEA layer at 32k
+    (block granularity, fwd / dQ / dK/dV 2.58 / 3.02 / 3.66 ms against 3.03 / 3.49 / 4.74 with
+    the branch; ``profile_layer.py --layers sea`` on 2026-11-24): the branch costs more than
+    the mask it skips, hence the default. 4 stages exceed the H100's shared memory at 128 x 128.
 
     A ``cell_mask`` (:class:`~sea_jax.kernels.cell_mask.CellMask`, validated by the caller)
     masks every visited tile by the selected cells, rebuilt on chip from the packed cell words

@@ -85,10 +85,9 @@ def test_interpret_outputs_start_poisoned():
 FWD_CASES = [
     # name, B, Sq, Skv, H, K, G, D, bq, bk, dtype, causal, window, wmode, seg, options
     ("gqa1_d64_odd", 2, 77, 77, 4, 4, 4, 64, 32, 32, jnp.float32, True, None, None, False, {}),
-    ("gqa4_d128_window_gate_subtiles", 1, 100, 100, 8, 2, 2, 128, 64, 32, jnp.float32, True, 40, "gate", False,
-     dict(fwd_tiles=(32, 16))),
-    ("gqa8_noncausal_log_alwaysmask", 1, 64, 96, 8, 1, 1, 64, 32, 16, jnp.float32, False, None, "log", False,
-     dict(always_mask=True)),
+    ("gqa4_d128_window_gate_subtiles_branch", 1, 100, 100, 8, 2, 2, 128, 64, 32, jnp.float32, True, 40, "gate",
+     False, dict(fwd_tiles=(32, 16), always_mask=False)),
+    ("gqa8_noncausal_log", 1, 64, 96, 8, 1, 1, 64, 32, 16, jnp.float32, False, None, "log", False, {}),
     ("bf16_segments_gate", 2, 90, 90, 4, 2, 1, 64, 32, 32, jnp.bfloat16, True, None, "gate", True, {}),
     ("fp16_d128", 1, 64, 64, 2, 1, 2, 128, 16, 32, jnp.float16, True, None, None, False, {}),
 ]
@@ -124,8 +123,8 @@ def test_forward(case):
 
 BWD_CASES = [
     # name, B, Sq, Skv, H, K, G, D, bq, bk, dtype, causal, window, wmode, seg, options
-    ("gqa4_window_gate_subtiles", 1, 70, 70, 4, 1, 1, 64, 32, 32, jnp.float32, True, 24, "gate", False,
-     dict(dq_tiles=(16, 16), dkv_tiles=(16, 32))),
+    ("gqa4_window_gate_subtiles_branch", 1, 70, 70, 4, 1, 1, 64, 32, 32, jnp.float32, True, 24, "gate", False,
+     dict(dq_tiles=(16, 16), dkv_tiles=(16, 32), always_mask=False)),
     ("gqa1_segments_log", 2, 45, 45, 2, 2, 2, 64, 16, 16, jnp.float32, True, None, "log", True, {}),
     ("gqa8_d128_noncausal", 1, 48, 80, 8, 1, 8, 128, 16, 32, jnp.float32, False, None, None, False, {}),
     ("bf16_gate", 1, 64, 64, 4, 2, 2, 64, 32, 16, jnp.bfloat16, True, None, "gate", True, {}),
