@@ -1,0 +1,204 @@
+"""Registers, spills and shared memory of a layer's Pallas Triton kernels, without a GPU.
+
+Lowers a layer's forward+backward for an H100 on the CPU (an abstract GPU device), keeps the
+Triton IR of every Pallas Triton kernel with its num_warps / num_stages, compiles each with the
+``triton`` package (installed with torch, the ``reference`` extra) for sm_90 and runs the
+``ptxas`` bundled with it (``-v``) for the register count, spill stores / loads and stack frame.
+Prints a table, writes JSON.
+
+A proxy, not the GPU's numbers: the GPU machine compiles the same IR with the Triton inside its
+jaxlib, whose version differs from the pip ``triton`` here, so counts can differ; compare
+settings against each other in one run of this script, and time the promising ones on the GPU
+(``profile_layer.py``). What it is for: a kernel that spills (255 registers and local-memory
+traffic: ``ncu_key_dkv_1123e.txt`` showed what that costs) is visible here in seconds of CPU.
+
+    python3 benchmarks/triton_regs.py --layers sea_token,sparsek --out /tmp/regs.json
+    python3 benchmarks/triton_regs.py --layers sea_token --sea_kernel_options '{"dkv_tiles": [64, 32]}'
+    python3 benchmarks/triton_regs.py --layers sparsek --kernel_options '{"num_warps": [4, 4, 8, 4, 4, 4]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_layers import sea_functions, sparsek_functions  # noqa: E402
+from common import env_info, kernel_options_json  # noqa: E402
+
+from sea_jax.attention.base import AttentionDims  # noqa: E402
+from sea_jax.attention.sea import SEAOptions  # noqa: E402
+from sea_jax.attention.sparsek import SparseKOptions  # noqa: E402
+
+LAYERS = ("sparsek", "sea", "sea_token")
+PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+@contextlib.contextmanager
+def captured_triton_kernels():
+    """Collect (name, num_warps, num_stages, ttir text) of every Pallas Triton kernel lowered
+    inside the block (wraps two functions of jax's Pallas Triton backend; jax internals)."""
+    from jax._src.pallas import core as pallas_core
+    from jax._src.pallas.triton import core as triton_core
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    kernels, params = [], {}
+    rules = pallas_core._backend_lowering_rules  # CompilerParams class -> (lowering rule, platform)
+    lower_call, lower_module = reg.pallas_call_lowering, reg.lowering.lower_jaxpr_to_triton_module
+    registered = rules.get(triton_core.CompilerParams)
+
+    def call(ctx, *nodes, compiler_params=None, **kw):
+        cp = compiler_params
+        params["warps"] = 4 if cp is None or cp.num_warps is None else cp.num_warps
+        params["stages"] = 3 if cp is None or cp.num_stages is None else cp.num_stages
+        return lower_call(ctx, *nodes, compiler_params=compiler_params, **kw)
+
+    def module(jaxpr, *a, **kw):
+        res = lower_module(jaxpr, *a, **kw)
+        name = jaxpr.debug_info.func_name if jaxpr.debug_info else "kernel"
+        kernels.append(dict(name=name, warps=params["warps"], stages=params["stages"],
+                            ttir=res.module.operation.get_asm(enable_debug_info=False)))
+        return res
+
+    reg.pallas_call_lowering, reg.lowering.lower_jaxpr_to_triton_module = call, module
+    if registered is not None:
+        rules[triton_core.CompilerParams] = (call, registered[1])
+    try:
+        yield kernels
+    finally:
+        reg.pallas_call_lowering, reg.lowering.lower_jaxpr_to_triton_module = lower_call, lower_module
+        if registered is not None:
+            rules[triton_core.CompilerParams] = registered
+
+
+def lower_for_h100(fn, args):
+    """Lower jitted ``fn`` for CUDA with an H100 as the (abstract) device, on any host."""
+    from jax._src.mesh import AbstractDevice
+    from jax.sharding import AbstractMesh
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+        fn.trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def ptxas_report(ptx: str) -> dict:
+    """ptxas -v of PTX for sm_90a with the newest ptxas bundled with triton that accepts it."""
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        errors = []
+        for exe in ("ptxas-blackwell", "ptxas"):
+            exe = os.path.join(bindir, exe)
+            if not os.path.exists(exe):
+                continue
+            r = subprocess.run([exe, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                text = r.stdout + r.stderr
+                return {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in PTXAS_RE.items()}
+            errors.append(f"{os.path.basename(exe)}: {r.stderr.strip()[-300:]}")
+    raise RuntimeError("no ptxas bundled with triton accepted the PTX: " + " | ".join(errors))
+
+
+def compile_report(kernel: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ttir")
+        with open(path, "w") as f:
+            f.write(kernel["ttir"])
+        compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=kernel["warps"], num_stages=kernel["stages"]))
+    return dict(ptxas_report(compiled.asm["ptx"]), shared_kib=round(compiled.metadata.shared / 1024, 1))
+
+
+def layer_function(name, seq, args):
+    H, K, D = 16, args.kv_heads, 128
+    dims = AttentionDims(H, K, D, H * D)
+    sds = jax.ShapeDtypeStruct
+    q, kv, x = sds((1, seq, H, D), jnp.bfloat16), sds((1, seq, K, D), jnp.bfloat16), sds((1, seq, H * D), jnp.bfloat16)
+    if name == "sparsek":
+        sk = SparseKOptions(**{"k": 1024, "window": 512, **json.loads(args.options), "impl": "pallas_gpu"})
+        (params,), _, fwd_bwd = sparsek_functions(dims, sk)
+        return fwd_bwd, (jax.tree.map(lambda a: sds(a.shape, a.dtype), params), q, kv, kv, x)
+    gran = "block" if name == "sea" else "token"
+    ko = kernel_options_json(args.sea_kernel_options) if args.sea_kernel_options else None
+    opts = SEAOptions(k=64, t_m=256, granularity=gran, impl="pallas_gpu", select_impl="xla", kernel_options=ko)
+    (params,), _, fwd_bwd = sea_functions(dims, opts)
+    return fwd_bwd, (jax.tree.map(lambda a: sds(a.shape, a.dtype), params), q, kv, kv)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="sparsek,sea,sea_token", help=f"comma-separated, of {LAYERS}")
+    ap.add_argument("--seq", type=int, default=32768)
+    ap.add_argument("--kv_heads", type=int, default=16)
+    ap.add_argument("--options", default="{}", help="JSON of SparseKOptions fields for 'sparsek'")
+    ap.add_argument("--kernel_options", default=None,
+                    help="JSON of gathered_attention kernel_options for 'sparsek' (as profile_layer.py)")
+    ap.add_argument("--sea_kernel_options", default=None,
+                    help="JSON of block_sparse_attention kernel_options for 'sea' / 'sea_token'")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "triton_regs.json"))
+    args = ap.parse_args()
+    layers = args.layers.split(",")
+    for name in layers:
+        if name not in LAYERS:
+            raise ValueError(f"--layers: unknown layer {name!r}; allowed: {', '.join(LAYERS)}")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise SystemExit("triton_regs.py needs the `triton` package (pip install triton; torch brings it)") from e
+    if args.kernel_options:
+        import sea_jax.kernels as sea_kernels
+
+        sea_kernels.gathered_attention = functools.partial(
+            sea_kernels.gathered_attention, kernel_options=kernel_options_json(args.kernel_options))
+
+    import triton
+
+    out = dict(env=dict(env_info(), triton=triton.__version__), args=vars(args), rows=[])
+    print(f"triton {triton.__version__} (the GPU's jaxlib Triton differs: compare settings within one run)")
+    print("| layer | kernel | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in layers:
+        fn, fargs = layer_function(name, args.seq, args)
+        with captured_triton_kernels() as kernels:
+            lower_for_h100(fn, fargs)
+        unique = {}  # the same kernel lowered more than once (e.g. per merge step) is compiled once
+        for kern in kernels:
+            key = (kern["name"], kern["warps"], kern["stages"], kern["ttir"])
+            unique.setdefault(key, dict(kern, lowered=0))["lowered"] += 1
+        for kern in unique.values():
+            row = dict(layer=name, kernel=kern["name"], warps=kern["warps"], stages=kern["stages"],
+                       lowered=kern["lowered"], **compile_report(kern))
+            out["rows"].append(row)
+            print(f"| {name} | {row['kernel']} | {row['warps']} | {row['stages']} | {row['registers']} | "
+                  f"{row['spill_stores']} | {row['spill_loads']} | {row['stack']} | {row['shared_kib']} |", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
