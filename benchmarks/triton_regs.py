@@ -58,7 +58,7 @@ def captured_triton_kernels():
     from jax._src.pallas.triton import pallas_call_registration as reg
 
     kernels, params = [], {}
-    rules = pallas_core._backend_lowering_rules  # CompilerParams class -> (lowering rule, platform)
+    rules = getattr(pallas_core, "_backend_lowering_rules", {})  # CompilerParams class -> (rule, platform)
     lower_call, lower_module = reg.pallas_call_lowering, reg.lowering.lower_jaxpr_to_triton_module
     registered = rules.get(triton_core.CompilerParams)
 
