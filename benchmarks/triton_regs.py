@@ -2,7 +2,7 @@
 
 Lowers a layer's forward+backward for an H100 on the CPU (an abstract GPU device), keeps the
 Triton IR of every Pallas Triton kernel with its num_warps / num_stages, compiles each with the
-``triton`` package (installed with torch, the ``reference`` extra) for sm_90 and runs the
+``triton`` package (``pip install triton``: it bundles ``ptxas``) for sm_90 and runs the
 ``ptxas`` bundled with it (``-v``) for the register count, spill stores / loads and stack frame.
 Prints a table, writes JSON.
 
@@ -167,7 +167,7 @@ def main():
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        raise SystemExit("triton_regs.py needs the `triton` package (pip install triton; torch brings it)") from e
+        raise SystemExit("triton_regs.py needs the `triton` package: pip install triton") from e
     if args.kernel_options:
         import sea_jax.kernels as sea_kernels
 
