@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--kernel_options", default=None,
                     help="JSON of gathered_attention kernel_options for 'sparsek' (e.g. '{\"num_warps\": "
                          "[4, 4, 4, 4, 4]}': forward, dQ, window dK/dV, slot dK/dV, reduction)")
+    ap.add_argument("--sea_kernel_options", default=None,
+                    help="JSON of block_sparse_attention kernel_options for 'sea' / 'sea_token' (e.g. "
+                         "'{\"dkv_major\": \"queries\", \"dkv_tiles\": [64, 32]}')")
     ap.add_argument("--threshold_options", default=None,
                     help="JSON of list_threshold options for 'sparsek' (e.g. '{\"search_arity\": 16}')")
     ap.add_argument("--select_options", default=None,
@@ -198,7 +201,9 @@ def main():
             fargs = (*extra, q, k, v, x)
         elif name in ("sea", "sea_token"):  # bench_layers.py's SEA settings (fwd+bwd loss includes the estimate)
             gran = "block" if name == "sea" else "token"
-            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(k=64, t_m=256, granularity=gran, impl="auto"))
+            ko = kernel_options_json(args.sea_kernel_options) if args.sea_kernel_options else None
+            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(k=64, t_m=256, granularity=gran, impl="auto",
+                                                                 kernel_options=ko))
             fargs = (*extra, q, k, v)
         else:
             raise ValueError(f"--layers: unknown layer {name!r}; allowed: dense_cudnn, sparsek, sea, sea_token")

@@ -119,7 +119,8 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no ptxas bundled with triton accepted the PTX: " + " | ".join(errors))
 
 
-def compile_report(kernel: dict) -> dict:
+def compile_report(kernel: dict, dump: str | None = None) -> dict:
+    """Compile one captured kernel; ``dump``: a path prefix to write its .ttir / .ttgir / .ptx."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -129,6 +130,11 @@ def compile_report(kernel: dict) -> dict:
             f.write(kernel["ttir"])
         compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=kernel["warps"], num_stages=kernel["stages"]))
+    if dump:
+        os.makedirs(os.path.dirname(os.path.abspath(dump)), exist_ok=True)
+        for ext, text in (("ttir", kernel["ttir"]), ("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"])):
+            with open(f"{dump}.{ext}", "w") as f:
+                f.write(text)
     return dict(ptxas_report(compiled.asm["ptx"]), shared_kib=round(compiled.metadata.shared / 1024, 1))
 
 
@@ -159,6 +165,7 @@ def main():
     ap.add_argument("--sea_kernel_options", default=None,
                     help="JSON of block_sparse_attention kernel_options for 'sea' / 'sea_token'")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "triton_regs.json"))
+    ap.add_argument("--dump", default=None, help="folder for each kernel's Triton IR, TTGIR (layouts) and PTX")
     args = ap.parse_args()
     layers = args.layers.split(",")
     for name in layers:
@@ -190,7 +197,8 @@ def main():
             unique.setdefault(key, dict(kern, lowered=0))["lowered"] += 1
         for kern in unique.values():
             row = dict(layer=name, kernel=kern["name"], warps=kern["warps"], stages=kern["stages"],
-                       lowered=kern["lowered"], **compile_report(kern))
+                       lowered=kern["lowered"],
+                       **compile_report(kern, args.dump and os.path.join(args.dump, f"{name}_{kern['name']}")))
             out["rows"].append(row)
             print(f"| {name} | {row['kernel']} | {row['warps']} | {row['stages']} | {row['registers']} | "
                   f"{row['spill_stores']} | {row['spill_loads']} | {row['stack']} | {row['shared_kib']} |", flush=True)

@@ -109,6 +109,7 @@ class BlockSparseGpuConfig:
     always_mask: bool  # True: mask every tile with jnp.where; False: branch per tile
     fwd_impl: str = "triton"  # "triton" or "mosaic" (gpu_block_sparse_mosaic, Hopper only)
     num_cells: int = 0  # > 0: a CellMask (cells per row) masks every tile
+    dkv_queries_major: bool = False  # dK/dV tiles [tq, tk] instead of [tk, tq] (kernel option dkv_major)
     mosaic_block_kv: int = 128
     mosaic_stages: int = 2
 
@@ -435,11 +436,20 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
     k0 = tile * tk
     qk_scale = cfg.scale * LOG2E
 
+    # qa: the tile's query axis. Keys-major tiles [tk, tq] (qa = 1) feed dK / dV's products
+    # without transposes; queries-major tiles [tq, tk] (qa = 0) keep per-query-row values (the
+    # cell mask's) in the layout slice with 2 values per thread instead of 16 (wgmma
+    # accumulators: 4 warps x 16 rows along the tile's first axis), at the cost of transposed
+    # operands for dV and dK
+    qa = 0 if cfg.dkv_queries_major else 1
+    shape = (tq, tk) if qa == 0 else (tk, tq)
+    along_k = (lambda x: x[None, :]) if qa == 0 else (lambda x: x[:, None])  # a [tk] vector
+    along_q = (lambda x: x[:, None]) if qa == 0 else (lambda x: x[None, :])  # a [tq] vector
     k = k_ref[...]
     v = v_ref[...]
-    w = w_ref[...].astype(jnp.float32)[:, None] if cfg.has_weights else None
-    kpos = k0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 0)
-    segk = seg_ref[pl.ds(k0, tk)][:, None] if cfg.has_segments else None
+    w = along_k(w_ref[...].astype(jnp.float32)) if cfg.has_weights else None
+    kpos = k0 + lax.broadcasted_iota(jnp.int32, shape, 1 - qa)
+    segk = along_k(seg_ref[pl.ds(k0, tk)]) if cfg.has_segments else None
     d = k.shape[-1]
 
     def head(r, carry):
@@ -456,30 +466,30 @@ def _dkv_kernel(*refs, cfg: BlockSparseGpuConfig):
                 dk, dv, dw = carry
                 q = q_ref[pl.ds(q0, tq), r, :]
                 do = do_ref[pl.ds(q0, tq), r, :]
-                lse = lse_ref[r, pl.ds(q0, tq)][None, :]
-                delta = delta_ref[r, pl.ds(q0, tq)][None, :]
-                st = _dot(k, q, 1, 1) * qk_scale  # [tk, tq]
+                lse = along_q(lse_ref[r, pl.ds(q0, tq)])
+                delta = along_q(delta_ref[r, pl.ds(q0, tq)])
+                st = (_dot(q, k, 1, 1) if qa == 0 else _dot(k, q, 1, 1)) * qk_scale
                 if masked:
-                    qpos = q0 + lax.broadcasted_iota(jnp.int32, (tk, tq), 1)
-                    segq = seg_ref[pl.ds(q0, tq)][None, :] if cfg.has_segments else None
+                    qpos = q0 + lax.broadcasted_iota(jnp.int32, shape, qa)
+                    segq = along_q(seg_ref[pl.ds(q0, tq)]) if cfg.has_segments else None
                     ok = _element_mask(cfg, qpos, kpos, segq, segk)
                     if cfg.num_cells:
-                        ok = ok & _cell_mask(cfg, cells_ref, rows_ref, r, kpos, q0, tq, k0, tk, 1)
+                        ok = ok & _cell_mask(cfg, cells_ref, rows_ref, r, kpos, q0, tq, k0, tk, qa)
                     st = jnp.where(ok, st, -jnp.inf)
                 pt = jnp.exp2(st - lse)
-                dpt = _dot(v, do, 1, 1)  # [tk, tq]
+                dpt = _dot(do, v, 1, 1) if qa == 0 else _dot(v, do, 1, 1)
                 if cfg.has_weights:
-                    dv = dv + _dot((pt * w).astype(do.dtype), do)
+                    dv = dv + _dot((pt * w).astype(do.dtype), do, qa, 0)
                     if cfg.weight_mode == "gate":
                         dst = pt * (w * dpt - delta)
-                        dw = dw + jnp.sum(pt * dpt, axis=1)
+                        dw = dw + jnp.sum(pt * dpt, axis=qa)
                     else:
                         dst = pt * w * (dpt - delta)
-                        dw = dw + jnp.sum(pt * (dpt - delta), axis=1)
+                        dw = dw + jnp.sum(pt * (dpt - delta), axis=qa)
                 else:
-                    dv = dv + _dot(pt.astype(do.dtype), do)
+                    dv = dv + _dot(pt.astype(do.dtype), do, qa, 0)
                     dst = pt * (dpt - delta)
-                dk = dk + _dot(dst.astype(q.dtype), q)
+                dk = dk + _dot(dst.astype(q.dtype), q, qa, 0)
                 return dk, dv, dw
 
             needs = None if cfg.num_cells else _tile_needs_mask(cfg, q0, tq, k0, tk)
@@ -621,6 +631,7 @@ def block_sparse_attention_gpu(
     num_warps: tuple[int, int, int] | None = None,
     num_stages: tuple[int, int, int] | None = None,
     always_mask: bool = True,
+    dkv_major: str = "keys",
     forward: str = "auto",
     mosaic_block_kv: int | None = None,
     mosaic_stages: int = 2,
@@ -639,6 +650,11 @@ def block_sparse_attention_gpu(
       num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
       always_mask: mask every tile elementwise (default) instead of branching per tile
         between a masked and a plain step (False).
+      dkv_major: "keys" (default) or "queries": which of the dK/dV kernel's tile axes runs
+        along the MMA's rows. "keys" ([tk, tq] tiles) feeds dK and dV without transposes;
+        "queries" ([tq, tk], transposed operands for dK and dV) computes per-query-row values
+        (a cell mask's) 8x less redundantly: 2 per thread instead of 16 in the wgmma layout
+        (offline, ``benchmarks/triton_regs.py --dump``). Not yet timed on a GPU.
       forward: "auto" | "triton" | "mosaic": the forward kernel. "mosaic" is the Mosaic GPU
         (wgmma/TMA) forward of :mod:`.gpu_block_sparse_mosaic` (Hopper, bf16/fp16, head_dim
         64/128, no key weights or segment ids, block_q % 128 == 0, block_k % 64 == 0; a
@@ -679,6 +695,8 @@ def block_sparse_attention_gpu(
     warps = num_warps or (8 if fq >= 128 else 4, 4, 4)
     stages = num_stages or (3, 2, 2)
     scale = D**-0.5 if scale is None else float(scale)
+    if dkv_major not in ("keys", "queries"):
+        raise ValueError(f"dkv_major must be 'keys' or 'queries', got {dkv_major!r}")
     if cell_mask is not None and forward == "mosaic":
         raise ValueError("forward='mosaic' cannot run this call: the Mosaic forward takes no cell_mask")
     if cell_mask is not None and max(fk, dqk, kk) > MAX_TILE_KEYS:
@@ -700,6 +718,7 @@ def block_sparse_attention_gpu(
         always_mask=bool(always_mask),
         fwd_impl=fwd_impl, mosaic_block_kv=m_block_kv, mosaic_stages=mosaic_stages,
         num_cells=0 if cell_mask is None else cell_mask.num_cells,
+        dkv_queries_major=dkv_major == "queries",
     )
     nq, nk = num_blocks(Sq, bq), num_blocks(Skv, bk)
     qp = _pad_to(_pad_to(q, 1, nq * bq), 3, Dp)

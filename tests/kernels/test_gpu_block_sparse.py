@@ -125,9 +125,11 @@ BWD_CASES = [
     # name, B, Sq, Skv, H, K, G, D, bq, bk, dtype, causal, window, wmode, seg, options
     ("gqa4_window_gate_subtiles_branch", 1, 70, 70, 4, 1, 1, 64, 32, 32, jnp.float32, True, 24, "gate", False,
      dict(dq_tiles=(16, 16), dkv_tiles=(16, 32), always_mask=False)),
-    ("gqa1_segments_log", 2, 45, 45, 2, 2, 2, 64, 16, 16, jnp.float32, True, None, "log", True, {}),
+    ("gqa1_segments_log_queries_major", 2, 45, 45, 2, 2, 2, 64, 16, 16, jnp.float32, True, None, "log", True,
+     dict(dkv_major="queries")),
     ("gqa8_d128_noncausal", 1, 48, 80, 8, 1, 8, 128, 16, 32, jnp.float32, False, None, None, False, {}),
-    ("bf16_gate", 1, 64, 64, 4, 2, 2, 64, 32, 16, jnp.bfloat16, True, None, "gate", True, {}),
+    ("bf16_gate_queries_major", 1, 64, 64, 4, 2, 2, 64, 32, 16, jnp.bfloat16, True, None, "gate", True,
+     dict(dkv_major="queries")),
 ]
 
 
@@ -183,6 +185,7 @@ def test_gradient_of_empty_rows_is_zero():
     (dict(fwd_tiles=(64, 16)), "fwd tq"),
     (dict(dkv_tiles=(16, 24)), "dkv tk"),
     (dict(dq_tiles=(8, 16)), "dq tq"),
+    (dict(dkv_major="rows"), "dkv_major must be"),
 ])
 def test_bad_kernel_options(opts, match):
     q = jnp.ones((1, 32, 2, 16), jnp.float32)
