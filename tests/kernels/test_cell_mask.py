@@ -7,6 +7,7 @@ masked softmax of kernel_reference.py (float64). Tolerances as test_gpu_block_sp
 float32 2e-5 forward / 1e-4 gradients, bfloat16 1.5e-2 / 3e-2 (relative norm error).
 """
 
+import functools
 import os
 import sys
 import zlib
@@ -281,14 +282,17 @@ def test_triton_lowering_for_an_h100():
     sds = jax.ShapeDtypeStruct
     lay = BlockLayout.causal(T, T, 64, 64)
 
-    def loss(q, k, v, cells, start, length):
+    def loss(q, k, v, cells, start, length, options=None):
         cm = CellMask(cells, start, length)
-        return jnp.sum(block_sparse_attention(q, k, v, lay, cell_mask=cm, impl="pallas_gpu").astype(jnp.float32))
+        return jnp.sum(block_sparse_attention(q, k, v, lay, cell_mask=cm, impl="pallas_gpu",
+                                              kernel_options=options).astype(jnp.float32))
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
     args = (sds((B, T, H, D), jnp.bfloat16), sds((B, T, K, D), jnp.bfloat16), sds((B, T, K, D), jnp.bfloat16),
             sds((B, T, H, M), jnp.bool_), sds((B, T), jnp.int32), sds((B, T), jnp.int32))
-    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"):
-        assert name in text, name
+    for options in (None, {"dkv_major": "queries"}):
+        f = jax.jit(jax.grad(functools.partial(loss, options=options), argnums=(0, 1, 2)))
+        with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=dev)):
+            text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        for name in ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"):
+            assert name in text, name
