@@ -415,7 +415,7 @@ def test_token_granularity_pallas_gpu_route_equals_xla():
         module, run = jitted(tuple(sorted({**base, **extra}.items())))
         outs.append(run(q, k, v, seg))
         loss = lambda q, k, v: jnp.sum(jnp.sin(module(q, k, v, segment_ids=seg).out))  # noqa: B023
-        grads.append(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+        grads.append(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     a, b = outs
     np.testing.assert_array_equal(np.asarray(b.aux["mask"]), np.asarray(a.aux["mask"]))
     # on a GPU the compiled kernel's float32 dots run at TF32 (the XLA path's at full float32)

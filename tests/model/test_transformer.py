@@ -33,10 +33,11 @@ def test_causality(overrides):
     model = _model(**overrides)
     B, T = 2, 11
     tokens = _tokens(1, B, T, model.cfg.vocab_size)
-    base = model(tokens).logits
+    logits = nnx.jit(lambda model, tokens: model(tokens).logits)  # one compile for the four calls
+    base = logits(model, tokens)
     for t in (0, 4, T - 2):
         changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 7) % model.cfg.vocab_size)
-        out = model(changed).logits
+        out = logits(model, changed)
         np.testing.assert_array_equal(np.asarray(out[:, : t + 1]), np.asarray(base[:, : t + 1]))
         # the test can fail: the changed position itself must move
         assert not np.allclose(np.asarray(out[:, t + 1]), np.asarray(base[:, t + 1]))
@@ -53,8 +54,9 @@ def test_cached_decoding_matches_full_forward(scan_layers):
     out = model(tokens[:, :P], cache=cache)
     steps = [out.logits]
     cache = out.cache
+    step = nnx.jit(lambda model, token, cache: model(token, cache=cache))  # one compile for the T - P steps
     for t in range(P, T):
-        out = model(tokens[:, t : t + 1], cache=cache)
+        out = step(model, tokens[:, t : t + 1], cache)
         cache = out.cache
         steps.append(out.logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=2e-5, rtol=2e-5)
@@ -67,8 +69,9 @@ def test_scan_and_unrolled_share_parameters_and_outputs():
     scanned = _model(seed=4, scan_layers=True, remat="full")
     nnx.update(scanned, nnx.state(unrolled))  # identical structure by construction
     tokens = _tokens(3, 2, 9, unrolled.cfg.vocab_size)
-    a = unrolled(tokens, return_hidden=True)
-    b = scanned(tokens, return_hidden=True)
+    forward = nnx.jit(lambda model, tokens: model(tokens, return_hidden=True))
+    a = forward(unrolled, tokens)
+    b = forward(scanned, tokens)
     np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(a.hidden), np.asarray(b.hidden), atol=1e-5, rtol=1e-5)
     assert a.hidden.shape == (4, 2, 9, 24)
@@ -76,8 +79,9 @@ def test_scan_and_unrolled_share_parameters_and_outputs():
     def loss(model):
         return jnp.mean(model(tokens).logits ** 2)
 
-    ga = nnx.state(nnx.grad(loss)(unrolled), nnx.Param)
-    gb = nnx.state(nnx.grad(loss)(scanned), nnx.Param)
+    grad = nnx.jit(nnx.grad(loss))
+    ga = nnx.state(grad(unrolled), nnx.Param)
+    gb = nnx.state(grad(scanned), nnx.Param)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-4)
 
