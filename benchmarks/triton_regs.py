@@ -3,7 +3,8 @@
 Lowers a layer's forward+backward for an H100 on the CPU (an abstract GPU device), keeps the
 Triton IR of every Pallas Triton kernel with its num_warps / num_stages, compiles each with the
 ``triton`` package (``pip install triton``: it bundles ``ptxas``) for sm_90 and runs the
-``ptxas`` bundled with it (``-v``) for the register count, spill stores / loads and stack frame.
+``ptxas`` bundled with it (``-v``) for the register count, spill stores / loads and stack frame,
+and its ``nvdisasm`` for static SASS counts (instructions, global loads, local loads / stores).
 Prints a table, writes JSON.
 
 A proxy, not the GPU's numbers: the GPU machine compiles the same IR with the Triton inside its
@@ -114,9 +115,26 @@ def ptxas_report(ptx: str) -> dict:
                                capture_output=True, text=True)
             if r.returncode == 0:
                 text = r.stdout + r.stderr
-                return {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in PTXAS_RE.items()}
+                report = {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in PTXAS_RE.items()}
+                return dict(report, **sass_counts(os.path.join(bindir, "nvdisasm"), os.path.join(tmp, "k.cubin")))
             errors.append(f"{os.path.basename(exe)}: {r.stderr.strip()[-300:]}")
     raise RuntimeError("no ptxas bundled with triton accepted the PTX: " + " | ".join(errors))
+
+
+SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def sass_counts(nvdisasm: str, cubin: str) -> dict:
+    """Static SASS counts of the cubin (every path of every branch, not executed counts): all
+    instructions, global loads (LDG; async copies LDGSTS apart) and local-memory (spill) loads /
+    stores. Empty when nvdisasm is missing or fails."""
+    if not os.path.exists(nvdisasm):
+        return {}
+    r = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+    if r.returncode:
+        return {}
+    ops = [m.group(1) for m in SASS_OP.finditer(r.stdout)]
+    return dict(sass=len(ops), sass_ldg=ops.count("LDG"), sass_ldl=ops.count("LDL"), sass_stl=ops.count("STL"))
 
 
 def compile_report(kernel: dict, dump: str | None = None) -> dict:
@@ -185,8 +203,9 @@ def main():
 
     out = dict(env=dict(env_info(), triton=triton.__version__), args=vars(args), rows=[])
     print(f"triton {triton.__version__} (the GPU's jaxlib Triton differs: compare settings within one run)")
-    print("| layer | kernel | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | kernel | warps | stages | registers | spill stores B | spill loads B | stack B | shared KiB "
+          "| SASS | LDG | LDL / STL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in layers:
         fn, fargs = layer_function(name, args.seq, args)
         with captured_triton_kernels() as kernels:
@@ -201,7 +220,9 @@ def main():
                        **compile_report(kern, args.dump and os.path.join(args.dump, f"{name}_{kern['name']}")))
             out["rows"].append(row)
             print(f"| {name} | {row['kernel']} | {row['warps']} | {row['stages']} | {row['registers']} | "
-                  f"{row['spill_stores']} | {row['spill_loads']} | {row['stack']} | {row['shared_kib']} |", flush=True)
+                  f"{row['spill_stores']} | {row['spill_loads']} | {row['stack']} | {row['shared_kib']} | "
+                  f"{row.get('sass', '-')} | {row.get('sass_ldg', '-')} | {row.get('sass_ldl', '-')} / "
+                  f"{row.get('sass_stl', '-')} |", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
