@@ -93,7 +93,7 @@ class SEAOptions:
         also selects the top-k cells with a Pallas radix select (``select_impl``).
     kernel_interpret: run the Pallas kernels in interpret mode (CPU tests).
     kernel_options: None or a dict of backend tuning knobs passed to
-        ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"always_mask": True}`` for the
+        ``block_sparse_attention(kernel_options=...)`` (e.g. ``{"dkv_tiles": (64, 32)}`` for the
         Triton kernel); stored as sorted (key, value) pairs so the options stay hashable.
     select_impl: how the top-k cells are found: "xla" (a stable sort; ``lax.top_k`` for the rows
         past ``sort_rows``), "pallas" (sea_jax.kernels.gpu_top_budget, a Pallas Triton radix
