@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import JsonRows, compile_with_memory, env_info, time_ms  # noqa: E402
+from common import SEA_LAYER, SPARSEK_LAYER, JsonRows, compile_with_memory, env_info, time_ms  # noqa: E402
 
 from sea_jax.attention.base import AttentionDims  # noqa: E402
 from sea_jax.attention.sea import SEAAttention, SEAOptions  # noqa: E402
@@ -178,8 +178,8 @@ def main():
     else:
         H, D, dtype = 16, 128, jnp.bfloat16
         seqs = [int(s) for s in args.seqs.split(",")]
-        sk = SparseKOptions(k=1024, window=512)
-        sea = SEAOptions(k=64, t_m=256, granularity="block", impl="auto")
+        sk = SparseKOptions(**SPARSEK_LAYER)
+        sea = SEAOptions(**SEA_LAYER, granularity="block", impl="auto")
         dense_impl = "cudnn"
     K = H if args.kv_heads is None else args.kv_heads
     if K < 1 or H % K:

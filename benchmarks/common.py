@@ -16,6 +16,11 @@ import traceback
 
 import jax
 
+# the issue's layer settings, shared by the layer benchmarks (bench_layers, profile_layer,
+# triton_regs): SparseKAttention with k = 1024, w = 512; SEAAttention with k = 64, T_M = 256
+SPARSEK_LAYER = dict(k=1024, window=512)
+SEA_LAYER = dict(k=64, t_m=256)
+
 
 def compile_with_memory(jitted, args):
     """(compiled executable, dict of XLA memory-analysis bytes or None).

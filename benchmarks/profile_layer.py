@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_layers import dense_functions, sea_functions, sparsek_functions  # noqa: E402
-from common import env_info, kernel_options_json, time_ms  # noqa: E402
+from common import SEA_LAYER, SPARSEK_LAYER, env_info, kernel_options_json, time_ms  # noqa: E402
 
 from sea_jax.attention.base import AttentionDims  # noqa: E402
 from sea_jax.attention.sea import SEAOptions  # noqa: E402
@@ -171,7 +171,7 @@ def main():
     if K < 1 or H % K:
         raise ValueError(f"--kv_heads must divide the 16 query heads, got {K}")
     dims = AttentionDims(H, K, D, H * D)
-    sk = SparseKOptions(**{"k": 1024, "window": 512, **json.loads(args.options)})
+    sk = SparseKOptions(**{**SPARSEK_LAYER, **json.loads(args.options)})
     kq, kk, kv, kx = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(kq, (1, S, H, D), jnp.bfloat16)
     k, v = (jax.random.normal(key, (1, S, K, D), jnp.bfloat16) for key in (kk, kv))
@@ -202,7 +202,7 @@ def main():
         elif name in ("sea", "sea_token"):  # bench_layers.py's SEA settings (fwd+bwd loss includes the estimate)
             gran = "block" if name == "sea" else "token"
             ko = kernel_options_json(args.sea_kernel_options) if args.sea_kernel_options else None
-            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(k=64, t_m=256, granularity=gran, impl="auto",
+            extra, fwd, fwd_bwd = sea_functions(dims, SEAOptions(**SEA_LAYER, granularity=gran, impl="auto",
                                                                  kernel_options=ko))
             fargs = (*extra, q, k, v)
         else:

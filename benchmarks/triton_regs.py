@@ -33,9 +33,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+# triton 3.9 warns unless this is set; 1 keeps FP fusion on, as the GPU's Triton compiles
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_layers import sea_functions, sparsek_functions  # noqa: E402
-from common import env_info, kernel_options_json  # noqa: E402
+from common import SEA_LAYER, SPARSEK_LAYER, env_info, kernel_options_json  # noqa: E402
 
 from sea_jax.attention.base import AttentionDims  # noqa: E402
 from sea_jax.attention.sea import SEAOptions  # noqa: E402
@@ -98,7 +100,8 @@ def lower_for_h100(fn, args):
 
 
 def ptxas_report(ptx: str) -> dict:
-    """ptxas -v of PTX for sm_90a with the newest ptxas bundled with triton that accepts it."""
+    """ptxas -v of PTX for sm_90a with the newest ptxas bundled with triton that accepts it,
+    plus the resulting cubin's static SASS counts (:func:`sass_counts`)."""
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -162,12 +165,12 @@ def layer_function(name, seq, args):
     sds = jax.ShapeDtypeStruct
     q, kv, x = sds((1, seq, H, D), jnp.bfloat16), sds((1, seq, K, D), jnp.bfloat16), sds((1, seq, H * D), jnp.bfloat16)
     if name == "sparsek":
-        sk = SparseKOptions(**{"k": 1024, "window": 512, **json.loads(args.options), "impl": "pallas_gpu"})
+        sk = SparseKOptions(**{**SPARSEK_LAYER, **json.loads(args.options), "impl": "pallas_gpu"})
         (params,), _, fwd_bwd = sparsek_functions(dims, sk)
         return fwd_bwd, (jax.tree.map(lambda a: sds(a.shape, a.dtype), params), q, kv, kv, x)
     gran = "block" if name == "sea" else "token"
     ko = kernel_options_json(args.sea_kernel_options) if args.sea_kernel_options else None
-    opts = SEAOptions(k=64, t_m=256, granularity=gran, impl="pallas_gpu", select_impl="xla", kernel_options=ko)
+    opts = SEAOptions(**SEA_LAYER, granularity=gran, impl="pallas_gpu", select_impl="xla", kernel_options=ko)
     (params,), _, fwd_bwd = sea_functions(dims, opts)
     return fwd_bwd, (jax.tree.map(lambda a: sds(a.shape, a.dtype), params), q, kv, kv)
 
