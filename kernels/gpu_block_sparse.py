@@ -631,7 +631,7 @@ def block_sparse_attention_gpu(
     num_warps: tuple[int, int, int] | None = None,
     num_stages: tuple[int, int, int] | None = None,
     always_mask: bool = True,
-    dkv_major: str = "keys",
+    dkv_major: str = "auto",
     forward: str = "auto",
     mosaic_block_kv: int | None = None,
     mosaic_stages: int = 2,
@@ -650,11 +650,15 @@ def block_sparse_attention_gpu(
       num_warps, num_stages: per kernel (fwd, dq, dkv); defaults (8|4, 4, 4) and (3, 2, 2).
       always_mask: mask every tile elementwise (default) instead of branching per tile
         between a masked and a plain step (False).
-      dkv_major: "keys" (default) or "queries": which of the dK/dV kernel's tile axes runs
-        along the MMA's rows. "keys" ([tk, tq] tiles) feeds dK and dV without transposes;
+      dkv_major: "auto" (default), "keys" or "queries": which of the dK/dV kernel's tile axes
+        runs along the MMA's rows. "keys" ([tk, tq] tiles) feeds dK and dV without transposes;
         "queries" ([tq, tk], transposed operands for dK and dV) computes per-query-row values
         (a cell mask's) 8x less redundantly: 2 per thread instead of 16 in the wgmma layout
-        (offline, ``benchmarks/triton_regs.py --dump``). Not yet timed on a GPU.
+        (``benchmarks/triton_regs.py --dump``). "auto" takes "queries" with a ``cell_mask``
+        and "keys" otherwise. Measured on an H100 (``profile_layer.py --seq 32768``, 64 x 64
+        tiles, 2026-11-24): SEA's token granularity (cell mask) dK/dV kernel 17.32 ms keys-major
+        against 7.21 queries-major (layer forward+backward 64.8 -> 54.6 ms wall); block
+        granularity (no cell mask) 3.67 keys-major against 3.93.
       forward: "auto" | "triton" | "mosaic": the forward kernel. "mosaic" is the Mosaic GPU
         (wgmma/TMA) forward of :mod:`.gpu_block_sparse_mosaic` (Hopper, bf16/fp16, head_dim
         64/128, no key weights or segment ids, block_q % 128 == 0, block_k % 64 == 0; a
@@ -695,8 +699,10 @@ def block_sparse_attention_gpu(
     warps = num_warps or (8 if fq >= 128 else 4, 4, 4)
     stages = num_stages or (3, 2, 2)
     scale = D**-0.5 if scale is None else float(scale)
-    if dkv_major not in ("keys", "queries"):
-        raise ValueError(f"dkv_major must be 'keys' or 'queries', got {dkv_major!r}")
+    if dkv_major not in ("auto", "keys", "queries"):
+        raise ValueError(f"dkv_major must be 'auto', 'keys' or 'queries', got {dkv_major!r}")
+    if dkv_major == "auto":
+        dkv_major = "queries" if cell_mask is not None else "keys"
     if cell_mask is not None and forward == "mosaic":
         raise ValueError("forward='mosaic' cannot run this call: the Mosaic forward takes no cell_mask")
     if cell_mask is not None and max(fk, dqk, kk) > MAX_TILE_KEYS:
