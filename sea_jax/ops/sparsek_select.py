@@ -405,10 +405,15 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
     ok = (ent >= 0) & (_take(table.run, ent) >= 0)
     ent_rank = jnp.where(ok, _take(rank, ent), fast.EMPTY)
     ent_rank = jnp.moveaxis(ent_rank.reshape(B, K, nq, Bq), 2, 0)  # [nQ, B, K, Bq]
-    # the GPU kernel path merges the carries' rank lists on chip too
-    merge = method if method in ("pallas", "pallas_interpret") else "bitonic"
-    carry, ev = fast.prefix_ranks(ent_rank, c, merge=merge)
-    lists = fast.sorted_block_lists(carry, ent_rank, table.score.shape[-1])  # [nQ, B, K, C + Bq]
+    on_chip = method in ("pallas", "pallas_interpret")
+    if on_chip and fast.KERNEL_BLOCK_LISTS:
+        # the GPU kernel path: every block's sorted list in one Pallas pass over the keys in
+        # rank order (no merge scan, no sort)
+        lists, ev = fast.kernel_block_lists(ent_rank, c, table.score.shape[-1],
+                                            interpret=method == "pallas_interpret")
+    else:
+        carry, ev = fast.prefix_ranks(ent_rank, c, merge=method if on_chip else "bitonic")
+        lists = fast.sorted_block_lists(carry, ent_rank, table.score.shape[-1])  # [nQ, B, K, C + Bq]
 
     def one_block(args):
         list_q, ev_q, ent_q, qpos_q, qrun_q = args

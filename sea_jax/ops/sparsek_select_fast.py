@@ -70,6 +70,10 @@ EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 # 0.09-0.18 GiB less temporaries; both compile in 11-13 s. False: the XLA passes (kept as the
 # reference the tests compare the kernel path with, and for A/B measurements).
 STRUCTURE_IN_KERNEL = True
+# The kernel path's block lists: True builds every block's sorted list and ev in one Pallas pass
+# over the keys in rank order (kernel_block_lists); False: the merge scan of on-chip rank merges
+# (prefix_ranks, merge="pallas") and a radix sort of the lists (sorted_block_lists), for A/B runs.
+KERNEL_BLOCK_LISTS = True
 # list_select's entries per vector step in the layer: 128 against 64 / 256 took it from 0.61 / 0.65
 # to 0.55 ms in the forward at T = 32k on an H100 (profile_layer.py --select_options, one process
 # each; the plain walk's best was 64)
@@ -134,6 +138,33 @@ def sorted_block_lists(carry_ranks: jax.Array, enter_ranks: jax.Array, num_keys:
         parts.append(key.reshape(n, M) % span)  # the row offset keeps every row in place
     out = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     return jnp.where(out == num_keys, EMPTY, out).reshape(lead + (M,))
+
+
+@jax.named_scope("sparsek_lists")
+def kernel_block_lists(enter_ranks: jax.Array, c: int, num_keys: int, interpret: bool = False, **kernel_kw
+                       ) -> tuple[jax.Array, jax.Array]:
+    """:func:`sorted_block_lists` of :func:`prefix_ranks`' carries, and their ``ev``, in one
+    Pallas pass over the keys in rank order (:func:`sea_jax.kernels.gpu_block_lists.block_lists`).
+
+    Args:
+      enter_ranks: int32 [nQ, ..., Bq] ranks of the keys entering at each query (EMPTY: none).
+      c: C, the carry length; num_keys: ranks run over [0, num_keys).
+      interpret: Pallas interpret mode (CPU).
+      kernel_kw: the kernel's ``chunk`` / ``num_warps``.
+    Returns:
+      lists int32 [nQ, ..., C + Bq] and ev int32 [nQ, ...], exactly as the XLA path's.
+    """
+    from sea_jax.kernels.gpu_block_lists import NEVER, block_lists
+
+    nq, lead, bq = enter_ranks.shape[0], enter_ranks.shape[1:-1], enter_ranks.shape[-1]
+    rows = int(np.prod(lead))
+    ent = enter_ranks.reshape(nq, rows, bq)
+    # entry[row, rank]: the query at which that rank's key enters (EMPTY ranks fall out of range)
+    when = jnp.broadcast_to(jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, 1, bq), ent.shape)
+    row = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32).reshape(1, rows, 1), ent.shape)
+    entry = jnp.full((rows, num_keys), NEVER, jnp.int32).at[row, ent].set(when, mode="drop")
+    lists, ev = block_lists(entry, ent, c, interpret=interpret, **kernel_kw)
+    return lists.reshape((nq,) + lead + (c + bq,)), ev.reshape((nq,) + lead)
 
 
 def _next_pow2(n: int) -> int:
