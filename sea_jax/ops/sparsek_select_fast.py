@@ -12,9 +12,11 @@ by the same solver, to float rounding), organised for a GPU:
    that entered before it (an exclusive ``lax.associative_scan``, as in the "parallel"
    schedule). Two sorted lists merge without a sort: ``min(a, reverse(b))`` holds the C
    smallest of the union as a bitonic sequence (log2 elementwise min/max stages sort it) and
-   the smallest of ``max(a, reverse(b))`` is the (C + 1)-th, the evicted key. (On the GPU
-   kernel path the merges run as one Pallas pass each, :mod:`sea_jax.kernels.gpu_rank_merge`:
-   the network's stages were ~100 small kernels.)
+   the smallest of ``max(a, reverse(b))`` is the (C + 1)-th, the evicted key. (The GPU kernel
+   path skips the scan: :func:`kernel_block_lists` builds every block's sorted list in one Pallas
+   pass over the keys in rank order, :mod:`sea_jax.kernels.gpu_block_lists`; before it the merges
+   ran as one Pallas pass each, :mod:`sea_jax.kernels.gpu_rank_merge`, still used with
+   ``KERNEL_BLOCK_LISTS = False``.)
 3. **Per query without cumsum.** A block's list (carry + the block_q entering keys, sorted by
    rank) is shared by its queries. Query i sees the entries of its own run (one contiguous
    range [s_i, e_i) of the list, since runs sort first) except the entering keys of later
@@ -59,7 +61,8 @@ from jax import lax
 
 from sea_jax.ops.sparsek import bracket_tolerance, solve_shifted_threshold, sort_shifted_threshold
 
-__all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "fast_select_blocks", "key_ends"]
+__all__ = ["EMPTY", "global_ranks", "bitonic_merge_lowest", "prefix_ranks", "kernel_block_lists", "fast_select_blocks",
+           "key_ends"]
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the rank of "no key" (sorts last)
 
