@@ -97,7 +97,7 @@ def block_lists(entry: jax.Array, enter_ranks: jax.Array, c: int, *, chunk: int 
     Returns:
       lists int32 [nQ, R, C + Bq]: the C best ranks entered in blocks < q and the ranks entering
       in block q, ascending, EMPTY last (:func:`sea_jax.ops.sparsek_select_fast.sorted_block_lists`
-      of :func:`~sea_jax.ops.sparsek_select_fast.prefix_ranks`' carries), and ev int32 [R, nQ]:
+      of :func:`~sea_jax.ops.sparsek_select_fast.prefix_ranks`' carries), and ev int32 [nQ, R]:
       the (C + 1)-th best rank entered in blocks < q (EMPTY: none).
     """
     if entry.ndim != 2 or enter_ranks.ndim != 3 or enter_ranks.shape[1] != entry.shape[0]:
