@@ -77,6 +77,9 @@ STRUCTURE_IN_KERNEL = True
 # over the keys in rank order (kernel_block_lists); False: the merge scan of on-chip rank merges
 # (prefix_ranks, merge="pallas") and a radix sort of the lists (sorted_block_lists), for A/B runs.
 KERNEL_BLOCK_LISTS = True
+# global_ranks by two stable 1-D key-index sorts (XLA's GPU radix sort) instead of one batched
+# 3-key sort, where the packed keys fit in int32
+RADIX_RANKS = True
 # list_select's entries per vector step in the layer: 128 against 64 / 256 took it from 0.61 / 0.65
 # to 0.55 ms in the forward at T = 32k on an H100 (profile_layer.py --select_options, one process
 # each; the plain walk's best was 64)
@@ -86,6 +89,25 @@ _SELECT_CHUNK = 128
 def _take(a, idx):
     """a: [..., S] (leading axes broadcast against idx's), idx: int [..., N] clipped -> [..., N]."""
     return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[-1] - 1), axis=-1)
+
+
+def _radix_order(score, run, has):
+    """global_ranks' order by two stable 1-D (key, index) sorts, which XLA's GPU compiler runs as
+    radix sorts, instead of one batched 3-key comparison sort (~14 kernels at T = 32k): first by
+    score, descending, over positions fed in descending order (so ties keep later positions
+    first), then by (row, run descending), which keeps that order within a run."""
+    T = score.shape[-1]
+    rows = int(np.prod(score.shape[:-1]))
+    x = jnp.where(score == 0, jnp.float32(0), score.astype(jnp.float32))  # -0.0 ties with 0.0, as in lax.sort
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    mono = bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))  # int order = float order
+    key_a = jnp.where(has, ~mono, jnp.iinfo(jnp.int32).max)  # best score first, non-keys last
+    flat = jnp.arange(rows * T, dtype=jnp.int32).reshape(rows, T)[:, ::-1].reshape(-1)
+    _, f = lax.sort((key_a.reshape(rows, T)[:, ::-1].reshape(-1), flat), num_keys=1, is_stable=True)
+    run_f = run.reshape(-1)[f]
+    key_b = (f // T) * (T + 2) + (T - jnp.where(run_f >= 0, run_f, -1))  # row, then later runs first
+    _, f = lax.sort((key_b, f), num_keys=1, is_stable=True)
+    return (f % T).reshape(score.shape)
 
 
 @jax.named_scope("sparsek_ranks")
@@ -98,16 +120,23 @@ def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array
     Returns:
       order[r] = position of the key of rank r; rank[j] = rank of the key at position j.
 
-    (Two stable 1-D radix sorts with packed int32 keys instead of these batched sorts measured
-    no faster on an H100 at T = 32k, K = 16: 0.085 vs ~0.11 ms, profile_layer_32k_{tol,ranks}.json.)
+    Where the packed keys fit in int32 (``RADIX_RANKS``) the order comes from two stable 1-D
+    sorts (:func:`_radix_order`), else from one batched 3-key sort. On an H100 in the SparseK
+    layer at T = 32k, K = 16 (profile_sparsek_32k_radix_ranks_{on,off}_1124.json, two processes
+    each): ranks and sorts 0.16 vs 0.27 ms, 11 vs 22 kernels, device kernels 8.73 / 8.72 vs 8.82 /
+    8.96 ms. The inverse permutation is one scatter.
     """
     T = score.shape[-1]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), score.shape)
     has = run >= 0
-    key = jnp.where(has, lax.stop_gradient(score), -jnp.inf)
-    # the tie rules of select_block's sort: later run first, then higher score, then later position
-    _, _, neg_pos = lax.sort((-jnp.where(has, run, -1), -key, -pos), dimension=-1, num_keys=3)
-    order = -neg_pos
+    rows = int(np.prod(score.shape[:-1]))
+    if RADIX_RANKS and rows * (T + 2) < 2**31:
+        order = _radix_order(lax.stop_gradient(score), run, has)
+    else:
+        key = jnp.where(has, lax.stop_gradient(score), -jnp.inf)
+        # the tie rules of select_block's sort: later run first, then higher score, then later position
+        _, _, neg_pos = lax.sort((-jnp.where(has, run, -1), -key, -pos), dimension=-1, num_keys=3)
+        order = -neg_pos
     # the inverse permutation is a scatter, not a second sort (XLA's batched sort: ~14 kernels)
     rank = jnp.put_along_axis(jnp.zeros_like(order), order, pos, axis=-1, inplace=False)
     return order, rank

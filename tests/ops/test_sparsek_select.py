@@ -217,20 +217,23 @@ def _carries_by_scan(u, k, window, extra, block_q, seg):
     return table, jnp.asarray(np.stack(enters)), states
 
 
+@pytest.mark.parametrize("radix", [True, False])
 @pytest.mark.parametrize("B,K,T", [(2, 3, 50), (1, 2, 333), (3, 1, 7)])
-def test_global_ranks_order(B, K, T):
+def test_global_ranks_order(B, K, T, radix, monkeypatch):
     """Keys ordered by (run, score, position) descending, non-keys (run -1) last: against
     NumPy's lexsort, with tied scores, interleaved -0.0 / 0.0 (equal), several segment runs and
     non-keys; jitted, so that XLA's simplifications apply as in the selection."""
     from sea_jax.ops import sparsek_select_fast as fast
 
+    monkeypatch.setattr(fast, "RADIX_RANKS", radix)  # the two stable 1-D sorts or the 3-key sort
     rng = np.random.default_rng(B * 100 + T)
     score = np.round(rng.normal(size=(B, K, T)) * 2) / 2  # many ties
     score[0, 0, :6] = [-0.0, 0.0, -0.0, -0.0, 0.0, -0.0]  # interleaved: equal, ordered by position
     step = max(1, T // 3)
     run = np.where(rng.random((B, K, T)) < 0.1, -1, (np.arange(T) // step) * step).astype(np.int32)
-    order, rank = (np.asarray(a) for a in jax.jit(fast.global_ranks)(jnp.asarray(score, jnp.float32),
-                                                                      jnp.asarray(run)))
+    # a fresh function per call: jit's cache would keep the other path's trace
+    ranks = jax.jit(lambda s, r: fast.global_ranks(s, r))
+    order, rank = (np.asarray(a) for a in ranks(jnp.asarray(score, jnp.float32), jnp.asarray(run)))
     for b in range(B):
         for h in range(K):
             has = run[b, h] >= 0
