@@ -120,8 +120,9 @@ def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array
     Returns:
       order[r] = position of the key of rank r; rank[j] = rank of the key at position j.
 
-    Where the packed keys fit in int32 (``RADIX_RANKS``) the order comes from two stable 1-D
-    sorts (:func:`_radix_order`), else from one batched 3-key sort. On an H100 in the SparseK
+    Where the packed keys fit in int32 and the scores in float32 (``RADIX_RANKS``) the order
+    comes from two stable 1-D sorts (:func:`_radix_order`), else from one batched 3-key sort
+    (float64 scores: the radix keys hold float32 bits). On an H100 in the SparseK
     layer at T = 32k, K = 16 (profile_sparsek_32k_radix_ranks_{on,off}_1124.json, two processes
     each): ranks and sorts 0.16 vs 0.27 ms, 11 vs 22 kernels, device kernels 8.73 / 8.72 vs 8.82 /
     8.96 ms. The inverse permutation is one scatter.
@@ -130,7 +131,7 @@ def global_ranks(score: jax.Array, run: jax.Array) -> tuple[jax.Array, jax.Array
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), score.shape)
     has = run >= 0
     rows = int(np.prod(score.shape[:-1]))
-    if RADIX_RANKS and rows * (T + 2) < 2**31:
+    if RADIX_RANKS and rows * (T + 2) < 2**31 and jnp.dtype(score.dtype).itemsize <= 4:
         order = _radix_order(lax.stop_gradient(score), run, has)
     else:
         key = jnp.where(has, lax.stop_gradient(score), -jnp.inf)

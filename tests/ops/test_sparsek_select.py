@@ -242,6 +242,19 @@ def test_global_ranks_order(B, K, T, radix, monkeypatch):
             np.testing.assert_array_equal(rank[b, h][order[b, h]], np.arange(T))
 
 
+def test_global_ranks_keep_float64_order():
+    """float64 scores that round to one float32 value stay ordered by score (not by position, as
+    float32 radix keys would order them)."""
+    from x64 import enable_x64
+
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    with enable_x64():
+        score = jnp.asarray([[[1.0 + 1e-12, 1.0, 0.5]]], jnp.float64)
+        order, _ = fast.global_ranks(score, jnp.zeros((1, 1, 3), jnp.int32))
+    np.testing.assert_array_equal(np.asarray(order)[0, 0], [0, 1, 2])
+
+
 @pytest.mark.parametrize("num_keys", [50, 2**29])  # 2**29: rows * (num_keys + 1) > 2**31, several 1-D sorts
 def test_sorted_block_lists(num_keys):
     from sea_jax.ops import sparsek_select_fast as fast
