@@ -11,7 +11,8 @@ order, so reading ``entry[row, 0:T]`` is reading the keys best first) and keeps 
 entered before the block and fewer than C such ranks were kept, or if it enters during the block.
 Kept ranks come out in rank order, so the list is sorted as it is written. The pass stops at the
 (C + 1)-th earlier key (about C T / q ranks for block q, not T); the block's entering ranks past
-that point follow all kept ones, ordered among themselves by a [Bq, Bq] count. Exact integer
+that point follow all kept ones, ordered among themselves by a [Bq, Bq] count. Where each
+entering rank is written is its query's ``spos`` (the selection's binary search otherwise). Exact integer
 outputs, the same as the XLA path's (tests compare the two).
 """
 
@@ -32,11 +33,12 @@ EMPTY = jnp.iinfo(jnp.int32).max  # "no key" (sorts last); sea_jax.ops.sparsek_s
 NEVER = jnp.iinfo(jnp.int32).max  # the entry time of a rank whose key never enters
 
 
-def _kernel(entry_ref, enter_ref, list_ref, ev_ref, *, c: int, block_q: int, chunk: int, length: int):
+def _kernel(entry_ref, enter_ref, list_ref, ev_ref, spos_ref, *, c: int, block_q: int, chunk: int, length: int):
     q0 = pl.program_id(1) * block_q
     num = entry_ref.shape[0]  # ranks, padded to a multiple of chunk with NEVER
     lane = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     zero = jnp.int32(0)
+    n_slots = enter_ref.shape[0]
 
     def cond(st):
         r0, n_old, _, _ = st
@@ -52,8 +54,17 @@ def _kernel(entry_ref, enter_ref, list_ref, ev_ref, *, c: int, block_q: int, chu
         pos = n_out + jnp.cumsum(keep.astype(jnp.int32)) - 1
         # lanes not kept point past the list (masked: never written), each at its own index
         pltriton.store(list_ref.at[jnp.where(keep, pos, length + lane)], r0 + lane, mask=keep)
+        n_old_chunk = jnp.sum(old.astype(jnp.int32))
+        n_keep = jnp.sum(keep.astype(jnp.int32))
+        # where each entering rank lands: the list index of the key entering at query t. Most
+        # chunks hold none: a branch, not a masked scatter per chunk, on a count taken from the
+        # sums the loop needs anyway (the kept earlier keys are the chunk's first C - n_old)
+        @pl.when(n_keep - jnp.minimum(c - n_old, n_old_chunk) > 0)
+        def _():
+            pltriton.store(spos_ref.at[jnp.where(new, t - q0, n_slots + lane)], pos, mask=new)
+
         ev = jnp.minimum(ev, jnp.min(jnp.where(old & (old_i == c), r0 + lane, EMPTY)))
-        return (r0 + chunk, n_old + jnp.sum(old.astype(jnp.int32)), n_out + jnp.sum(keep.astype(jnp.int32)), ev)
+        return (r0 + chunk, n_old + n_old_chunk, n_out + n_keep, ev)
 
     r_end, _, n_out, ev = lax.while_loop(cond, body, (zero, zero, zero, jnp.int32(EMPTY)))
     # The block's entering ranks the scan did not reach (>= r_end) follow every kept rank: after
@@ -70,6 +81,8 @@ def _kernel(entry_ref, enter_ref, list_ref, ev_ref, *, c: int, block_q: int, chu
     ahead = lax.fori_loop(0, enter.shape[0] // 16, count, jnp.zeros(enter.shape, jnp.int32))
     slot = lax.broadcasted_iota(jnp.int32, enter.shape, 0)
     pltriton.store(list_ref.at[jnp.where(late, n_out + ahead, length + slot)], enter, mask=late)
+    pltriton.store(spos_ref.at[slot], n_out + ahead, mask=late)
+    pltriton.store(spos_ref.at[slot], jnp.full(enter.shape, length, jnp.int32), mask=enter == EMPTY)
     n_out = n_out + jnp.sum(late.astype(jnp.int32))
 
     def fill(i, carry):  # EMPTY after the kept ranks
@@ -82,8 +95,9 @@ def _kernel(entry_ref, enter_ref, list_ref, ev_ref, *, c: int, block_q: int, chu
 
 
 def block_lists(entry: jax.Array, enter_ranks: jax.Array, c: int, *, chunk: int = 1024, num_warps: int = 4,
-                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """The sorted list of every query block and the (C + 1)-th best rank entered before it.
+                interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The sorted list of every query block, the (C + 1)-th best rank entered before it and
+    where each entering key lands in its block's list.
 
     Args:
       entry: int32 [R, N]: for each row (batch x KV head) and rank r, the index of the query at
@@ -98,7 +112,9 @@ def block_lists(entry: jax.Array, enter_ranks: jax.Array, c: int, *, chunk: int 
       lists int32 [nQ, R, C + Bq]: the C best ranks entered in blocks < q and the ranks entering
       in block q, ascending, EMPTY last (:func:`sea_jax.ops.sparsek_select_fast.sorted_block_lists`
       of :func:`~sea_jax.ops.sparsek_select_fast.prefix_ranks`' carries), and ev int32 [nQ, R]:
-      the (C + 1)-th best rank entered in blocks < q (EMPTY: none).
+      the (C + 1)-th best rank entered in blocks < q (EMPTY: none), and spos int32 [nQ, R, Bq]:
+      the list index of the rank entering at each query (C + Bq where none enters; the
+      selection's binary search of the entering ranks in the lists, done while writing them).
     """
     if entry.ndim != 2 or enter_ranks.ndim != 3 or enter_ranks.shape[1] != entry.shape[0]:
         raise ValueError(f"entry must be [R, N] and enter_ranks [nQ, R, Bq] with the same R, got "
@@ -113,24 +129,27 @@ def block_lists(entry: jax.Array, enter_ranks: jax.Array, c: int, *, chunk: int 
     nq, _, bq = enter_ranks.shape
     length = c + bq
     if R == 0 or nq == 0:
-        return jnp.zeros((nq, R, length), jnp.int32), jnp.zeros((nq, R), jnp.int32)
+        return (jnp.zeros((nq, R, length), jnp.int32), jnp.zeros((nq, R), jnp.int32),
+                jnp.full((nq, R, bq), length, jnp.int32))
     n_pad = -(-N // chunk) * chunk
     if n_pad != N:
         entry = jnp.pad(entry, ((0, 0), (0, n_pad - N)), constant_values=NEVER)
     bq_pad = max(16, 1 << (bq - 1).bit_length())  # Triton blocks are powers of two
     if bq_pad != bq:
         enter_ranks = jnp.pad(enter_ranks, ((0, 0), (0, 0), (0, bq_pad - bq)), constant_values=EMPTY)
-    lists, ev = pl.pallas_call(
+    lists, ev, spos = pl.pallas_call(
         functools.partial(_kernel, c=c, block_q=bq, chunk=chunk, length=length),
         grid=(R, nq),
         in_specs=[pl.BlockSpec((None, n_pad), lambda r, q: (r, 0)),
                   pl.BlockSpec((None, None, bq_pad), lambda r, q: (q, r, 0))],
         out_specs=[pl.BlockSpec((None, None, length), lambda r, q: (q, r, 0)),
-                   pl.BlockSpec((None, None, 16), lambda r, q: (q, r, 0))],
+                   pl.BlockSpec((None, None, 16), lambda r, q: (q, r, 0)),
+                   pl.BlockSpec((None, None, bq_pad), lambda r, q: (q, r, 0))],
         out_shape=[jax.ShapeDtypeStruct((nq, R, length), jnp.int32),
-                   jax.ShapeDtypeStruct((nq, R, 16), jnp.int32)],
+                   jax.ShapeDtypeStruct((nq, R, 16), jnp.int32),
+                   jax.ShapeDtypeStruct((nq, R, bq_pad), jnp.int32)],
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="sparsek_block_lists",
     )(entry, enter_ranks)
-    return lists, ev[..., 0]
+    return lists, ev[..., 0], spos[..., :bq]

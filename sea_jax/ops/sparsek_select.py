@@ -391,9 +391,11 @@ def default_block_batch(batch: int, kv_heads: int, block_q: int, candidates: int
     return max(1, budget_bytes // per_block)
 
 
-def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch, factored=False):
+def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_batch, factored=False,
+                   segments=True):
     """schedule="fast": BlockSelection with a leading block axis (slots hold positions); factored:
-    (BlockSelection, key_end [B, K, T]) (:func:`sea_jax.ops.sparsek_select_fast.key_ends`)."""
+    (BlockSelection, key_end [B, K, T]) (:func:`sea_jax.ops.sparsek_select_fast.key_ends`);
+    segments=False: no segment ids (one run), see fast_select_blocks."""
     from sea_jax.ops import sparsek_select_fast as fast
 
     qpos, qrun, enter = xs  # [nQ, Bq], [nQ, B, Bq], [nQ, B, Bq]
@@ -409,17 +411,20 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
     if on_chip and fast.KERNEL_BLOCK_LISTS:
         # the GPU kernel path: every block's sorted list in one Pallas pass over the keys in
         # rank order (no merge scan, no sort)
-        lists, ev = fast.kernel_block_lists(ent_rank, c, table.score.shape[-1],
-                                            interpret=method == "pallas_interpret")
+        # (and where each entering rank lands in its list)
+        lists, ev, spos = fast.kernel_block_lists(ent_rank, c, table.score.shape[-1],
+                                                  interpret=method == "pallas_interpret")
     else:
         carry, ev = fast.prefix_ranks(ent_rank, c, merge=method if on_chip else "bitonic")
         lists = fast.sorted_block_lists(carry, ent_rank, table.score.shape[-1])  # [nQ, B, K, C + Bq]
+        spos = None
 
     def one_block(args):
-        list_q, ev_q, ent_q, qpos_q, qrun_q = args
+        list_q, ev_q, ent_q, qpos_q, qrun_q, spos_q = args
         pos, mask, weight, tau, overflow = fast.fast_select_blocks(
             list_q, ev_q, ent_q, qpos_q, qrun_q, order=order, score=table.score, run=table.run,
-            k=k, c=c, window=window, union=union, method=method, factored=factored)
+            k=k, c=c, window=window, union=union, method=method, factored=factored, spos=spos_q,
+            segments=segments)
         return BlockSelection(pos, pos, mask, weight, tau, overflow)
 
     if block_batch is None:
@@ -430,7 +435,7 @@ def _fast_schedule(table: KeyTable, xs, *, k, c, window, union, method, block_ba
         block_batch = nq if method.startswith("pallas") else default_block_batch(B, K, Bq, c, budget_bytes=1 << 32)
     # no checkpoint: the residuals are the block lists' scores and per-query scalars (the
     # SparseK VJP regenerates its rows), so recomputing the forward would only cost time
-    args = (lists, ev, ent_rank, qpos, qrun)
+    args = (lists, ev, ent_rank, qpos, qrun, spos)
     if block_batch >= nq:  # one step: a plain vmap, no loop around the block outputs
         sel = jax.vmap(one_block)(args)
     else:
@@ -539,7 +544,7 @@ def causal_prefix_select(
         if schedule == "fused" and method == "bracket":
             solver = "pallas_interpret" if interpret else "pallas"
         sel = _fast_schedule(table, xs, k=k, c=k + extra, window=window, union=U, method=solver,
-                             block_batch=block_batch, factored=factored)
+                             block_batch=block_batch, factored=factored, segments=segment_ids is not None)
         if factored:
             sel, key_end = sel
     else:

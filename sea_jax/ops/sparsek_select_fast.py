@@ -176,7 +176,7 @@ def sorted_block_lists(carry_ranks: jax.Array, enter_ranks: jax.Array, num_keys:
 
 @jax.named_scope("sparsek_lists")
 def kernel_block_lists(enter_ranks: jax.Array, c: int, num_keys: int, interpret: bool = False, **kernel_kw
-                       ) -> tuple[jax.Array, jax.Array]:
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`sorted_block_lists` of :func:`prefix_ranks`' carries, and their ``ev``, in one
     Pallas pass over the keys in rank order (:func:`sea_jax.kernels.gpu_block_lists.block_lists`).
 
@@ -186,7 +186,8 @@ def kernel_block_lists(enter_ranks: jax.Array, c: int, num_keys: int, interpret:
       interpret: Pallas interpret mode (CPU).
       kernel_kw: the kernel's ``chunk`` / ``num_warps``.
     Returns:
-      lists int32 [nQ, ..., C + Bq] and ev int32 [nQ, ...], exactly as the XLA path's.
+      lists int32 [nQ, ..., C + Bq] and ev int32 [nQ, ...], exactly as the XLA path's, and spos
+      int32 [nQ, ..., Bq]: the list index of the rank entering at each query (C + Bq: none).
     """
     from sea_jax.kernels.gpu_block_lists import NEVER, block_lists
 
@@ -197,8 +198,8 @@ def kernel_block_lists(enter_ranks: jax.Array, c: int, num_keys: int, interpret:
     when = jnp.broadcast_to(jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, 1, bq), ent.shape)
     row = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32).reshape(1, rows, 1), ent.shape)
     entry = jnp.full((rows, num_keys), NEVER, jnp.int32).at[row, ent].set(when, mode="drop")
-    lists, ev = block_lists(entry, ent, c, interpret=interpret, **kernel_kw)
-    return lists.reshape((nq,) + lead + (c + bq,)), ev.reshape((nq,) + lead)
+    lists, ev, spos = block_lists(entry, ent, c, interpret=interpret, **kernel_kw)
+    return lists.reshape((nq,) + lead + (c + bq,)), ev.reshape((nq,) + lead), spos.reshape((nq,) + lead + (bq,))
 
 
 def _next_pow2(n: int) -> int:
@@ -737,7 +738,8 @@ def key_ends(kth: jax.Array, rank: jax.Array, run: jax.Array, window: int) -> ja
 @jax.named_scope("sparsek_block")
 def fast_select_blocks(
     block_list, ev_rank, enter_ranks, query_pos, query_run, *, order, score, run,
-    k: int, c: int, window: int, union: int, method: str, factored: bool = False,
+    k: int, c: int, window: int, union: int, method: str, factored: bool = False, spos=None,
+    segments: bool = True,
 ):
     """Selection of one query block from its carry (what select_block returns).
 
@@ -758,6 +760,11 @@ def fast_select_blocks(
         of a mask and weights (sea_jax.kernels.SlotSelection's vectors); the mask is then
         (lo, hi, kth): kth int32 [B, K, Bq] the rank of the k-th visible key of an active
         query, -1 for the others (:func:`key_ends` turns it into key intervals).
+      spos: optional int32 [B, K, Bq]: the list index of the rank entering at each query, C + Bq
+        or more where none enters (:func:`kernel_block_lists` writes it with the lists); None:
+        a binary search of the entering ranks in the list.
+      segments: False promises one run for every key and query (-1 only for padding queries):
+        each query's run range is then the list's keys, no binary search.
     Returns:
       (union positions int32 [B, K, U], mask bool [B, K, Bq, U], weight [B, K, Bq, U],
       tau [B, K, Bq], overflow bool [B, K, Bq]); factored: mask is (lo, hi, kth) int32 [B, K, Bq]
@@ -783,9 +790,17 @@ def fast_select_blocks(
     zero = jnp.zeros(lst.shape[:-1] + (Bq,), jnp.int32)
     end = zero + M
     qr = jnp.broadcast_to(qrun, zero.shape)
-    s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
-    e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
-    spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
+    if segments:
+        s = _first_false(lambda m: _take(lrun, m) > qr, zero, end, M)  # [B, K, Bq]
+        e = _first_false(lambda m: _take(lrun, m) >= qr, s, end, M)
+    else:  # the keys first (one run), then EMPTY: what the searches return for run 0 and -1
+        n_keys = jnp.sum(lrun >= 0, axis=-1, dtype=jnp.int32)[..., None]
+        s = jnp.where(qr >= 0, 0, n_keys)
+        e = jnp.where(qr >= 0, n_keys, M)
+    if spos is None:
+        spos = jnp.where(enter_ranks != EMPTY, _first_false(lambda m: _take(lst, m) < enter_ranks, zero, end, M), M)
+    else:
+        spos = jnp.where(spos < block_list.shape[-1], spos, M)
     if STRUCTURE_IN_KERNEL and factored and method in ("pallas", "pallas_interpret") and z.dtype == jnp.float32:
         # the kernel keeps each query's structure while it walks: no [Bq, Bq] arrays
         tau, kpos, last, nxt_pos, nvis = _walk_tau(z, tin, s, jnp.where(qrun >= 0, e, s), spos, k, c, M,

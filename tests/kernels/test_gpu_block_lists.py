@@ -32,11 +32,13 @@ def _entries(rng, rows, num_keys, nq, bq, frac):
 
 def _numpy_lists(entry, ent, c):
     """The definition, written out: per block, the c best ranks entered before it plus the ranks
-    entering in it, ascending, EMPTY-padded; and the (c + 1)-th best entered before it."""
+    entering in it, ascending, EMPTY-padded; the (c + 1)-th best entered before it; and per
+    query the list index of the rank entering at it (c + bq where none does)."""
     entry, ent = np.asarray(entry, np.int64), np.asarray(ent)
     nq, rows, bq = ent.shape
     lists = np.full((nq, rows, c + bq), EMPTY, np.int64)
     ev = np.full((nq, rows), EMPTY, np.int64)
+    spos = np.full((nq, rows, bq), c + bq, np.int64)
     for q in range(nq):
         for r in range(rows):
             old = np.flatnonzero(entry[r] < q * bq)  # ranks ascending
@@ -45,7 +47,11 @@ def _numpy_lists(entry, ent, c):
             lists[q, r, :len(keep)] = keep
             if len(old) > c:
                 ev[q, r] = old[c]
-    return lists, ev
+            index = {int(x): i for i, x in enumerate(keep)}
+            for t in range(bq):
+                if ent[q, r, t] != EMPTY:
+                    spos[q, r, t] = index[int(ent[q, r, t])]
+    return lists, ev, spos
 
 
 CASES = [
@@ -62,10 +68,11 @@ CASES = [
 def test_block_lists_against_merge_path_and_numpy(rows, num_keys, nq, bq, c, frac, chunk):
     rng = np.random.default_rng(num_keys + c)
     entry, ent = _entries(rng, rows, num_keys, nq, bq, frac)
-    lists, ev = block_lists(entry, ent, c, chunk=chunk, interpret=True)
-    want_lists, want_ev = _numpy_lists(entry, ent, c)
+    lists, ev, spos = block_lists(entry, ent, c, chunk=chunk, interpret=True)
+    want_lists, want_ev, want_spos = _numpy_lists(entry, ent, c)
     np.testing.assert_array_equal(np.asarray(lists), want_lists)
     np.testing.assert_array_equal(np.asarray(ev), want_ev)
+    np.testing.assert_array_equal(np.asarray(spos), want_spos)
     # the XLA path it replaces: carries by the merge scan, then the lists' sort
     carry, ev_x = prefix_ranks(ent, c)
     np.testing.assert_array_equal(np.asarray(lists), np.asarray(sorted_block_lists(carry, ent, num_keys)))
@@ -82,29 +89,40 @@ def test_kernel_block_lists_from_enter_ranks_keeps_lead_axes():
             n = 70
             ent[b, h, rng.choice(nq * bq, n, replace=False)] = rng.choice(N, n, replace=False)
     ent = jnp.asarray(np.moveaxis(ent.reshape(B, K, nq, bq), 2, 0), jnp.int32)
-    lists, ev = kernel_block_lists(ent, c, N, interpret=True, chunk=32)
+    lists, ev, spos = kernel_block_lists(ent, c, N, interpret=True, chunk=32)
     carry, ev_x = prefix_ranks(ent, c)
-    assert lists.shape == (nq, B, K, c + bq) and ev.shape == (nq, B, K)
+    assert lists.shape == (nq, B, K, c + bq) and ev.shape == (nq, B, K) and spos.shape == (nq, B, K, bq)
+    flat = lambda a: np.moveaxis(np.asarray(a), 0, 2).reshape(B * K, nq, -1).swapaxes(0, 1)  # noqa: E731
+    entry = np.full((B * K, N), NEVER, np.int64)
+    when = np.arange(nq * bq).reshape(nq, bq)
+    for q in range(nq):
+        for r in range(B * K):
+            e = flat(ent)[q, r]
+            entry[r, e[e != EMPTY]] = when[q, e != EMPTY]
+    np.testing.assert_array_equal(flat(spos), _numpy_lists(entry, flat(ent), c)[2])
     np.testing.assert_array_equal(np.asarray(lists), np.asarray(sorted_block_lists(carry, ent, N)))
     np.testing.assert_array_equal(np.asarray(ev), np.asarray(ev_x))
 
 
-def test_fused_selection_same_with_either_block_lists(monkeypatch):
+@pytest.mark.parametrize("segments", [False, True])
+def test_fused_selection_same_with_either_block_lists(monkeypatch, segments):
     """The fused schedule (kernel path, interpret mode) selects the same with the one-pass lists
-    as with the merge scan + sort."""
+    (and their entering ranks' list indices) as with the merge scan + sort (and binary searches),
+    with or without segments (without, each query's run range is not searched either)."""
     u = jax.random.normal(jax.random.key(3), (1, 150, 2), jnp.float32)
+    seg = jnp.asarray(np.repeat([1, 2, 0], [70, 60, 20])[None], jnp.int32) if segments else None
     sel = functools.partial(causal_prefix_select, k=12, window=5, block_q=16, schedule="fused", interpret=True,
-                            factored=True)
-    a = sel(u)
+                            factored=True, segment_ids=seg)
+    a = jax.jit(lambda u: sel(u))(u)
     monkeypatch.setattr(fast, "KERNEL_BLOCK_LISTS", False)
-    b = sel(u)
+    b = jax.jit(lambda u: sel(u))(u)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_block_lists_empty_and_bad_inputs():
-    lists, ev = block_lists(jnp.zeros((0, 8), jnp.int32), jnp.zeros((3, 0, 16), jnp.int32), 4, interpret=True)
-    assert lists.shape == (3, 0, 20) and ev.shape == (3, 0)
+    lists, ev, spos = block_lists(jnp.zeros((0, 8), jnp.int32), jnp.zeros((3, 0, 16), jnp.int32), 4, interpret=True)
+    assert lists.shape == (3, 0, 20) and ev.shape == (3, 0) and spos.shape == (3, 0, 16)
     entry, ent = jnp.zeros((2, 8), jnp.int32), jnp.zeros((3, 2, 16), jnp.int32)
     with pytest.raises(ValueError, match="same R"):
         block_lists(entry, jnp.zeros((3, 4, 16), jnp.int32), 4, interpret=True)
@@ -135,7 +153,8 @@ def test_block_lists_lowers_for_an_h100():
 def test_compiled_block_lists_on_gpu(chunk, num_warps):
     rng = np.random.default_rng(chunk)
     entry, ent = _entries(rng, 4, 6000, 40, 128, 0.8)
-    lists, ev = jax.jit(functools.partial(block_lists, c=1024, chunk=chunk, num_warps=num_warps))(entry, ent)
+    lists, ev, spos = jax.jit(functools.partial(block_lists, c=1024, chunk=chunk, num_warps=num_warps))(entry, ent)
     carry, ev_x = prefix_ranks(ent, 1024, merge="pallas")
+    np.testing.assert_array_equal(np.asarray(spos), _numpy_lists(entry, ent, 1024)[2])
     np.testing.assert_array_equal(np.asarray(lists), np.asarray(sorted_block_lists(carry, ent, 6000)))
     np.testing.assert_array_equal(np.asarray(ev), np.asarray(ev_x))
