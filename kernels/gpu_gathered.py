@@ -812,7 +812,8 @@ def _key_tiles(cfg, kend):
     spread (on random scores at 32k, k = 1024, w = 512, with position terms from none to
     strong, 64-key tiles in groups of 8 visit 1.4-1.6x the selected (key, query) pairs, the
     per-block unions of the slot kernel 1.12x; ends bucketed by value instead: 1.5-2.9x).
-    Two 1-D sorts of packed int32 keys when they fit (XLA's GPU radix sort), else batched ones.
+    1-D sorts of packed int32 keys, or of (row and key, position) pairs, when they fit (XLA's GPU
+    radix sort), else batched ones.
     """
     B, K, S = kend.shape
     tk, tq, w, G = cfg.key_tk, cfg.key_tq, cfg.w, cfg.key_group
@@ -822,14 +823,20 @@ def _key_tiles(cfg, kend):
     rows = B * K
     row = jnp.arange(rows, dtype=jnp.int32).reshape(B, K, 1)
 
-    def sort_rows(key, span, payload):  # payload [B, K, S] in [0, S) ordered by key in [0, span)
+    def sort_rows(key, span, payload, payload_ascending=False):
+        """payload [B, K, S] in [0, S) ordered by key in [0, span), ties by payload."""
         if rows * span * S < _PACKED_SORT_LIMIT:
             packed = jnp.sort(((row * span + key) * S + payload).reshape(-1))
             return (packed % S).reshape(B, K, S)
+        if payload_ascending and rows * span < _PACKED_SORT_LIMIT:
+            # a stable 1-D (key, payload) sort keeps ties in payload order: also a radix sort
+            # (the batched sort below is XLA's comparison sort: ~10 kernels at 32k)
+            _, out = lax.sort(((row * span + key).reshape(-1), payload.reshape(-1)), num_keys=1, is_stable=True)
+            return out.reshape(B, K, S)
         return lax.sort((key, payload), dimension=-1, num_keys=2)[1]
 
     # 1. by end, latest first (never-selected keys last)
-    by_end = sort_rows(jnp.where(alive, cfg.seq_q - kend, cfg.seq_q + 1), cfg.seq_q + 2, pos)
+    by_end = sort_rows(jnp.where(alive, cfg.seq_q - kend, cfg.seq_q + 1), cfg.seq_q + 2, pos, payload_ascending=True)
     # 2. groups of G tiles in that order (never-selected keys in a group of their own), by
     # position inside a group
     n_groups = -(-S // (G * tk))

@@ -512,7 +512,7 @@ def test_key_tiles(monkeypatch):
     cover the ranges of all its selected keys (and no more); selected keys come first, in
     groups of key_group tiles by where their ranges end (latest first), by position inside a
     group; tiles of never-selected keys visit nothing; the packed-key sorts and the batched
-    fallback give the same tiles."""
+    fallback (and the 1-D pair sort between them) give the same tiles."""
     from sea_jax.kernels.gpu_gathered import _key_tiles
 
     rng = np.random.default_rng(5)
@@ -544,10 +544,15 @@ def test_key_tiles(monkeypatch):
                 assert q_lo > start[keys].min() - tq and end[b, kh, keys].max() > q_hi - tq  # no extra tile
     groups3 = type("Cfg", (), dict(key_tk=tk, key_tq=tq, w=W, seq_q=S, key_group=3))()
     packed = [np.asarray(a) for a in _key_tiles(groups3, jnp.asarray(end, jnp.int32))]
+    # by end: rows * span = 6 * 258 fits, rows * span * S = 6 * 258 * 256 does not: the pair sort;
+    # by group (6 * 7 * 256) still packed
+    monkeypatch.setattr("sea_jax.kernels.gpu_gathered._PACKED_SORT_LIMIT", 20000)
+    pairs = [np.asarray(a) for a in jax.jit(lambda e: _key_tiles(groups3, e))(jnp.asarray(end, jnp.int32))]
     monkeypatch.setattr("sea_jax.kernels.gpu_gathered._PACKED_SORT_LIMIT", 0)  # force the batched sorts
-    batched = [np.asarray(a) for a in _key_tiles(groups3, jnp.asarray(end, jnp.int32))]
-    for a, b_ in zip(packed, batched):
+    batched = [np.asarray(a) for a in jax.jit(lambda e: _key_tiles(groups3, e))(jnp.asarray(end, jnp.int32))]
+    for a, b_, c_ in zip(packed, pairs, batched):
         np.testing.assert_array_equal(a, b_)
+        np.testing.assert_array_equal(a, c_)
 
 
 def test_slot_selection_bad_arguments():

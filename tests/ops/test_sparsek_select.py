@@ -255,6 +255,40 @@ def test_global_ranks_keep_float64_order():
     np.testing.assert_array_equal(np.asarray(order)[0, 0], [0, 1, 2])
 
 
+@pytest.mark.parametrize("B,K,T,window", [(2, 3, 60, 4), (1, 2, 200, 0), (1, 1, 9, 12)])
+def test_key_ends_against_the_definition(B, K, T, window):
+    """key_ends against its definition written as loops: per query t, R_t = its k-th visible
+    rank (or its run's last rank when it keeps all it sees, T - 1 rule for padding queries:
+    the previous query's R); key p ends at the first query t >= p + window with min(R_0..R_t) <
+    rank_p (T if none), p + window (clipped) for non-keys; with segment runs, non-keys and
+    queries that keep everything."""
+    from sea_jax.ops import sparsek_select_fast as fast
+
+    rng = np.random.default_rng(T + window)
+    step = max(1, T // 3)
+    run = np.where(rng.random((B, K, T)) < 0.1, -1, (np.arange(T) // step) * step).astype(np.int32)
+    rank = np.stack([np.stack([rng.permutation(T) for _ in range(K)]) for _ in range(B)]).astype(np.int32)
+    kth = rng.integers(0, T, (B, K, T)).astype(np.int32)
+    kth[rng.random((B, K, T)) < 0.3] = -1
+    got = np.asarray(jax.jit(lambda *a: fast.key_ends(*a, window))(*(jnp.asarray(x) for x in (kth, rank, run))))
+    for b in range(B):
+        for h in range(K):
+            has = run[b, h] >= 0
+            keys_from = np.array([has[p:].sum() for p in range(T)])
+            R, cur = np.empty(T, np.int64), np.iinfo(np.int64).max
+            for t in range(T):
+                if has[t]:
+                    r_t = kth[b, h, t] if kth[b, h, t] >= 0 else keys_from[run[b, h, t]] - 1
+                    cur = min(cur, r_t)
+                R[t] = cur
+            for p in range(T):
+                start = min(p + window, T)
+                want = start
+                if has[p]:
+                    want = next((t for t in range(start, T) if R[t] < rank[b, h, p]), T)
+                assert got[b, h, p] == want, (b, h, p)
+
+
 @pytest.mark.parametrize("num_keys", [50, 2**29])  # 2**29: rows * (num_keys + 1) > 2**31, several 1-D sorts
 def test_sorted_block_lists(num_keys):
     from sea_jax.ops import sparsek_select_fast as fast
