@@ -4,7 +4,7 @@ Captures the padded arguments of the gathered kernel call inside SparseKAttentio
 w = 512, B = 1, H = K = 16, D = 128, bf16: bench_layers.py's layer and inputs) and times each
 named kernel (``fwd``: forward, ``dq``: dQ + threshold gradient, ``win``: window dK/dV) with
 the layer's own config and with each ``--variants`` entry (JSON of GatheredGpuConfig fields:
-tq, tk, warps, stages; warps / stages are the 6-tuples of the kernels in the order forward,
+tq, tk, range_branch, warps, stages; warps / stages are the 6-tuples of the kernels in the order forward,
 dQ, window dK/dV, slot dK/dV, sorted reduction, key-major dK/dV). Each variant's output is
 compared with the layer config's (max |difference|). Median wall ms of ``--reps`` jitted calls.
 
@@ -38,7 +38,7 @@ KERNELS = {
     # once beforehand: "parts")
     "win": lambda c, a, shapes: gg._dkv_window(c, a, shapes, parts=a.get("parts"))[0],
 }
-FIELDS = ("tq", "tk", "warps", "stages")
+FIELDS = ("tq", "tk", "range_branch", "warps", "stages")
 
 
 def variant_config(cfg, text):

@@ -80,6 +80,13 @@ sort of the union slots was then made one 1-D sort over all (batch, KV head) row
 radix sort; batched sorts take its comparison sort): 3.3 -> 0.83 ms, whole fwd+bwd 13.24 ms
 (gathered_stages_1d_sort.json).
 
+With a factored selection most slot tiles lie inside every query's slot range: the forward
+branches per tile and skips the range test there (``range_branch``; the masked branch makes it).
+In the SparseK layer at 32k on an H100 (profile_layer.py, two processes per setting; device
+time of the kernel): forward 1.623-1.648 ms against 1.689-1.712 without; the same branch in dQ
+made it 1.997-2.009 against 1.987-1.989, so dQ keeps the per-element test
+(benchmarks/results/sweep_range_branch_1124.json has the wall-clock sweep, within its noise).
+
 Blocks of 128 queries halve the per-slot partial sums (the union of a 128-query block is at
 most k + 127 slots, against k + 63 for each of two 64-query blocks), but with 64-query
 sub-tiles the slot kernel carries its [tu, D] sums through the sub-tile loop: 7.48 ms at 32k
@@ -203,6 +210,7 @@ class GatheredGpuConfig:
     tu: int
     slot_tq: int  # the slot dK/dV kernel's query sub-tile (divides block_q)
     always_mask: bool  # window tiles: element mask always (True) or branch per tile
+    range_branch: bool  # factored: the forward's slot tiles inside every query's slot range skip the range test
     warps: tuple[int, int, int, int, int, int]  # fwd, dq, window dkv, slot dkv, sorted reduce, key dkv
     stages: tuple[int, int, int, int, int, int]
 
@@ -322,14 +330,40 @@ def _load_slots(cfg, r, u0, idx_safe):
     return r.k[idx_safe, :], r.v[idx_safe, :]
 
 
-def _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos, segq):
+def _covered_slots(cfg, r):
+    """(max lo, min hi) of the query tile's selected slot ranges [slo, shi) when slot tiles
+    between them may skip the range test (``cfg.range_branch``, factored selections without
+    segments), else None."""
+    if not (cfg.factored and cfg.range_branch) or cfg.has_segments or cfg.always_mask:
+        return None
+    return jnp.max(r.slo[...]), jnp.min(r.shi[...])
+
+
+def _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos, segq, covered=None):
     """Slot tile t of query block i for the query tile q (rows [q0, q0 + tq)): the masked, scaled
-    scores s [tq, tu] and the tile's K / V rows, gate weights and free-slot mask (forward and dQ)."""
+    scores s [tq, tu] and the tile's K / V rows, gate weights and free-slot mask (forward and dQ).
+    ``covered`` (:func:`_covered_slots`): a tile inside every query's slot range that needs no
+    causal / bounds mask either is not masked at all (a branch per tile; the range test is made
+    inside the masked branch only)."""
     u0 = pl.multiple_of(t * cfg.tu, cfg.tu)
     idx = r.union[b, kh, i, pl.ds(u0, cfg.tu)]
     idx_safe = jnp.maximum(idx, 0)
     k, v = _load_slots(cfg, r, u0, idx_safe)
     s = _dot(q, k, 1, 1) * (cfg.scale * LOG2E)
+    if covered is not None:
+        rows = pl.ds(0, q.shape[0])
+        z = r.zslot[b, kh, i, pl.ds(u0, cfg.tu)]
+        x = z[None, :] - r.thr[rows][:, None]  # thr = -inf: weight 1, never free
+        wf, free = jnp.minimum(jnp.maximum(x, 0.0), 1.0), (x > 0.0) & (x < 1.0)
+
+        def masked(s):
+            col = u0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            sel = (col >= r.slo[rows][:, None]) & (col < r.shi[rows][:, None])
+            return jnp.where(_slot_allowed(cfg, idx, qpos, sel, None, None), s, -jnp.inf)
+
+        max_lo, min_hi = covered
+        needs = _slot_tile_needs_mask(cfg, idx, q0) | (u0 < max_lo) | (u0 + cfg.tu > min_hi)
+        return _run_tile(cfg, needs, masked, lambda s: s, s), k, v, wf, free
     sel, wf, free = _selection_tile(cfg, r, b, kh, i, u0, pl.ds(0, q.shape[0]))
     segk = r.seg[idx_safe][None, :] if cfg.has_segments else None
     return _mask_slot_scores(cfg, s, idx, q0, qpos, sel, segq, segk), k, v, wf, free
@@ -385,9 +419,10 @@ def _fwd_kernel(*refs, cfg: GatheredGpuConfig):
 
     # phase 2: the selected slots
     qpos_s = q0 + lax.broadcasted_iota(jnp.int32, (tq, tu), 0)
+    covered = _covered_slots(cfg, r)
 
     def slot_step(t, carry):
-        s, _, v, wf, _ = _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos_s, segq)
+        s, _, v, wf, _ = _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos_s, segq, covered)
         return update(carry, s, wf, v)
 
     acc, m, l = lax.fori_loop(0, r.slot_tiles[b, kh, i], slot_step, carry)
@@ -507,6 +542,8 @@ def _dq_kernel(*refs, cfg: GatheredGpuConfig):
 
     def slot_step(t, carry):
         dq, gsum = carry
+        # (no range branch here: on the H100 it made dQ ~0.015 ms slower at 32k, the forward
+        # ~0.06 ms faster; module docstring)
         s, k, v, wf, free = _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos_s, segq)
         dp = _dot(do, v, 1, 1)
         ds = grad_s(s, dp, wf)
@@ -1252,6 +1289,7 @@ def gathered_attention_gpu(
     num_warps: tuple[int, ...] | None = None,
     num_stages: tuple[int, ...] | None = None,
     always_mask: bool = False,
+    range_branch: bool = True,
 ) -> jax.Array:
     """Gathered attention with the Pallas Triton kernels (forward and backward).
 
@@ -1290,7 +1328,10 @@ def gathered_attention_gpu(
       (4, 4, 4, 8, 4, 4); default stages (3, 3, 2, 3, 3, 3), the slot kernel 2 when GQA makes its
       head loop pipeline [slot_tq > 64, D] q / dO tiles, the reduction 2 unless its partial
       sums are bfloat16 at D <= 128: see the module docstring);
-      ``always_mask``: mask every window tile elementwise instead of branching per tile.
+      ``always_mask``: mask every window tile elementwise instead of branching per tile;
+      ``range_branch`` (factored ``selection``, no segments): the forward skips the slot range
+      test on slot tiles inside every query's range [select_lo, select_hi) (a branch per tile)
+      instead of testing every element.
 
     Shapes: q [B, Sq, H, D]; k, v [B, Skv, K, D]; union_index int32 [B, K, nQ, U];
     selection_mask bool / selection_weights float [B, K, Sq, U], or ``selection`` (a
@@ -1315,6 +1356,8 @@ def gathered_attention_gpu(
     keyed = selection is not None and selection.has_key_intervals
     if slot_dkv == "keys" and not keyed:
         raise ValueError("slot_dkv='keys' needs a selection with key intervals (SlotSelection.key_scores / key_end)")
+    if not isinstance(range_branch, bool):
+        raise ValueError(f"range_branch must be a bool, got {range_branch!r}")
     if isinstance(key_group, bool) or not isinstance(key_group, int) or key_group < 1:
         raise ValueError(f"key_group must be an int >= 1, got {key_group!r}")
     B, Sq, H, D = q.shape
@@ -1370,7 +1413,8 @@ def gathered_attention_gpu(
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
         partial_dtype=partial_dtype, key_major=keyed and slot_dkv != "slots", key_tk=key_tk, key_tq=key_tq,
         key_group=key_group,
-        tq=tq, tk=tk, tu=tu, slot_tq=slot_tq, always_mask=bool(always_mask), warps=num_warps, stages=num_stages,
+        tq=tq, tk=tk, tu=tu, slot_tq=slot_tq, always_mask=bool(always_mask), range_branch=range_branch,
+        warps=num_warps, stages=num_stages,
     )
     nq = num_blocks(Sq, block_q)
     Dp = _next_pow2(D)

@@ -225,6 +225,7 @@ def test_empty_union_gives_zero_and_zero_grads():
     (dict(num_stages=(2, 2, 2, 2, 0)), "num_stages"),
     (dict(tq=64), "tq"),
     (dict(tu=24), "tu"),
+    (dict(range_branch=1), "range_branch"),
     (dict(slot_tq=64), "slot_tq"),
     (dict(slot_tq=12), "slot_tq"),
     (dict(tk=8), "tk"),
@@ -340,6 +341,52 @@ def test_slot_selection(case):
     assert rel_err(out, out_x) < FWD_TOL[dtype]
     for name_, a, r in zip(["q", "k", "v", "slot_scores", "threshold"], g, gx):
         assert rel_err(a, r) < GRAD_TOL[dtype], name_
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_slot_tiles_inside_every_range_skip_the_range_test(window):
+    """Slot ranges that hold the middle slot tiles for every query of a tile (and end inside a
+    tile, start after the first for some query tiles, or are empty for a few queries): with
+    ``range_branch`` (default) the forward skips the range test on those tiles; output and
+    gradients are bitwise those of testing every element, and match float64 autodiff of the
+    dense masked softmax."""
+    from sea_jax.kernels import SlotSelection
+
+    B, S, H, K, D, bq, U, dtype = 1, 128, 4, 2, 32, 32, 64, jnp.float32
+    rng = _rng("covered_slot_tiles", window)
+    q, k, v, _, _, _, _ = _inputs(rng, B, S, H, K, D, bq, U, dtype, False, None, False)
+    # block i's slots: distinct keys every query of the block may see (so that the causal test
+    # leaves whole slot tiles unmasked), -1 past them
+    union = np.full((B, K, S // bq, U), -1, np.int32)
+    for kh in range(K):
+        for i in range(1, S // bq):
+            n = min(U, i * bq - window)
+            union[0, kh, i, :n] = rng.permutation(i * bq - window)[:n]
+    z, _, _, thr = _random_slot_selection(rng, B, K, S, bq, U)
+    lo = rng.integers(0, 3, (B, K, S))
+    lo[..., 96:112] += 16  # a query tile whose ranges start after the first slot tile
+    hi = U - rng.integers(0, 6, (B, K, S))  # (ends inside the last slot tile)
+    hi[..., 70:72] = lo[..., 70:72]  # queries that select nothing
+    lo, hi = lo.astype(np.int32), hi.astype(np.int32)
+    ct = jnp.asarray(rng.standard_normal((B, S, H, D)), dtype)
+    uj, lo_j, hi_j = jnp.asarray(union), jnp.asarray(lo), jnp.asarray(hi)
+
+    def run(**opts):
+        f = lambda q, k, v, z, thr: gathered_attention(  # noqa: E731
+            q, k, v, uj, selection=SlotSelection(z, lo_j, hi_j, thr), block_q=bq, window=window,
+            impl="pallas_gpu", interpret=True, kernel_options=dict(tq=16, tu=16, tk=16, **opts))
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, jnp.asarray(z), jnp.asarray(thr))
+        return out, vjp(ct)
+
+    out, g = run()
+    out_all, g_all = run(range_branch=False)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_all))
+    for a, r in zip(g, g_all):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+    mask, _ = _expand_slot_selection(z, lo, hi, thr, bq)
+    onehot, win = gathered_slots(union, bq, H, S, S, window=window, causal=True, selection_mask=mask)
+    _float64_check(lambda z, thr: _expand_slot_selection(z, lo, hi, thr, bq, xp=jnp)[1], onehot, win, "gate",
+                   (q, k, v, z, thr), ct, out, g, dtype, ["q", "k", "v", "slot_scores", "threshold"])
 
 
 def test_fully_visible_slot_tiles():
