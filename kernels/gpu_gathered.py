@@ -313,14 +313,22 @@ def _selection_tile(cfg, r, b, kh, i, u0, rows):
     pl.ds into the query-indexed refs); None where absent. ``free`` (factored selections
     only): where the weight's derivative in z and tau is nonzero, 0 < z - tau < 1."""
     if cfg.factored:
-        z = r.zslot[b, kh, i, pl.ds(u0, cfg.tu)]
-        lo, hi, thr = r.slo[rows][:, None], r.shi[rows][:, None], r.thr[rows][:, None]
-        col = u0 + lax.broadcasted_iota(jnp.int32, (cfg.tq, cfg.tu), 1)
-        x = z[None, :] - thr  # thr = -inf: weight 1, never free
-        return (col >= lo) & (col < hi), jnp.minimum(jnp.maximum(x, 0.0), 1.0), (x > 0.0) & (x < 1.0)
+        return (_factored_range(cfg, r, u0, rows),) + _factored_weights(cfg, r, b, kh, i, u0, rows)
     sel = r.sel[rows, pl.ds(u0, cfg.tu)] if cfg.has_mask else None
     wf = r.wsel[rows, pl.ds(u0, cfg.tu)].astype(jnp.float32) if cfg.has_weights else None
     return sel, wf, None
+
+
+def _factored_range(cfg, r, u0, rows):
+    """[tq, tu] bool: slot u0 + j lies in query row's selected slot range [slo, shi)."""
+    col = u0 + lax.broadcasted_iota(jnp.int32, (cfg.tq, cfg.tu), 1)
+    return (col >= r.slo[rows][:, None]) & (col < r.shi[rows][:, None])
+
+
+def _factored_weights(cfg, r, b, kh, i, u0, rows):
+    """(weights clip(z - tau, 0, 1), free 0 < z - tau < 1), [tq, tu] each, of slot tile u0."""
+    x = r.zslot[b, kh, i, pl.ds(u0, cfg.tu)][None, :] - r.thr[rows][:, None]  # thr = -inf: weight 1, never free
+    return jnp.minimum(jnp.maximum(x, 0.0), 1.0), (x > 0.0) & (x < 1.0)
 
 
 def _load_slots(cfg, r, u0, idx_safe):
@@ -352,13 +360,10 @@ def _slot_tile_scores(cfg, r, b, kh, i, t, q, q0, qpos, segq, covered=None):
     s = _dot(q, k, 1, 1) * (cfg.scale * LOG2E)
     if covered is not None:
         rows = pl.ds(0, q.shape[0])
-        z = r.zslot[b, kh, i, pl.ds(u0, cfg.tu)]
-        x = z[None, :] - r.thr[rows][:, None]  # thr = -inf: weight 1, never free
-        wf, free = jnp.minimum(jnp.maximum(x, 0.0), 1.0), (x > 0.0) & (x < 1.0)
+        wf, free = _factored_weights(cfg, r, b, kh, i, u0, rows)
 
-        def masked(s):
-            col = u0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-            sel = (col >= r.slo[rows][:, None]) & (col < r.shi[rows][:, None])
+        def masked(s):  # (the range test made here only)
+            sel = _factored_range(cfg, r, u0, rows)
             return jnp.where(_slot_allowed(cfg, idx, qpos, sel, None, None), s, -jnp.inf)
 
         max_lo, min_hi = covered
