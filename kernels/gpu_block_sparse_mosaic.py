@@ -9,7 +9,12 @@ driven by a :class:`~sea_jax.kernels.layout.BlockLayout`:
   global memory as scalars and TMA-loads those K/V blocks into a ring of shared-memory slots;
 * ``wgmma`` for S = Q K^T and O += P V, fp32 online softmax in base 2;
 * every key tile is masked elementwise (causal, sliding window, keys past the sequence end):
-  which tiles need it is data dependent here, and a branch per tile costs more than the mask.
+  which tiles need it is data dependent here, and a branch per tile costs more than the mask;
+* ``octets=`` (optional): K/V stored in 8-row octets at places given by a table, each pipeline
+  step gathered as block_kv / 8 TMA copies of 8 rows - the finest gather a Hopper TMA can put
+  into a wgmma operand tile through Pallas (a token-level gathered kernel would read its keys so).
+  Measured (octet_tma_variants_1125.json, same layouts and run, S = 32k, 12.5 %, block_kv 128):
+  1.325 ms with randomly scattered octets against 1.174 ms for one copy per step (-11 %).
 
 It computes exactly what the Triton forward of :mod:`.gpu_block_sparse` computes - the output
 and the base-2 log-sum-exp of the scaled scores (``+inf`` for rows that see nothing, whose
@@ -93,7 +98,7 @@ def _transposed(ref):
 
 def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, block_q: int,
                                 block_k: int, causal: bool, window: int | None, scale: float,
-                                block_kv: int = 128, stages: int = 2):
+                                block_kv: int = 128, stages: int = 2, octets=None):
     """Forward pass.
 
     q: [B, Sq_pad, H, D] (Sq_pad a multiple of block_q); k, v: [B, Skv_pad, K, D] (Skv_pad a
@@ -101,7 +106,10 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
     layout's tables; head h uses group h // (H // G)). seq_k: the true key length (keys at or
     past it are masked); block_q, block_k: the layout's blocks; causal, window: token masks;
     scale: softmax scale; block_kv: keys per pipeline step (a multiple of 64 dividing block_k);
-    stages: shared-memory K/V slots in flight (>= 2).
+    stages: shared-memory K/V slots in flight (>= 2). octets: optional int32 [B, K, Skv_pad // 8]:
+    k / v store key octet o (keys [8 o, 8 o + 8)) at rows [8 octets[o], 8 octets[o] + 8), and
+    every pipeline step TMA-copies its keys as block_kv / 8 copies of 8 rows (the gather
+    granularity a Hopper TMA can place into a wgmma operand tile; without it: one copy).
     Returns (o [B, Sq_pad, H, D] in q.dtype, lse2 [B, H, Sq_pad] float32).
     """
     B, Sq_pad, H, D = q.shape
@@ -115,7 +123,15 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
     dtype = q.dtype
     qk_scale = scale * LOG2E
 
-    def kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+    n_copies = 1
+    if octets is not None:
+        want = (B, K, k.shape[1] // 8)
+        if octets.shape != want or octets.dtype != jnp.int32 or k.shape[1] % 8:
+            raise ValueError(f"octets must be int32 {list(want)} (one storage octet per 8 keys of k, whose "
+                             f"length must be a multiple of 8), got {octets.dtype} {list(octets.shape)}")
+        n_copies = bkv // 8
+
+    def kernel(kv_index_ref, kv_count_ref, oct_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
         smem, (k_bar, v_bar, q_bar), (k_free, v_free), sched_bar = scoped
         qo_smem2, k_smem, v_smem, lse_smem2 = smem
         b = lax.axis_index("batch")
@@ -221,9 +237,26 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
             kv_head = lax.div(h, jnp.int32(rep))
 
             def issue(t, slot):
-                at = (b, pl.ds(key_start(t), bkv), kv_head)
-                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_bar.at[slot])
+                if oct_ref is None:
+                    at = (b, pl.ds(key_start(t), bkv), kv_head)
+                    plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_bar.at[slot])
+                    return
+                starts = octet_starts(t)
+                issue_octets(k_ref, k_smem, k_bar, slot, starts)
+                issue_octets(v_ref, v_smem, v_bar, slot, starts)
+
+            def octet_starts(t):
+                # all index loads first: with each load right before its copy the forward took
+                # 1.62 ms at 32k instead of 1.33 (benchmarks/results/octet_tma_perload_1125.json,
+                # octet_tma_variants_1125.json)
+                o0 = lax.div(key_start(t), jnp.int32(8))
+                return [oct_ref[b, kv_head, o0 + j] * 8 for j in range(n_copies)]
+
+            def issue_octets(ref, smem_ref, bar, slot, starts):
+                for j, r0 in enumerate(starts):
+                    plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(r0, 8), kv_head],
+                                            smem_ref.at[slot].at[pl.ds(j * 8, 8)], bar.at[slot])
 
             for i in range(stages):
                 pl.when(i < n_steps)(functools.partial(issue, jnp.int32(i), i))
@@ -231,11 +264,19 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
             @pl.loop(0, jnp.maximum(n_steps - stages, 0))
             def _(t):
                 slot = lax.rem(t, jnp.int32(stages))
+                if oct_ref is None:
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+                    issue(t + stages, slot)
+                    return
+                starts = octet_starts(t + stages)  # index loads before the waits; K before V
                 plgpu.barrier_wait(k_free.at[slot])
+                issue_octets(k_ref, k_smem, k_bar, slot, starts)
                 plgpu.barrier_wait(v_free.at[slot])
-                issue(t + stages, slot)
+                issue_octets(v_ref, v_smem, v_bar, slot, starts)
 
-    def entry(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    def entry(kv_index_ref, kv_count_ref, *refs):
+        oct_ref, (q_ref, k_ref, v_ref, out_ref, lse_ref) = (None, refs) if octets is None else (refs[0], refs[1:])
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
             plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, D), dtype, transforms=transforms),
@@ -244,10 +285,11 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
             plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
         )
         pl.run_scoped(
-            lambda *scoped: kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref,
-                                   lse_ref, scoped),
+            lambda *scoped: kernel(kv_index_ref, kv_count_ref, oct_ref, q_ref, k_ref, v_ref,
+                                   out_ref, lse_ref, scoped),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            (plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
              plgpu.Barrier(num_barriers=COMPUTE_WGS)),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
@@ -263,5 +305,5 @@ def block_sparse_forward_mosaic(q, k, v, kv_index, kv_count, *, seq_k: int, bloc
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(kv_index, kv_count, q, k, v)
+    )(kv_index, kv_count, *(() if octets is None else (octets,)), q, k, v)
     return o, lse
