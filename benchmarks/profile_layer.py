@@ -46,8 +46,9 @@ from sea_jax.attention.sea import SEAOptions  # noqa: E402
 from sea_jax.attention.sparsek import SparseKOptions  # noqa: E402
 
 
-def device_kernel_times(xplane_path):
-    """{kernel name: [count, total ns]} over the device planes of a trace, and the planes' names."""
+def device_kernel_times(xplane_path, timeline=None):
+    """{kernel name: [count, total ns]} over the device planes of a trace, and the planes' names;
+    ``timeline`` (a list) also receives every kernel as (start ns, end ns, name)."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(xplane_path)
@@ -65,7 +66,22 @@ def device_kernel_times(xplane_path):
                 t = totals[event.name]
                 t[0] += 1
                 t[1] += event.duration_ns
+                if timeline is not None:
+                    timeline.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
     return dict(totals), planes
+
+
+def launch_gaps(timeline, trace_reps, split_ns=300_000):
+    """Idle device time between consecutive kernels (any stream) within a call, per call: the
+    calls are told apart by idle stretches longer than ``split_ns`` (the host waiting for the
+    previous call). Returns (mean idle ms per call, [(idle us, kernel before, kernel after)])."""
+    events = sorted(timeline)
+    gaps, end = [], None
+    for i, (start, stop, name) in enumerate(events):
+        if end is not None and 0 < start - end < split_ns:
+            gaps.append(((start - end) / 1e3, events[i - 1][2], name))
+        end = stop if end is None else max(end, stop)
+    return sum(g[0] for g in gaps) / 1e3 / trace_reps, sorted(gaps, reverse=True)
 
 
 SCOPE_RE = re.compile(r"\b(sparsek_[a-z_]+|gathered_[a-z_]+)")
@@ -114,7 +130,7 @@ def by_scope(kernels, scopes):
                   key=lambda r: -r["ms"])
 
 
-def profile(fn, args, trace_reps):
+def profile(fn, args, trace_reps, timeline=None):
     jax.block_until_ready(fn(*args))
     tmp = tempfile.mkdtemp(prefix="sea_prof_")
     try:
@@ -124,7 +140,7 @@ def profile(fn, args, trace_reps):
         paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
-        totals, planes = device_kernel_times(paths[0])
+        totals, planes = device_kernel_times(paths[0], timeline)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     kernels = sorted(({"name": n, "calls": c / trace_reps, "ms": ns / trace_reps / 1e6}
@@ -164,6 +180,8 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--explain", type=int, default=0,
                     help="print the named scope, result shape and op_name of the N slowest XLA kernels")
+    ap.add_argument("--gaps", type=int, default=0,
+                    help="print the idle device time between kernels per call and the N longest gaps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -211,12 +229,20 @@ def main():
             t0 = time.perf_counter()
             compiled = fn.lower(*fargs).compile()
             wall = time_ms(compiled, fargs, args.reps)
-            kernels, planes = profile(compiled, fargs, args.trace_reps)
+            timeline = []
+            kernels, planes = profile(compiled, fargs, args.trace_reps, timeline)
             scopes = by_scope(kernels, kernel_scopes(compiled.as_text()))
+            idle_ms, gaps = launch_gaps(timeline, args.trace_reps)
             row = dict(name=name, part=part, S=S, wall_ms=wall, device_ms=sum(k["ms"] for k in kernels),
+                       idle_ms=idle_ms, gaps_us=[g[0] for g in gaps],
                        planes=planes, kernels=kernels, scopes=scopes, seconds=time.perf_counter() - t0)
             out["rows"].append(row)
             print_table(f"{name} {part} S={S}", wall, kernels, args.top)
+            if args.gaps:
+                n_gaps = len(gaps) / args.trace_reps
+                print(f"  idle device time between kernels: {idle_ms:.3f} ms per call ({n_gaps:.0f} gaps); longest:")
+                for us, before, after in gaps[:args.gaps]:
+                    print(f"    {us:8.1f} us  {before[:60]}  ->  {after[:60]}")
             print("  by named scope (jax.named_scope in the op_name of each kernel's HLO instruction):")
             for r in scopes:
                 print(f"  {r['ms']:8.3f} {r['calls']:6.1f} calls {r['kernels']:4d} kernels  {r['scope']}")
