@@ -205,6 +205,7 @@ class GatheredGpuConfig:
     key_tk: int  # the key-major kernel's key tile
     key_tq: int  # and query tile
     key_group: int  # key tiles per group of keys ordered by the end of their query range (_key_tiles)
+    key_split: int  # the key-major kernel's programs per (key tile, KV head): the group's query heads split P ways
     tq: int
     tk: int
     tu: int
@@ -619,8 +620,9 @@ def _dkv_window_kernel(*refs, cfg: GatheredGpuConfig):
         rows = jnp.broadcast_to(jnp.maximum(slot, 0)[:, None], shape)
         cols = lax.broadcasted_iota(jnp.int32, shape, 1)
         sel = jnp.broadcast_to((slot >= 0)[:, None], shape)
-        dk = dk + pltriton.load(r.pk.at[rows, cols], mask=sel, other=0.0)
-        dv = dv + pltriton.load(r.pv.at[rows, cols], mask=sel, other=0.0)
+        for part in range(cfg.key_split):  # the key-major kernel's partial sums, in a fixed order
+            dk = dk + pltriton.load(r.pk.at[rows, cols + part * d], mask=sel, other=0.0)
+            dv = dv + pltriton.load(r.pv.at[rows, cols + part * d], mask=sel, other=0.0)
     r.dk[...] = dk.astype(r.dk.dtype)
     r.dv[...] = dv.astype(r.dv.dtype)
 
@@ -645,7 +647,7 @@ def _dkv_window(cfg, arrays, shapes, parts=None):
             raise ValueError("the key-major window kernel adds the key-major kernel's rows: pass parts=(slot, pk, pv) "
                              "from _dkv_keys")
         slot, pk, pv = parts
-        full_kv = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, kh, b: (b, 0, kh, 0))
+        full_kv = pl.BlockSpec((None, Skv_pad, None, cfg.key_split * Dp), lambda t, kh, b: (b, 0, kh, 0))
         in_specs += [pl.BlockSpec((None, None, Skv_pad), lambda t, kh, b: (b, kh, 0)), full_kv, full_kv]
         args += [slot, pk, pv]
     in_specs += [qspec, rowspec, rowspec]
@@ -906,7 +908,6 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
     r = _Refs(refs, names)
     tq, tk = cfg.key_tq, cfg.key_tk
     t = pl.program_id(0)
-    rep = cfg.num_heads // cfg.num_kv_heads
     qk_scale = cfg.scale * LOG2E
     keys = r.perm[pl.ds(pl.multiple_of(t * tk, tk), tk)]
     first, count = r.first[t], r.count[t]
@@ -949,7 +950,7 @@ def _dkv_keys_kernel(*refs, cfg: GatheredGpuConfig):
         return lax.fori_loop(0, count, step, carry)
 
     init = (jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk, d), jnp.float32), jnp.zeros((tk,), jnp.float32))
-    dk, dv, dz = lax.fori_loop(0, rep, head, init)
+    dk, dv, dz = lax.fori_loop(0, r.q.shape[1], head, init)  # this program's part of the group's heads
     r.dz[keys] = dz
 
     @pl.when(count > 0)
@@ -980,22 +981,25 @@ def _key_step(cfg, st, lse, delta, x, k, v, q, do, dk, dv, dz):
 def _dkv_keys(cfg, arrays, shapes):
     """Slot dK/dV key-major (factored selections with key intervals). Returns slot int32
     [B, K, Skv_pad] (each key's row of pk / pv, -1 for keys no query selects), pk, pv float32
-    [B, Skv_pad, K, Dp] (the selected part of dK / dV, rows in tile order; only the rows of
+    [B, Skv_pad, K, P * Dp] (the selected part of dK / dV, rows in tile order, P = cfg.key_split
+    partial sums side by side, one per part of the group's query heads; only the rows of
     selected keys are written) and the key scores' gradient float32 [B, K, Skv_pad]."""
     B, Sq_pad, H, Dp, Skv_pad, K, U_pad = shapes
-    rep, tk = H // K, cfg.key_tk
+    tk, P = cfg.key_tk, cfg.key_split
+    hp = H // K // P  # query heads per program
     perm, first, count = _key_tiles(cfg, arrays["kend"])
     pos = jnp.arange(Skv_pad, dtype=jnp.int32)
     slot = jnp.zeros_like(perm).at[
         jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], perm].set(jnp.broadcast_to(pos, perm.shape))
     slot = jnp.where(arrays["kend"] > pos + cfg.w, slot, -1)  # perm's inverse; -1: never selected
     n_tiles = Skv_pad // tk
-    krow = pl.BlockSpec((None, None, Skv_pad), lambda t, kh, b: (b, kh, 0))
-    trow = pl.BlockSpec((None, None, n_tiles), lambda t, kh, b: (b, kh, 0))
-    kvspec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, kh, b: (b, 0, kh, 0))
-    qspec = pl.BlockSpec((None, Sq_pad, rep, Dp), lambda t, kh, b: (b, 0, kh, 0))
-    rowspec = pl.BlockSpec((None, rep, Sq_pad), lambda t, kh, b: (b, kh, 0))
-    qrow = pl.BlockSpec((None, None, Sq_pad), lambda t, kh, b: (b, kh, 0))
+    # grid axis 1: g = kh * P + part; heads [g * hp, (g + 1) * hp) of KV head kh = g // P
+    krow = pl.BlockSpec((None, None, Skv_pad), lambda t, g, b: (b, g // P, 0))
+    trow = pl.BlockSpec((None, None, n_tiles), lambda t, g, b: (b, g // P, 0))
+    kvspec = pl.BlockSpec((None, Skv_pad, None, Dp), lambda t, g, b: (b, 0, g // P, 0))
+    qspec = pl.BlockSpec((None, Sq_pad, hp, Dp), lambda t, g, b: (b, 0, g, 0))
+    rowspec = pl.BlockSpec((None, hp, Sq_pad), lambda t, g, b: (b, g, 0))
+    qrow = pl.BlockSpec((None, None, Sq_pad), lambda t, g, b: (b, g // P, 0))
     in_specs = [krow, trow, trow, qspec, kvspec, kvspec]
     args = [perm, first, count, arrays["q"], arrays["k"], arrays["v"]]
     if cfg.has_segments:
@@ -1003,20 +1007,22 @@ def _dkv_keys(cfg, arrays, shapes):
         args.append(arrays["seg"])
     in_specs += [qspec, rowspec, rowspec, krow, krow, qrow]
     args += [arrays["do"], arrays["lse"], arrays["delta"], arrays["zkey"], arrays["kend"], arrays["thr"]]
-    part = jax.ShapeDtypeStruct((B, Skv_pad, K, Dp), jnp.float32)
-    out_shape = [part, part, jax.ShapeDtypeStruct((B, K, Skv_pad), jnp.float32)]
-    tile_spec = pl.BlockSpec((None, tk, None, Dp), lambda t, kh, b: (b, t, kh, 0))
+    part = jax.ShapeDtypeStruct((B, Skv_pad, K * P, Dp), jnp.float32)
+    out_shape = [part, part, jax.ShapeDtypeStruct((B, K * P, Skv_pad), jnp.float32)]
+    tile_spec = pl.BlockSpec((None, tk, None, Dp), lambda t, g, b: (b, t, g, 0))
     pk, pv, dz = pl.pallas_call(
         functools.partial(_dkv_keys_kernel, cfg=cfg),
-        grid=(n_tiles, K, B),
+        grid=(n_tiles, K * P, B),
         in_specs=in_specs,
-        out_specs=[tile_spec, tile_spec, krow],
+        out_specs=[tile_spec, tile_spec, pl.BlockSpec((None, None, Skv_pad), lambda t, g, b: (b, g, 0))],
         out_shape=out_shape,
         compiler_params=compiler_params(cfg.warps[5], cfg.stages[5]),
         interpret=cfg.interpret,
         name="gathered_dkv_keys",
     )(*args)
-    return slot, pk, pv, dz
+    # (the P parts side by side per KV head: a free reshape; the window kernel sums them)
+    split = lambda x: x.reshape(B, Skv_pad, K, P * Dp)  # noqa: E731
+    return slot, split(pk), split(pv), jnp.sum(dz.reshape(B, K, P, Skv_pad), axis=2)
 
 
 # ------------------------------------------------- sorted (atomic-free) slot reduction
@@ -1202,6 +1208,7 @@ def _attention_bwd(cfg, res, do):
         # dtype (the window part first meant full float32 arrays written, read and cast)
         slot, pk, pv, dzkey = _dkv_keys(cfg, arrays, shapes)
         if cfg.window is None:
+            pk, pv = (jnp.sum(x.reshape(*x.shape[:3], cfg.key_split, -1), axis=3) for x in (pk, pv))
             take = lambda p: jnp.where(  # noqa: E731
                 (slot >= 0)[..., None], jnp.take_along_axis(jnp.moveaxis(p, 2, 1), jnp.maximum(slot, 0)[..., None], 2),
                 0).transpose(0, 2, 1, 3)
@@ -1285,6 +1292,7 @@ def gathered_attention_gpu(
     slot_dkv: str = "auto",
     key_tiles: tuple[int, int] | None = None,
     key_group: int = 8,
+    key_split: int | None = None,
     reduce_chunk: int = 64,
     partial_dtype: str = "auto",
     tq: int | None = None,
@@ -1319,7 +1327,10 @@ def gathered_attention_gpu(
       intervals); ``key_tiles``: its (key tile, query tile), default (tk, min(32, block_q));
       ``key_group``:
       key tiles per group of keys ordered by where their query ranges end (int >= 1,
-      :func:`_key_tiles`);
+      :func:`_key_tiles`); ``key_split``: programs per (key tile, KV head), each taking an
+      equal part of the GQA group's query heads (divides H // K; its partial sums are added in
+      a fixed order; None: the largest divisor with K * key_split <= 8, so that few KV heads
+      still fill the GPU);
     * ``tq`` (query tile, divides block_q, default min(64, block_q) for rows of <= 256
       bytes), ``tk`` (window and reduction key tile), ``tu`` (slot tile), ``slot_tq`` (the
       slot dK/dV kernel's query sub-tile, divides block_q; default: block_q for a factored ``selection`` with block_q <= 128
@@ -1367,6 +1378,17 @@ def gathered_attention_gpu(
         raise ValueError(f"key_group must be an int >= 1, got {key_group!r}")
     B, Sq, H, D = q.shape
     Skv, K = k.shape[1], k.shape[2]
+    rep = H // K if K and H % K == 0 else 1  # (shapes are checked by the caller)
+    if key_split is None:
+        # 8 programs per key tile and batch: the key-major kernel has work for only the tiles of
+        # selected keys (~70 of 512 per KV head at T = 32k), too few programs for an H100 with
+        # 1 - 4 KV heads; more parts cost the window kernel one masked row load each. SparseK
+        # layer at 32k, dK/dV kernels (key-major + window) ms for key_split 1 / 2 / 4 / 8 / 16:
+        # K = 1: 3.79 / - / 2.89 / 2.82 / 3.31; K = 2: - / - / 2.79 / 2.87; K = 4: 2.95 / 2.81 /
+        # 2.88; K = 16: 2.89 (benchmarks/results/profile_layer_32k_keysplit_*_1125.json)
+        key_split = max(p for p in range(1, rep + 1) if rep % p == 0 and (K * p <= 8 or p == 1))
+    if isinstance(key_split, bool) or not isinstance(key_split, int) or key_split < 1 or rep % key_split:
+        raise ValueError(f"key_split must be an int >= 1 dividing the {rep} query heads per KV head, got {key_split!r}")
     # default tiles 64 (at 256-byte rows, fewer rows for wider ones: row_scaled_tile): with
     # tq = 128 and D = 128 a backward kernel needs 265 KiB of shared memory on the H100 (227 KiB
     # available; benchmarks/results/gathered_bench.json), and float32 at D = 128 with the
@@ -1417,7 +1439,7 @@ def gathered_attention_gpu(
         has_segments=segment_ids is not None, factored=selection is not None, scale=scale, interpret=bool(interpret),
         gather=gather, bwd_gather=bwd_gather, dkv_reduce=dkv_reduce, reduce_chunk=reduce_chunk,
         partial_dtype=partial_dtype, key_major=keyed and slot_dkv != "slots", key_tk=key_tk, key_tq=key_tq,
-        key_group=key_group,
+        key_group=key_group, key_split=key_split,
         tq=tq, tk=tk, tu=tu, slot_tq=slot_tq, always_mask=bool(always_mask), range_branch=range_branch,
         warps=num_warps, stages=num_stages,
     )

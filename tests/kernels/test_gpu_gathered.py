@@ -491,7 +491,11 @@ KEY_CASES = [
     ("bf16_gqa1_window_default_tiles", 1, 90, 2, 2, 64, 32, jnp.bfloat16, 6, "gate", False, {}),
     # most keys used to the end: whole query tiles inside every key's range (no mask)
     ("long_ranges_gqa2_gate", 1, 96, 4, 2, 32, 32, jnp.float32, 4, "gate", False,
-     dict(tq=16, tu=16, tk=16, key_tiles=(16, 16), key_group=1)),
+     dict(tq=16, tu=16, tk=16, key_tiles=(16, 16), key_group=1, key_split=1)),
+    # the key-major kernel's programs split the group's query heads (the default splits every
+    # GQA case above but this one: K * key_split <= 8), here in 2 parts of 2 heads
+    ("gqa4_split2_window", 1, 64, 4, 1, 32, 16, jnp.float32, 8, "gate", False,
+     dict(tq=16, tu=16, tk=16, key_tiles=(16, 16), key_split=2)),
 ]
 
 
@@ -639,6 +643,9 @@ def test_slot_selection_bad_arguments():
         gpu(keyed, slot_dkv="key")
     with pytest.raises(ValueError, match="key_group must be an int >= 1"):
         gpu(keyed, key_group=0)
+    for bad in (0, 3, 1.0):
+        with pytest.raises(ValueError, match="key_split must be an int >= 1 dividing the 2 query heads per KV head"):
+            gpu(keyed, key_split=bad)
     with pytest.raises(ValueError, match=r"key_tiles\[1\] must be a power-of-two"):
         gpu(keyed, key_tiles=(16, 24))
     with pytest.raises(ValueError, match=r"key_tiles\[1\]=32 \(the key-major kernel's query tile\) must divide block_q=16"):
