@@ -145,6 +145,13 @@ exception: 2.84 instead of 1.99 that way; profile_layer_32k_1124j_*.json); slot 
 every query of the tile can see use the selection's mask alone (_slot_tile_needs_mask); the
 window kernel runs on 2 stages (0.80 ms in the layer, profile_layer_32k_1124l.json).
 
+With few KV heads the key-major kernel had too few programs (only tiles of selected keys have
+work: ~70 of 512 per KV head at 32k); ``key_split`` = P programs per (key tile, KV head) each take
+H / K / P of the group's query heads, and the window kernel adds their P float32 partial rows in
+a fixed order. SparseK layer at 32k, device kernels: 1 KV head 8.26 -> 7.28 ms (P = 8), 2 KV heads
+7.28 ms (P = 4), 4 KV heads 7.61 -> 7.45 (P = 2); the partial rows cost K * P float32 rows per key
+(benchmarks/README.md, tenth session).
+
 Semantics are those of :func:`sea_jax.kernels.reference.gathered_attention_reference`.
 """
 
