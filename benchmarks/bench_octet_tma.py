@@ -21,6 +21,7 @@ counted on the layout's visible pairs (4 D per pair).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pathlib
 import sys
@@ -31,15 +32,6 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_block_sparse import cudnn_causal, env_info, import_kernels, kept_pairs, random_causal_mask, timeit  # noqa: E402
-
-
-def layout_tables(mask):
-    """kv_index int32 [B, G, nq, nk] (the kept key blocks of each row, ascending, 0-padded) and
-    kv_count int32 [B, G, nq] of a block mask bool [B, G, nq, nk]."""
-    order = np.argsort(~mask, axis=-1, kind="stable")
-    count = mask.sum(-1).astype(np.int32)
-    index = np.where(np.arange(mask.shape[-1]) < count[..., None], order, 0).astype(np.int32)
-    return jnp.asarray(index), jnp.asarray(count)
 
 
 def random_octets(rng, B, S, K):
@@ -68,8 +60,6 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     kernels = import_kernels()
-    import importlib
-
     mosaic = importlib.import_module(kernels.__name__ + ".gpu_block_sparse_mosaic")
     H = K = 16
     D, block = 128, 128
@@ -80,7 +70,8 @@ def main():
         q = jax.random.normal(keys[0], (1, S, H, D), jnp.float32).astype(jnp.bfloat16)
         k, v = (jax.random.normal(kk, (1, S, K, D), jnp.float32).astype(jnp.bfloat16) for kk in keys[1:])
         mask = random_causal_mask(rng, K, S // block, args.density)
-        kv_index, kv_count = layout_tables(mask)
+        layout = kernels.BlockLayout.from_mask(mask, block, block)
+        kv_index, kv_count = layout.kv_index, layout.kv_count
         flops = 4 * D * kept_pairs(mask, block)
         where = random_octets(rng, 1, S, K)
         ks, vs, oct_scattered = scatter_octets(k, where), scatter_octets(v, where), jnp.asarray(where)

@@ -13,8 +13,8 @@ driven by a :class:`~sea_jax.kernels.layout.BlockLayout`:
 * ``octets=`` (optional): K/V stored in 8-row octets at places given by a table, each pipeline
   step gathered as block_kv / 8 TMA copies of 8 rows - the finest gather a Hopper TMA can put
   into a wgmma operand tile through Pallas (a token-level gathered kernel would read its keys so).
-  Measured (octet_tma_variants_1125.json, same layouts and run, S = 32k, 12.5 %, block_kv 128):
-  1.325 ms with randomly scattered octets against 1.174 ms for one copy per step (-11 %).
+  Measured (benchmarks/results/octet_tma_1125.json, same layouts and run, S = 32k, 12.5 %,
+  block_kv 128): 1.374 ms with randomly scattered octets against 1.257 ms for one copy per step.
 
 It computes exactly what the Triton forward of :mod:`.gpu_block_sparse` computes - the output
 and the base-2 log-sum-exp of the scaled scores (``+inf`` for rows that see nothing, whose
